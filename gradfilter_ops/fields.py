@@ -1,0 +1,25 @@
+"""Names of the per-example score fields and the reason codes written next to them.
+
+The `datasets` API writes these as columns; the Data-Juicer ops write them into `__dj__stats__`.
+"""
+
+GSNR = "gsnr"  # the score: drop / (noise + eps); None when `gsnr_status` is not "ok"
+EARLY = "gsnr_early"  # mean over members of the gradient norm at the early snapshot (mu_s)
+LATE = "gsnr_late"  # mean over members at the late snapshot (mu_t)
+DROP = "gsnr_drop"  # normalized gradient drop (mu_s - mu_t) / (mu_s + eps): the signal
+NOISE = "gsnr_noise"  # variance (or std) over members at the late snapshot: the noise
+STATUS = "gsnr_status"  # "ok" or a reason code below
+TRUNCATED = "gsnr_truncated"  # True when tokens were cut to fit `max_length`
+NUM_TOKENS = "gsnr_response_tokens"  # response tokens that carried loss
+
+SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, NUM_TOKENS)
+
+# Reason codes. Every row gets exactly one; only "ok" rows have a finite `gsnr`.
+OK = "ok"
+MISSING_FIELD = "missing_field"  # a required field is absent or null (chat: no final assistant turn)
+INVALID_FIELD = "invalid_field"  # a field has the wrong type (e.g. a number where text belongs)
+EMPTY_RESPONSE = "empty_response"  # the response is empty or whitespace only
+TRUNCATED_TO_NOTHING = "truncated_to_nothing"  # no response token survived `max_length`
+NON_FINITE = "non_finite_score"  # the gradient norms or the G-SNR came out NaN or infinite
+
+REASONS = (OK, MISSING_FIELD, INVALID_FIELD, EMPTY_RESPONSE, TRUNCATED_TO_NOTHING, NON_FINITE)

@@ -1,0 +1,134 @@
+"""Response-only losses and exact per-example squared gradient norms over LoRA parameters.
+
+A LoRA adapter adds `B(A(x))` to a frozen linear layer; `A` and `B` are bias-free `nn.Linear`s. For
+one example, the gradient of a linear weight is `sum_t delta_t h_t^T` over that example's tokens,
+where `h_t` is the layer's input and `delta_t` the loss gradient at its output. Forward hooks keep
+`h` and the output; one backward pass of the summed per-example losses gives every `delta`; a batched
+matmul per layer then yields each example's own gradient (tiny: rank x width), whose squared norm is
+summed over layers. Examples in a batch never mix (causal attention, padding masked, token-wise
+norms), so the result is exactly each example's own gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .prompts import Encoded
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad a batch; `loss_mask[b, t]` is True where token t of example b is a response token."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        loss_mask[row, example.num_prompt:n] = True
+    return {name: t.to(device) for name, t in
+            (("input_ids", input_ids), ("attention_mask", attention_mask), ("loss_mask", loss_mask))}
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so little padding is computed."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example sum of response-token cross-entropy, and the number of such tokens.
+
+    The LM head runs only at positions that predict a response token, which saves most of its cost
+    and the memory of full-vocabulary logits.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets_mask = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
+    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(targets_mask)[targets_mask]
+    logits = base.get_output_embeddings()(hidden[:, :-1][targets_mask]).float()
+    token_loss = F.cross_entropy(logits, batch["input_ids"][:, 1:][targets_mask], reduction="none")
+    sums = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32).index_add_(0, rows, token_loss)
+    return sums, targets_mask.sum(dim=1)
+
+
+class LoraActivations:
+    """Records the inputs and outputs of every LoRA `A`/`B` linear that runs while `recording()`."""
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        self.records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._active = False
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for kind, linears in (("A", module.lora_A), ("B", module.lora_B)):
+                    for linear in linears.values():
+                        self._handles.append(linear.register_forward_hook(self._hook(kind)))
+
+    def _hook(self, kind: str):
+        def hook(_module, inputs, output):
+            if self._active:
+                self.records.append((kind, inputs[0], output))
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.records = []
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivations,
+                              batch: dict[str, torch.Tensor], grad_params: str = "AB",
+                              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Squared L2 norm of each example's gradient of its mean response loss, over the active adapter.
+
+    `grad_params="B"` restricts the norm to the `B` matrices. Returns a float32 tensor of shape [B].
+    """
+    device_type = batch["input_ids"].device.type
+    with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
+                                                 enabled=autocast_dtype is not None):
+        sums, counts = response_loss_sums(model, batch)
+        losses = sums / counts.clamp_min(1)
+    wanted = [(inp, out) for kind, inp, out in activations.records if kind in grad_params]
+    if not wanted:
+        raise RuntimeError("No LoRA layer ran in the forward pass; is an adapter active?")
+    output_grads = torch.autograd.grad(losses.sum(), [out for _, out in wanted])
+    sq_norms = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
+    with torch.no_grad():
+        for (inp, _), grad in zip(wanted, output_grads):
+            per_example = torch.bmm(grad.float().transpose(1, 2), inp.float())  # [B, out, in]
+            sq_norms += per_example.pow(2).sum(dim=(1, 2))
+    return sq_norms
+
+
+def per_example_grad_sq_norms_loop(model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int,
+                                   grad_params: str = "AB") -> torch.Tensor:
+    """Reference: one backward pass per example, norms read off the parameters' `.grad`."""
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad and any(f"lora_{k}." in name for k in grad_params)]
+    device = params[0].device
+    result = []
+    for example in examples:
+        for p in params:
+            p.grad = None
+        sums, counts = response_loss_sums(model, collate([example], pad_id, device))
+        (sums / counts.clamp_min(1)).sum().backward()
+        result.append(sum(p.grad.float().pow(2).sum() for p in params).item())
+    for p in params:
+        p.grad = None
+    return torch.tensor(result, dtype=torch.float32)

@@ -1,0 +1,47 @@
+"""The G-SNR formula (phase 3): normalized gradient drop over late-stage ensemble disagreement.
+
+    a      = ||g||^2 (norm="l2sq") or ||g|| (norm="l2"), per member, snapshot and example
+    mu_s   = mean over members of a at the early snapshot
+    mu_t   = mean over members of a at the late snapshot
+    drop   = (mu_s - mu_t) / (mu_s + eps)
+    noise  = population variance over members of a at the late snapshot (or its square root)
+    gsnr   = drop / (noise + eps)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GSNRParts:
+    early: np.ndarray
+    late: np.ndarray
+    drop: np.ndarray
+    noise: np.ndarray
+    gsnr: np.ndarray
+
+    @property
+    def negative_drop_share(self) -> float:
+        """Share of finite drops below zero: gradients that grew from the early to the late epoch."""
+        finite = np.isfinite(self.drop)
+        return float((self.drop[finite] < 0).mean()) if finite.any() else 0.0
+
+
+def gsnr_from_sq_norms(sq_norms: np.ndarray, *, norm: str = "l2sq", noise: str = "var",
+                       eps: float = 1e-8) -> GSNRParts:
+    """G-SNR and its parts from squared gradient norms of shape [members, 2 (early, late), examples]."""
+    sq_norms = np.asarray(sq_norms, dtype=np.float64)
+    if sq_norms.ndim != 3 or sq_norms.shape[1] != 2:
+        raise ValueError(f"Expected squared norms of shape [members, 2, examples], got {sq_norms.shape}.")
+    values = sq_norms if norm == "l2sq" else np.sqrt(sq_norms)
+    early, late = values[:, 0, :], values[:, 1, :]
+    mu_s, mu_t = early.mean(axis=0), late.mean(axis=0)
+    drop = (mu_s - mu_t) / (mu_s + eps)
+    spread = late.var(axis=0)  # population variance (ddof=0)
+    noise_term = spread if noise == "var" else np.sqrt(spread)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = drop / (noise_term + eps)
+    return GSNRParts(early=mu_s, late=mu_t, drop=drop, noise=noise_term, gsnr=score)

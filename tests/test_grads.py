@@ -1,0 +1,64 @@
+"""Per-example gradient norms from one batched backward pass equal a loop of one-example passes."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gradfilter_ops.config import GSNRConfig
+from gradfilter_ops.grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms,
+                                  per_example_grad_sq_norms_loop)
+from gradfilter_ops.prompts import PromptFormatter
+
+from helpers import seed_tasks
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_gpt2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    torch.manual_seed(0)
+    # init_lora_weights=False gives B random values too, so the gradients of A are not zero.
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, fan_in_fan_out=True))
+    peft_model.eval()
+    formatter = PromptFormatter(GSNRConfig(max_length=128), tokenizer)
+    examples = [formatter.encode(row) for row in seed_tasks(16)]
+    assert len({len(e.input_ids) for e in examples}) >= 5  # real padding happens
+    return peft_model, examples, tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("grad_params", ["AB", "B"])
+def test_batched_norms_match_one_example_loop(setup, grad_params):
+    model, examples, pad_id = setup
+    activations = LoraActivations(model)
+    try:
+        batched = per_example_grad_sq_norms(model, activations, collate(examples, pad_id), grad_params)
+    finally:
+        activations.remove()
+    looped = per_example_grad_sq_norms_loop(model, examples, pad_id, grad_params)
+    assert (looped > 0).all()
+    torch.testing.assert_close(batched, looped, rtol=1e-4, atol=0)
+
+
+def test_b_only_norm_is_part_of_the_full_norm(setup):
+    model, examples, pad_id = setup
+    both = per_example_grad_sq_norms_loop(model, examples[:3], pad_id, "AB")
+    b_only = per_example_grad_sq_norms_loop(model, examples[:3], pad_id, "B")
+    assert (b_only < both).all()
+
+
+def test_length_buckets_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    buckets = length_buckets(lengths, 3)
+    assert sorted(i for b in buckets for i in b) == list(range(7))
+    assert [[lengths[i] for i in b] for b in buckets] == [[1, 2, 3], [3, 5, 7], [9]]
+
+
+def test_collate_masks_only_response_tokens(setup):
+    _, examples, pad_id = setup
+    batch = collate(examples[:2], pad_id)
+    for row, example in enumerate(examples[:2]):
+        mask = batch["loss_mask"][row]
+        assert mask.sum() == example.num_response
+        assert not mask[: example.num_prompt].any()
+        assert batch["attention_mask"][row].sum() == len(example.input_ids)

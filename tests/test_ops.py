@@ -1,0 +1,131 @@
+"""The Data-Juicer ops: registration through the entry point, and real `dj-process` runs."""
+
+import dataclasses
+import inspect
+import json
+import math
+import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Dataset
+
+from gradfilter_ops import GSNRConfig, fields
+
+from helpers import DEMO_DATA, seed_tasks
+
+STATS = "__dj__stats__"
+
+
+def test_entry_point_registers_both_ops_without_importing_torch():
+    assert "gradfilter_ops" in {ep.name for ep in entry_points(group="data_juicer.ops")}
+    code = ("import sys; from data_juicer.ops import OPERATORS; "
+            "assert {'gsnr_scorer', 'gsnr_top_k_filter'} <= set(OPERATORS.modules), 'not registered'; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scorer_op_parameters_mirror_the_config():
+    from gradfilter_ops.ops import GSNRScorerOp
+
+    params = inspect.signature(GSNRScorerOp.__init__).parameters
+    for f in dataclasses.fields(GSNRConfig):
+        assert params[f.name].default == f.default, f.name
+        assert f":param {f.name}:" in GSNRScorerOp.__init__.__doc__
+
+
+def test_top_k_filter_without_scores_names_the_scorer():
+    from data_juicer.core.data import NestedDataset
+
+    from gradfilter_ops.ops import GSNRTopKFilter
+
+    with pytest.raises(ValueError, match="put a `gsnr_scorer` step before it"):
+        GSNRTopKFilter(top_ratio=0.5).run(NestedDataset(Dataset.from_list(seed_tasks(4))))
+    with pytest.raises(ValueError, match="exactly one"):
+        GSNRTopKFilter(top_k=3, top_ratio=0.5)
+
+
+def write_recipe(tmp_path: Path, name: str, dataset: Path, scorer_args: dict, np_: int = 1, **top_k) -> Path:
+    recipe = {
+        "project_name": name,
+        "dataset_path": str(dataset),
+        "export_path": str(tmp_path / name / "result.jsonl"),
+        "np": np_,
+        "keep_stats_in_res_ds": True,
+        # Data-Juicer's loader drops rows whose text_keys field is null; `id` is never null here.
+        "text_keys": "id",
+        "process": [{"gsnr_scorer": scorer_args}, {"gsnr_top_k_filter": top_k}],
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def dj_process(recipe: Path) -> tuple[list[dict], str]:
+    run = subprocess.run([shutil.which("dj-process"), "--config", str(recipe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    export = Path(yaml.safe_load(recipe.read_text())["export_path"])
+    return [json.loads(line) for line in export.open()], run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def scorer_args(tiny_gpt2_dir, tmp_path_factory):
+    return {"hf_model": str(tiny_gpt2_dir), "cache_dir": str(tmp_path_factory.mktemp("cache")), "device": "cpu",
+            "num_members": 2, "train_batch_size": 4, "score_batch_size": 4, "max_length": 96,
+            "learning_rate": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """24 demo rows plus two bad ones (an empty and a missing response)."""
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    rows = seed_tasks(24) + [{"id": "bad_empty", "instruction": "Say something.", "input": "", "output": " "},
+                             {"id": "bad_missing", "instruction": "Say something.", "input": ""}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, data_file, scorer_args):
+    tmp = tmp_path_factory.mktemp("run1")
+    return dj_process(write_recipe(tmp, "run1", data_file, scorer_args, top_ratio=0.25))
+
+
+def test_dj_process_scores_and_keeps_the_top_ratio(first_run):
+    rows, log = first_run
+    assert len(rows) == math.floor(0.25 * 26)
+    assert all(r[STATS][fields.STATUS] == fields.OK and math.isfinite(r[STATS][fields.GSNR]) for r in rows)
+    assert "kept 6 of 26 rows; dropped by reason: {'below_top_k_cutoff': 18, 'empty_response': 1, " \
+           "'missing_field': 1}" in log
+
+
+def test_dj_process_keeps_every_row_with_its_reason(tmp_path, data_file, scorer_args):
+    rows, _ = dj_process(write_recipe(tmp_path, "all", data_file, scorer_args, top_ratio=1.0))
+    assert len(rows) == 26
+    by_id = {r["id"]: r[STATS] for r in rows}
+    assert by_id["bad_empty"][fields.STATUS] == fields.EMPTY_RESPONSE and by_id["bad_empty"][fields.GSNR] is None
+    assert by_id["bad_missing"][fields.STATUS] == fields.MISSING_FIELD
+
+
+def test_rerun_on_scored_rows_trains_nothing(tmp_path, first_run, scorer_args):
+    rows, _ = first_run
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again, log = dj_process(write_recipe(tmp_path, "rerun", scored, scorer_args, top_k=2))
+    assert "every row already has a G-SNR score; training nothing" in log
+    assert "training LoRA ensemble" not in log
+    best = sorted(rows, key=lambda r: -r[STATS][fields.GSNR])[:2]
+    assert [r["id"] for r in again] == [r["id"] for r in rows if r in best]
+
+
+def test_two_processes_give_the_same_scores(tmp_path, first_run, data_file, scorer_args):
+    rows, _ = first_run
+    two, _ = dj_process(write_recipe(tmp_path, "np2", data_file, {**scorer_args}, np_=2, top_ratio=0.25))
+    assert [r["id"] for r in two] == [r["id"] for r in rows]
+    for a, b in zip(rows, two):
+        assert b[STATS][fields.EARLY] == pytest.approx(a[STATS][fields.EARLY], rel=1e-4)
+        assert b[STATS][fields.LATE] == pytest.approx(a[STATS][fields.LATE], rel=1e-4)

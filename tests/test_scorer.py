@@ -1,0 +1,107 @@
+"""The `datasets` API end to end on a tiny proxy: scores, reasons, determinism, batching, workers."""
+
+import math
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from gradfilter_ops import GSNRConfig, GSNRScorer, fields, select_top_k
+from gradfilter_ops.ensemble import Snapshots
+
+from helpers import seed_tasks
+
+BAD_ROWS = [
+    {"instruction": "Reply.", "input": None, "output": ""},
+    {"instruction": None, "input": None, "output": "An answer without a question."},
+    {"instruction": "Reply.", "input": None, "output": "   "},
+]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(20)] + BAD_ROWS
+
+
+@pytest.fixture()
+def scored(tiny_config, rows):
+    scorer = GSNRScorer(tiny_config())
+    return scorer, scorer.score(Dataset.from_list(rows))
+
+
+def test_every_row_gets_a_score_or_a_reason(scored, rows):
+    _, ds = scored
+    assert len(ds) == len(rows)
+    assert set(fields.SCORE_FIELDS) <= set(ds.column_names)
+    statuses = ds[fields.STATUS]
+    assert statuses[:20] == [fields.OK] * 20
+    assert statuses[20:] == [fields.EMPTY_RESPONSE, fields.MISSING_FIELD, fields.EMPTY_RESPONSE]
+    for row in ds:
+        if row[fields.STATUS] == fields.OK:
+            assert math.isfinite(row[fields.GSNR]) and row[fields.EARLY] > 0 and row[fields.LATE] > 0
+            expected = row[fields.DROP] / (row[fields.NOISE] + 1e-8)
+            assert row[fields.GSNR] == pytest.approx(expected, rel=1e-9)
+        else:
+            assert row[fields.GSNR] is None and row[fields.NUM_TOKENS] == 0
+
+
+def test_same_seed_gives_identical_scores(scored, tiny_config, rows):
+    _, first = scored
+    second = GSNRScorer(tiny_config()).score(Dataset.from_list(rows))
+    assert first[fields.GSNR] == second[fields.GSNR]
+    other_seed = GSNRScorer(tiny_config(seed=7)).score(Dataset.from_list(rows))
+    assert other_seed[fields.GSNR] != first[fields.GSNR]
+
+
+def test_scores_do_not_depend_on_batching_or_workers(scored, rows):
+    scorer, reference = scored
+    ds = Dataset.from_list(rows).remove_columns([])
+    for batch_size, num_proc in ((3, None), (1000, None), (5, 2)):
+        again = scorer.score(ds, batch_size=batch_size, num_proc=num_proc)
+        ok = [i for i, s in enumerate(reference[fields.STATUS]) if s == fields.OK]
+        np.testing.assert_allclose([again[fields.EARLY][i] for i in ok], [reference[fields.EARLY][i] for i in ok],
+                                   rtol=1e-4)
+        np.testing.assert_allclose([again[fields.LATE][i] for i in ok], [reference[fields.LATE][i] for i in ok],
+                                   rtol=1e-4)
+        assert again[fields.STATUS] == reference[fields.STATUS]
+
+
+def test_saved_snapshots_reproduce_the_scores(scored, tiny_config, rows, tmp_path):
+    scorer, reference = scored
+    folder = scorer.snapshots.save(tmp_path / "adapters")
+    assert (folder / "member1_epoch2" / "adapter_model.safetensors").exists()
+    fresh = GSNRScorer(tiny_config())
+    fresh.snapshots = Snapshots.load(folder)
+    assert fresh.score(Dataset.from_list(rows))[fields.GSNR] == reference[fields.GSNR]
+
+
+def test_top_k_on_scores(scored):
+    _, ds = scored
+    keep = select_top_k(ds[fields.GSNR], top_ratio=0.25)
+    assert len(keep) == 5
+    kept_scores = [ds[fields.GSNR][i] for i in keep]
+    assert min(kept_scores) >= max(s for i, s in enumerate(ds[fields.GSNR]) if i not in keep and s is not None)
+
+
+def test_empty_dataset(tiny_config):
+    empty = Dataset.from_list([{"instruction": "x", "output": "y"}]).select([])
+    out = GSNRScorer(tiny_config()).score(empty)
+    assert len(out) == 0 and fields.GSNR in out.column_names
+
+
+def test_no_scoreable_rows_trains_nothing_and_records_reasons(tiny_config):
+    scorer = GSNRScorer(tiny_config())
+    out = scorer.score(Dataset.from_list(BAD_ROWS))
+    assert scorer.snapshots is None
+    assert out[fields.STATUS] == [fields.EMPTY_RESPONSE, fields.MISSING_FIELD, fields.EMPTY_RESPONSE]
+
+
+def test_config_rejects_unknown_and_bad_values(tiny_config):
+    with pytest.raises(ValueError, match="Unknown GSNRConfig key"):
+        GSNRScorer(num_memebrs=3)
+    with pytest.raises(ValueError, match="`norm` must be one of"):
+        GSNRConfig(norm="l1")
+    with pytest.raises(ValueError, match="early_epoch < late_epoch"):
+        GSNRConfig(num_epochs=2, early_epoch=2)
+    with pytest.raises(ValueError, match="prompt_template"):
+        GSNRConfig(format="custom")
