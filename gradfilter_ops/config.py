@@ -16,7 +16,9 @@ FORMATS = ("auto", "alpaca", "chat", "custom")
 NORMS = ("l2sq", "l2")
 NOISES = ("var", "std")
 GRAD_PARAMS = ("AB", "B")
+LORA_INITS = ("zero_b", "random")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -38,6 +40,11 @@ class GSNRConfig:
         default=None,
     )
     device: str = _help("`auto` (CUDA when available), `cpu` or `cuda`.", default="auto")
+    precision: str = _help(
+        "Forward-pass precision: `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32`, or `bf16` autocast "
+        "(also on CPUs with bf16 units, about 1.5x faster there). Gradient norms accumulate in fp32.",
+        default="auto",
+    )
     seed: int = _help("Base seed; member m uses seed + m for its adapter init and data order.", default=42)
 
     # --- prompt formatting ---------------------------------------------------------------------
@@ -70,6 +77,11 @@ class GSNRConfig:
     lora_r: int = _help("LoRA rank (reading).", default=8)
     lora_alpha: float = _help("LoRA alpha (reading).", default=16)
     lora_dropout: float = _help("LoRA dropout during training.", default=0.0)
+    lora_init: str = _help(
+        "`zero_b` (peft's default: B = 0, so the adapter starts as a no-op) or `random` (B random too, "
+        "which keeps early gradients with respect to A from vanishing).",
+        default="zero_b",
+    )
     target_modules: Optional[list[str]] = _help(
         "Modules that get adapters; default: peft's attention projections for the architecture.",
         default=None,
@@ -90,7 +102,9 @@ class GSNRConfig:
         _choice("norm", self.norm, NORMS)
         _choice("noise", self.noise, NOISES)
         _choice("grad_params", self.grad_params, GRAD_PARAMS)
+        _choice("lora_init", self.lora_init, LORA_INITS)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
         for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size",
                      "score_batch_size", "max_length"):
             value = getattr(self, name)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from loguru import logger
+from tqdm.auto import tqdm
 
 from .config import GSNRConfig
 from .grads import LoraActivations, collate, length_buckets, per_example_grad_sq_norms, response_loss_sums
@@ -42,6 +42,7 @@ def lora_config(config: GSNRConfig, model: torch.nn.Module):
         # GPT-2 stores its projections transposed (Conv1D).
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
         bias="none",
+        init_lora_weights=config.lora_init == "zero_b",
     )
 
 
@@ -95,8 +96,10 @@ def _atomic_save(write, path: Path) -> None:
             os.remove(tmp)
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if device.type == "cuda" else None
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
@@ -107,12 +110,11 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
     token-level mean cross-entropy over the batch's response tokens.
     """
     from peft import get_peft_model, get_peft_model_state_dict
-    from tqdm.auto import tqdm
 
     if not examples:
         raise ValueError("Cannot train the ensemble on zero scoreable examples.")
     device = next(model.parameters()).device
-    autocast_dtype = _autocast_dtype(device)
+    autocast_dtype = _autocast_dtype(device, config.precision)
     lora = lora_config(config, model)
     epochs = (config.early_epoch, config.resolved_late_epoch)
     steps_per_epoch = -(-len(examples) // config.train_batch_size)
@@ -181,19 +183,24 @@ class EnsembleScorer:
         self.model.eval()
         self.activations = LoraActivations(self.model)
 
-    def sq_norms(self, examples: Sequence[Encoded]) -> np.ndarray:
+    def sq_norms(self, examples: Sequence[Encoded], progress: bool = True) -> np.ndarray:
         """Squared per-example gradient norms, shape [members, 2 (early, late), len(examples)]."""
         members = self.snapshots.num_members
         out = np.zeros((members, 2, len(examples)), dtype=np.float64)
-        autocast_dtype = _autocast_dtype(self.device)
+        autocast_dtype = _autocast_dtype(self.device, self.config.precision)
         lengths = [len(e.input_ids) for e in examples]
-        for indices in length_buckets(lengths, self.config.score_batch_size):
+        buckets = length_buckets(lengths, self.config.score_batch_size)
+        bar = tqdm(total=len(buckets) * len(self.names), desc="gsnr: per-example gradients", unit="pass",
+                   leave=False, disable=not progress)
+        for indices in buckets:
             batch = collate([examples[i] for i in indices], self.pad_id, self.device)
             for (member, epoch), name in self.names.items():
                 self.model.set_adapter(name)
                 norms = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
                                                   autocast_dtype)
                 out[member, self.snapshots.epochs.index(epoch), indices] = norms.double().cpu().numpy()
+                bar.update()
+        bar.close()
         return out
 
     def close(self) -> None:

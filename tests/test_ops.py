@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from gradfilter_ops import GSNRConfig, fields
 
-from helpers import DEMO_DATA, seed_tasks
+from helpers import seed_tasks
 
 STATS = "__dj__stats__"
 
@@ -129,3 +129,24 @@ def test_two_processes_give_the_same_scores(tmp_path, first_run, data_file, scor
     for a, b in zip(rows, two):
         assert b[STATS][fields.EARLY] == pytest.approx(a[STATS][fields.EARLY], rel=1e-4)
         assert b[STATS][fields.LATE] == pytest.approx(a[STATS][fields.LATE], rel=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["gsnr.yaml", "gsnr_demo.yaml"])
+def test_shipped_recipes_name_known_ops_and_valid_options(recipe):
+    from data_juicer.ops import OPERATORS
+
+    from gradfilter_ops.ops import GSNRScorerOp, GSNRTopKFilter
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / recipe).read_text())
+    steps = [next(iter(step.items())) for step in config["process"]]
+    assert all(name in OPERATORS.modules for name, _ in steps)
+    args = dict(steps)
+    GSNRScorerOp(**args["gsnr_scorer"])  # validates every G-SNR option
+    GSNRTopKFilter(**args["gsnr_top_k_filter"])
+    assert [name for name, _ in steps][-2:] == ["gsnr_scorer", "gsnr_top_k_filter"]
+
+
+def test_readme_documents_every_option():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in dataclasses.fields(GSNRConfig):
+        assert f"`{f.name}`" in readme, f.name

@@ -1,0 +1,265 @@
+"""tools/eval_selection.py: the corruptions, the metrics, the gradient parts and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import DEMO_DATA, seed_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("eval_selection", ROOT / "tools" / "eval_selection.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_selection"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ev = _load_tool()
+
+
+# --- corruptions ----------------------------------------------------------------------------------
+
+def test_corruption_is_deterministic_balanced_and_leaves_clean_rows_alone():
+    rows = seed_tasks(60)
+    a = ev.corrupt_dataset(rows, 0.3, seed=3)
+    b = ev.corrupt_dataset(rows, 0.3, seed=3)
+    c = ev.corrupt_dataset(rows, 0.3, seed=4)
+    assert a == b
+    assert [r["eval_corruption"] for r in a] != [r["eval_corruption"] for r in c]
+    kinds = [r["eval_corruption"] for r in a]
+    assert sum(k != ev.CLEAN for k in kinds) == 18
+    counts = [kinds.count(k) for k in ev.KINDS]
+    assert max(counts) - min(counts) <= 1
+    for row, new in zip(rows, a):
+        if new["eval_corruption"] == ev.CLEAN:
+            assert {k: new[k] for k in row} == row and "eval_original_output" not in new
+        else:
+            assert new["output"] != row["output"] and new["eval_original_output"] == row["output"]
+    assert rows == seed_tasks(60)  # the input is not modified
+
+
+def test_each_corruption_kind_does_what_it_says():
+    rows = seed_tasks(120)
+    originals = [r["output"] for r in rows]
+    out = ev.corrupt_dataset(rows, 0.5, seed=0)
+    seen = set()
+    for row, new in zip(rows, out):
+        kind, text, words = new["eval_corruption"], new["output"], row["output"].split()
+        seen.add(kind)
+        if kind == "swap":
+            assert text in originals and text.strip() != row["output"].strip()
+        elif kind == "truncate":
+            if len(words) >= 2:
+                assert text.split() == words[: max(1, int(len(words) * ev.TRUNCATE_KEEP))]
+            else:
+                assert row["output"].strip().startswith(text) and len(text) < len(row["output"].strip())
+        elif kind == "shuffle":
+            assert sorted(text.split()) == sorted(words) and text.split() != words
+        elif kind == "repeat":
+            phrase = words[: ev.REPEAT_PHRASE_WORDS]
+            got = text.split()
+            assert len(got) >= 3 * len(phrase) and len(got) % len(phrase) == 0
+            assert got == phrase * (len(got) // len(phrase))
+        elif kind == "echo":
+            expected = row["instruction"] + (f"\n{row['input']}" if row.get("input", "").strip() else "")
+            assert text == expected
+        elif kind == "refusal":
+            assert text in ev.REFUSALS
+    assert seen == {ev.CLEAN, *ev.KINDS}
+
+
+def test_corruption_edge_cases():
+    rng = np.random.default_rng(0)
+    assert ev.corrupt_response("truncate", "Yes", "q", rng) == "Y"
+    assert ev.corrupt_response("shuffle", "a b", "q", rng) == "b a"
+    assert ev.corrupt_response("repeat", "Yes.", "q", rng) == "Yes. Yes. Yes."
+    with pytest.raises(ValueError, match="donor"):
+        ev.corrupt_response("swap", "same", "q", rng, donor="same")
+    with pytest.raises(ValueError, match="Unknown corruption"):
+        ev.corrupt_dataset(seed_tasks(4), 0.5, 0, kinds=("typo",))
+    only = ev.corrupt_dataset(seed_tasks(20), 0.5, 0, kinds=("echo",))
+    assert {r["eval_corruption"] for r in only} == {ev.CLEAN, "echo"}
+
+
+def test_load_rows_caps_each_file_with_a_seeded_sample(tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a {i}" if i % 5 else " "})
+                               for i in range(30)) + "\n")
+    rows = ev.load_rows([DEMO_DATA, other], rows_per_file=10, seed=1)
+    assert len(rows) == 20
+    assert rows[:10] == [r for r in seed_tasks(175) if r in rows[:10]]  # file order kept
+    assert all(r["output"].strip() for r in rows[10:])  # empty responses skipped
+    assert rows == ev.load_rows([DEMO_DATA, other], rows_per_file=10, seed=1)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+def _brute_auroc(scores, positive):
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_on_hand_made_scores():
+    assert ev.auroc([4, 3, 2, 1], [True, True, False, False]) == 1.0
+    assert ev.auroc([1, 2, 3, 4], [True, True, False, False]) == 0.0
+    assert ev.auroc([3, 2, 1, 0], [True, False, True, False]) == 0.75
+    assert ev.auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
+    # missing or non-finite scores rank last, tied with each other
+    assert ev.auroc([float("nan"), 1.0], [False, True]) == 1.0
+    assert ev.auroc([None, -np.inf, 0.0], [True, False, False]) == 0.25
+    assert np.isnan(ev.auroc([1, 2], [True, True]))
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 40).astype(float)  # many ties
+    positive = rng.random(40) < 0.6
+    assert ev.auroc(scores, positive) == pytest.approx(_brute_auroc(scores, positive))
+    low, high = ev.bootstrap_auroc(scores, positive, np.random.default_rng(1), rounds=200)
+    assert low <= ev.auroc(scores, positive) <= high
+
+
+def test_top_k_contamination_on_hand_made_scores():
+    scores = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    corrupted = [False, True, True, False, False, False, False, False, False, True]
+    assert ev.kept_indices(scores, 0.1).tolist() == [0]
+    assert ev.contamination(scores, corrupted, 0.1) == 0.0
+    assert ev.contamination(scores, corrupted, 0.3) == pytest.approx(2 / 3)
+    # ties go by row order; non-finite scores rank last
+    assert ev.kept_indices([1, 1, 1, float("nan"), 2], 0.4).tolist() == [0, 4]
+    assert ev.kept_indices([float("nan"), -np.inf, 0.5, float("nan")], 0.75).tolist() == [0, 1, 2]
+    # Superfiltering drops IFD >= 1 before keeping the top k, so fewer rows may be kept
+    keep = ev.superfiltering_keep_score(np.array([0.5, 1.0, 1.7, 0.9, np.nan]))
+    assert keep[0] == 0.5 and keep[3] == 0.9 and np.all(np.isneginf(keep[[1, 2, 4]]))
+    assert ev.kept_indices(keep, 0.6, drop_non_finite=True).tolist() == [0, 3]
+    assert ev.contamination(keep, [True, False, False, False, False], 0.6, drop_non_finite=True) == 0.5
+    kinds = ["clean", "swap", "swap", "echo", "clean"]
+    assert ev.kind_survival([5, 4, 0, 3, 1], kinds, 0.6) == {"echo": 1.0, "swap": 0.5}
+
+
+def test_readings_from_raw_norms():
+    from gradfilter_ops.gsnr import gsnr_from_sq_norms
+
+    rng = np.random.default_rng(0)
+    norms = {k: rng.random((4, 3, 10)) + 0.1 for k in ("A", "B", "W", "loss")}
+    reading = ev.Reading(params="AB", early=1, late=3, members=2, norm="l2", noise="std", eps=1e-3)
+    got = ev.reading_scores(norms, (1, 2, 3), reading)
+    want = gsnr_from_sq_norms((norms["A"] + norms["B"])[:2][:, [0, 2]], norm="l2", noise="std", eps=1e-3)
+    np.testing.assert_allclose(got["score"], want.gsnr)
+    late = ev.reading_scores(norms, (1, 2, 3), dataclasses.replace(reading, params="B", signal="neg_late_norm"))
+    np.testing.assert_allclose(late["score"], -np.sqrt(norms["B"][:2, 2]).mean(axis=0))
+    with pytest.raises(ValueError, match="members"):
+        ev.reading_scores(norms, (1, 2, 3), dataclasses.replace(reading, members=8))
+
+
+def test_parse_set_reads_json_values():
+    assert ev.parse_set(["num_members=4", "eps=1e-3", "grad_params=B", "late_epoch=null", "a=x=y"]) == {
+        "num_members": 4, "eps": 1e-3, "grad_params": "B", "late_epoch": None, "a": "x=y"}
+    with pytest.raises(ValueError):
+        ev.parse_set(["novalue"])
+
+
+# --- the proxy side: equal to the package, and W against autograd -----------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_gpt2_dir):
+    from gradfilter_ops import GSNRConfig
+    from gradfilter_ops.prompts import PromptFormatter
+    from gradfilter_ops.proxy import load_proxy
+
+    config = GSNRConfig(hf_model=str(tiny_gpt2_dir), device="cpu", num_members=2, num_epochs=3, early_epoch=1,
+                        late_epoch=3, train_batch_size=4, score_batch_size=4, max_length=48, learning_rate=1e-3)
+    model, tokenizer = load_proxy(config.hf_model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    encoded = [PromptFormatter(config, tokenizer).encode(r) for r in seed_tasks(8)]
+    return config, model, tokenizer.eos_token_id, encoded
+
+
+def test_training_and_norm_parts_match_the_package(tiny_setup):
+    import torch
+
+    from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble
+
+    config, model, pad_id, encoded = tiny_setup
+    package = train_ensemble(model, encoded, config, pad_id, progress=False)
+    ours, losses = ev.train_all_epochs(model, encoded, config, pad_id, progress=False)
+    assert ours.epochs == (1, 2, 3) and losses.shape == (2, 3)
+    for key, state in package.states.items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, ours.states[key][name])
+    parts = ev.snapshot_norms(model, ours, config, encoded, pad_id, progress=False)
+    for grad_params in ("AB", "B"):
+        scorer = EnsembleScorer(model, package, dataclasses.replace(config, grad_params=grad_params), pad_id)
+        want = scorer.sq_norms(encoded)
+        scorer.close()
+        got = (parts["A"] + parts["B"] if grad_params == "AB" else parts["B"])[:, [0, 2]]
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_w_norm_is_the_gradient_of_the_adapted_frozen_weights(tiny_setup):
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from gradfilter_ops.ensemble import lora_config
+    from gradfilter_ops.grads import LoraActivations, collate, response_loss_sums
+
+    config, model, pad_id, encoded = tiny_setup
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, dataclasses.replace(lora_config(config, model), init_lora_weights=False))
+    try:
+        activations = LoraActivations(peft_model)
+        batch = collate(encoded[:4], pad_id)
+        got = ev.per_example_parts(peft_model, activations, batch, scaling=config.lora_alpha / config.lora_r)
+        activations.remove()
+        bases = [m.base_layer.weight for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        for i, example in enumerate(encoded[:4]):
+            for w in bases:
+                w.requires_grad_(True)
+            sums, counts = response_loss_sums(peft_model, collate([example], pad_id))
+            grads = torch.autograd.grad((sums / counts).sum(), bases)
+            for w in bases:
+                w.requires_grad_(False)
+            want = sum(float(g.pow(2).sum()) for g in grads)
+            assert float(got["W"][i]) == pytest.approx(want, rel=1e-4)
+            assert float(got["loss"][i]) == pytest.approx(float(sums / counts), rel=1e-5)
+    finally:
+        peft_model.unload()
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--data", str(DEMO_DATA), "--rows-per-file", "20", "--corrupt-fraction", "0.3", "--seed", "1",
+            "--hf-model", str(tiny_gpt2_dir), "--set", "num_members=2", "--set", "num_epochs=2",
+            "--set", "max_length=48", "--set", "train_batch_size=8", "--set", "score_batch_size=10",
+            "--set", "device=cpu", "--out", str(out), "--bootstrap", "20", "--quiet"]
+    summary = ev.run(argv)
+    assert summary["rows"] == 20 and summary["corrupted"] == 6
+    names = set(summary["signals"])
+    assert {"G-SNR", "random", "response length", "proxy perplexity", "IFD (Superfiltering)",
+            "ablation: gradient norm", "ablation: raw drop", "ablation: normalized drop"} <= names
+    for values in summary["signals"].values():
+        assert 0.0 <= values["auroc"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "| G-SNR |" in report and "AUROC per corruption kind" in report and "--rows-per-file 20" in report
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 20 and sum(s["eval_corruption"] != "clean" for s in scores) == 6
+    assert (out / "readings.csv").read_text().count("\n") > 10
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "roc.png").stat().st_size > 1000
+    # --reuse re-analyses the saved norms without training again
+    again = ev.run(argv + ["--reuse"])
+    assert again["signals"]["G-SNR"]["auroc"] == summary["signals"]["G-SNR"]["auroc"]
