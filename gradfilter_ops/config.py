@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-DEFAULT_PROXY = "openai-community/gpt2"
+from .proxy import DEFAULT_PROXY
 
 FORMATS = ("auto", "alpaca", "chat", "custom")
 NORMS = ("l2sq", "l2")
@@ -38,6 +38,11 @@ class GSNRConfig:
     cache_dir: Optional[str] = _help(
         "Folder for converted proxies; defaults to $GRADFILTER_CACHE_DIR or ~/.cache/gradfilter_ops.",
         default=None,
+    )
+    use_cache: bool = _help(
+        "Keep trained ensembles and per-example scores in `cache_dir`, so a re-run does no proxy work and "
+        "a killed run resumes where it stopped.",
+        default=True,
     )
     device: str = _help("`auto` (CUDA when available), `cpu` or `cuda`.", default="auto")
     precision: str = _help(
@@ -145,6 +150,10 @@ class GSNRConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Options that change how fast scores are computed, not what they are: left out of the cache key.
+NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from loguru import logger
 from tqdm.auto import tqdm
 
+from .cache import atomic_write_text
 from .config import GSNRConfig
 from .grads import LoraActivations, collate, length_buckets, per_example_grad_sq_norms, response_loss_sums
 from .prompts import Encoded
@@ -55,45 +58,59 @@ class Snapshots:
     lora: dict  # LoraConfig as a dict
 
     @property
+    def members(self) -> list[int]:
+        return sorted({member for member, _ in self.states})
+
+    @property
     def num_members(self) -> int:
-        return len({member for member, _ in self.states})
+        return len(self.members)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write one peft adapter folder per (member, epoch) and a manifest; returns the folder."""
+        """Write one peft adapter folder per member and epoch (`member<m>_epoch<e>/`); returns the folder."""
+        directory = Path(directory)
+        for member in self.members:
+            self.save_member(directory, member)
+        return directory
+
+    def save_member(self, directory: str | os.PathLike, member: int) -> None:
+        """Write one member's adapters; they appear all at once, so a killed run never leaves half a member."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for (member, epoch), state in self.states.items():
-            folder = directory / adapter_name(member, epoch)
-            folder.mkdir(exist_ok=True)
-            (folder / "adapter_config.json").write_text(json.dumps(self.lora, indent=2, default=list))
-            _atomic_save(lambda path: save_file(state, path), folder / "adapter_model.safetensors")
-        manifest = {"epochs": list(self.epochs), "members": self.num_members, "lora": self.lora}
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))
-        return directory
+        manifest = directory / MANIFEST
+        if not manifest.exists():
+            atomic_write_text(manifest, json.dumps({"epochs": list(self.epochs), "lora": self.lora}, indent=2,
+                                                   default=list))
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".member{member}."))
+        try:
+            for epoch in self.epochs:
+                folder = staging / adapter_name(member, epoch)
+                folder.mkdir()
+                (folder / "adapter_config.json").write_text(json.dumps(self.lora, indent=2, default=list))
+                save_file(self.states[(member, epoch)], folder / "adapter_model.safetensors")
+            for folder in sorted(staging.iterdir()):
+                target = directory / folder.name
+                if target.exists():
+                    shutil.rmtree(target)
+                folder.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Snapshots":
+        """Every member whose adapters are complete in `directory` (possibly none)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
         epochs = tuple(manifest["epochs"])
-        states = {(member, epoch): load_file(directory / adapter_name(member, epoch) / "adapter_model.safetensors")
-                  for member in range(manifest["members"]) for epoch in epochs}
+        states = {}
+        for member in sorted({int(p.name[len("member"):].split("_")[0]) for p in directory.glob("member*_epoch*")}):
+            files = [directory / adapter_name(member, epoch) / "adapter_model.safetensors" for epoch in epochs]
+            if all(f.exists() for f in files):
+                states.update({(member, epoch): load_file(f) for epoch, f in zip(epochs, files)})
         return cls(epochs=epochs, states=states, lora=manifest["lora"])
-
-
-def _atomic_save(write, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -103,60 +120,64 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
-                   progress: bool = True) -> Snapshots:
+                   progress: bool = True, done: Optional[Snapshots] = None,
+                   on_member: Optional[Callable[[Snapshots, int], None]] = None) -> Snapshots:
     """Train `num_members` LoRA adapters, one after another, and keep their early and late snapshots.
 
-    Member m seeds its adapter init and its data order with `config.seed + m`. The loss is the
-    token-level mean cross-entropy over the batch's response tokens.
+    Member m seeds its adapter init and its data order with `config.seed + m`, so members are
+    independent: those already in `done` (from an interrupted run) are not trained again, and the
+    result is the same. `on_member(snapshots, m)` is called as each member finishes (to persist it).
+    The loss is the token-level mean cross-entropy over the batch's response tokens.
     """
-    from peft import get_peft_model, get_peft_model_state_dict
-
     if not examples:
         raise ValueError("Cannot train the ensemble on zero scoreable examples.")
+    lora = lora_config(config, model)
+    snapshots = Snapshots(epochs=(config.early_epoch, config.resolved_late_epoch), states={}, lora=lora.to_dict())
+    if done is not None:
+        snapshots.states.update({key: state for key, state in done.states.items() if key[0] < config.num_members})
+    todo = [m for m in range(config.num_members) if m not in snapshots.members]
+    steps_per_epoch = -(-len(examples) // config.train_batch_size)
+    bar = tqdm(total=len(todo) * config.num_epochs * steps_per_epoch, desc="gsnr: training LoRA ensemble",
+               disable=not progress, unit="step")
+    for member in todo:
+        snapshots.states.update(_train_member(model, lora, examples, config, pad_id, member, snapshots.epochs, bar))
+        if on_member is not None:
+            on_member(snapshots, member)
+    bar.close()
+    return snapshots
+
+
+def _train_member(model, lora, examples, config, pad_id, member, epochs, bar) -> dict:
+    from peft import get_peft_model, get_peft_model_state_dict
+
     device = next(model.parameters()).device
     autocast_dtype = _autocast_dtype(device, config.precision)
-    lora = lora_config(config, model)
-    epochs = (config.early_epoch, config.resolved_late_epoch)
-    steps_per_epoch = -(-len(examples) // config.train_batch_size)
-    bar = tqdm(total=config.num_members * config.num_epochs * steps_per_epoch, desc="gsnr: training LoRA ensemble",
-               disable=not progress, unit="step")
-    states: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    peft_model = None
-    for member in range(config.num_members):
-        name = f"train{member}"
-        torch.manual_seed(config.seed + member)  # this member's adapter init
-        if peft_model is None:
-            peft_model = get_peft_model(model, lora, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, lora)
-        peft_model.set_adapter(name)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        order_rng = torch.Generator().manual_seed(config.seed + member)
-        peft_model.train()
-        for epoch in range(1, config.num_epochs + 1):
-            order = torch.randperm(len(examples), generator=order_rng).tolist()
-            for start in range(0, len(order), config.train_batch_size):
-                batch = collate([examples[i] for i in order[start: start + config.train_batch_size]], pad_id, device)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):
-                    sums, counts = response_loss_sums(peft_model, batch)
-                loss = sums.sum() / counts.sum().clamp_min(1)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                bar.update()
-                bar.set_postfix(member=member, epoch=epoch, loss=f"{loss.item():.3f}")
-            if epoch in epochs:
-                state = get_peft_model_state_dict(peft_model, adapter_name=name)
-                states[(member, epoch)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        if member + 1 < config.num_members:
-            peft_model.delete_adapter(name)  # peft keeps one adapter at least; unload() drops the last
-    bar.close()
-    # Leave the caller's model as it was given: no adapters, no hooks, eval mode.
+    torch.manual_seed(config.seed + member)  # this member's adapter init
+    peft_model = get_peft_model(model, lora, adapter_name="member")
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    order_rng = torch.Generator().manual_seed(config.seed + member)
+    states = {}
+    peft_model.train()
+    for epoch in range(1, config.num_epochs + 1):
+        order = torch.randperm(len(examples), generator=order_rng).tolist()
+        for start in range(0, len(order), config.train_batch_size):
+            batch = collate([examples[i] for i in order[start: start + config.train_batch_size]], pad_id, device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                sums, counts = response_loss_sums(peft_model, batch)
+            loss = sums.sum() / counts.sum().clamp_min(1)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(member=member, epoch=epoch, loss=f"{loss.item():.3f}")
+        if epoch in epochs:
+            state = get_peft_model_state_dict(peft_model, adapter_name="member")
+            states[(member, epoch)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    # Give the proxy back as it came: no adapter, eval mode.
     peft_model.unload()
     model.eval()
-    return Snapshots(epochs=epochs, states=states, lora=lora.to_dict())
+    return states
 
 
 class EnsembleScorer:
@@ -185,23 +206,34 @@ class EnsembleScorer:
 
     def sq_norms(self, examples: Sequence[Encoded], progress: bool = True) -> np.ndarray:
         """Squared per-example gradient norms, shape [members, 2 (early, late), len(examples)]."""
-        members = self.snapshots.num_members
-        out = np.zeros((members, 2, len(examples)), dtype=np.float64)
-        autocast_dtype = _autocast_dtype(self.device, self.config.precision)
-        lengths = [len(e.input_ids) for e in examples]
-        buckets = length_buckets(lengths, self.config.score_batch_size)
-        bar = tqdm(total=len(buckets) * len(self.names), desc="gsnr: per-example gradients", unit="pass",
-                   leave=False, disable=not progress)
-        for indices in buckets:
+        out = np.zeros((self.snapshots.num_members, 2, len(examples)), dtype=np.float64)
+        buckets = length_buckets([len(e.input_ids) for e in examples], self.config.score_batch_size)
+        with tqdm(total=len(examples), desc="gsnr: per-example gradients", unit="row", leave=False,
+                  disable=not progress) as bar:
+            for indices in buckets:
+                self._fill(examples, indices, out, bar)
+        return out
+
+    def _fill(self, examples: Sequence[Encoded], indices: list[int], out: np.ndarray, bar) -> None:
+        """Norms of one length bucket under every snapshot; halves the bucket when the GPU runs out of memory."""
+        try:
             batch = collate([examples[i] for i in indices], self.pad_id, self.device)
             for (member, epoch), name in self.names.items():
                 self.model.set_adapter(name)
                 norms = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
-                                                  autocast_dtype)
+                                                  _autocast_dtype(self.device, self.config.precision))
                 out[member, self.snapshots.epochs.index(epoch), indices] = norms.double().cpu().numpy()
-                bar.update()
-        bar.close()
-        return out
+        except torch.cuda.OutOfMemoryError:
+            if len(indices) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning(f"gsnr: out of memory on a batch of {len(indices)} rows; retrying it in two halves.")
+            half = len(indices) // 2
+            self._fill(examples, indices[:half], out, bar)
+            self._fill(examples, indices[half:], out, bar)
+            return
+        bar.update(len(indices))
 
     def close(self) -> None:
         """Remove the hooks and the adapters, giving the proxy back as it was."""

@@ -11,15 +11,23 @@ NOISE = "gsnr_noise"  # variance (or std) over members at the late snapshot: the
 STATUS = "gsnr_status"  # "ok" or a reason code below
 TRUNCATED = "gsnr_truncated"  # True when tokens were cut to fit `max_length`
 NUM_TOKENS = "gsnr_response_tokens"  # response tokens that carried loss
+TOKENS = "gsnr_tokens"  # prompt + response tokens the proxy saw (what a token budget counts)
 
-SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, NUM_TOKENS)
+SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, NUM_TOKENS, TOKENS)
+PARTS = (EARLY, LATE, DROP, NOISE, GSNR)  # the numbers that come out of the proxy
 
 # Reason codes. Every row gets exactly one; only "ok" rows have a finite `gsnr`.
 OK = "ok"
 MISSING_FIELD = "missing_field"  # a required field is absent or null (chat: no final assistant turn)
 INVALID_FIELD = "invalid_field"  # a field has the wrong type (e.g. a number where text belongs)
 EMPTY_RESPONSE = "empty_response"  # the response is empty or whitespace only
-TRUNCATED_TO_NOTHING = "truncated_to_nothing"  # no response token survived `max_length`
 NON_FINITE = "non_finite_score"  # the gradient norms or the G-SNR came out NaN or infinite
+SCORING_ERROR = "scoring_error"  # the proxy failed on this row alone (the error is logged)
 
-REASONS = (OK, MISSING_FIELD, INVALID_FIELD, EMPTY_RESPONSE, TRUNCATED_TO_NOTHING, NON_FINITE)
+STATUSES = (OK, MISSING_FIELD, INVALID_FIELD, EMPTY_RESPONSE, NON_FINITE, SCORING_ERROR)
+
+# Why `gsnr_top_k_filter` dropped a scored row (rows without a score are dropped for their status).
+BELOW_CUTOFF = "below_top_k_cutoff"
+GROUP_QUOTA_FULL = "group_quota_full"
+OVER_TOKEN_BUDGET = "over_token_budget"
+OUTSIDE_RANGE = "outside_gsnr_range"  # `gsnr_scorer` with min_gsnr / max_gsnr

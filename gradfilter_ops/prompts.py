@@ -102,6 +102,19 @@ class PromptFormatter:
             return self.config.format
         return "chat" if sample.get(self.config.messages_field) is not None else "alpaca"
 
+    def source(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields that `encode` reads, with the format: what a row's score depends on."""
+        fmt = self.format_of(sample)
+        cfg = self.config
+        if fmt == "chat":
+            names = [cfg.messages_field]
+        elif fmt == "alpaca":
+            names = [cfg.instruction_field, cfg.input_field, cfg.output_field]
+        else:
+            names = sorted({n for _, n, _, _ in string.Formatter().parse(cfg.prompt_template) if n})
+            names.append(cfg.response_field)
+        return {"format": fmt, "fields": {name: sample.get(name) for name in names}}
+
     def encode(self, sample: Mapping[str, Any]) -> Encoded:
         try:
             fmt = self.format_of(sample)

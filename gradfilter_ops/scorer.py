@@ -7,20 +7,27 @@
     kept = scored.select(select_top_k(scored["gsnr"], top_ratio=0.1))
 
 `fit` trains the ensemble over the whole dataset; `score_batch` is the per-example pass that
-`score` runs through `dataset.map(batched=True)` and that the Data-Juicer op calls per batch.
+`score` runs through `dataset.map(batched=True)` and that the Data-Juicer op calls per batch. With
+`use_cache` (the default) both go through a `cache.CacheEntry`: a re-run on the same rows does no
+proxy work, and a killed run resumes from its finished members and batches.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from loguru import logger
 
 from . import fields
-from .config import GSNRConfig
+from .cache import CacheEntry, atomic_write_text, digest
+from .config import NON_SCORE_OPTIONS, GSNRConfig
 
 NEGATIVE_DROP_WARN_SHARE = 0.5
 
@@ -28,6 +35,11 @@ NEGATIVE_DROP_WARN_SHARE = 0.5
 def _rows(batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     size = len(next(iter(batch.values()))) if batch else 0
     return [{key: values[i] for key, values in batch.items()} for i in range(size)]
+
+
+def _batch_of(rows: list[dict[str, Any]]) -> dict[str, list]:
+    keys = sorted({key for row in rows for key in row})
+    return {key: [row.get(key) for row in rows] for key in keys}
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -42,6 +54,10 @@ class GSNRScorer:
             raise ValueError("Pass either a GSNRConfig or keyword overrides, not both.")
         self.config = config if config is not None else GSNRConfig.from_dict(overrides)
         self.snapshots = None
+        self.cache: Optional[CacheEntry] = None
+        self.timings: dict[str, float] = {}
+        self.fingerprint: Optional[str] = None
+        self._fitted = False
         self._model = self._tokenizer = self._formatter = self._ensemble = None
         self._device = None
 
@@ -74,15 +90,22 @@ class GSNRScorer:
     def _load(self, rank: Optional[int] = None) -> None:
         if self._model is not None:
             return
+        from . import __version__
         from .prompts import PromptFormatter
-        from .proxy import load_proxy
+        from .proxy import load_proxy, proxy_fingerprint
 
+        started = time.perf_counter()
         self._device = self._resolve_device(rank)
         model, tokenizer = load_proxy(self.config.hf_model, cache_dir=self.config.cache_dir)
         for param in model.parameters():
             param.requires_grad_(False)
+        if self.fingerprint is None:
+            options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS}
+            self.fingerprint = digest({"proxy": proxy_fingerprint(self.config.hf_model, model), "options": options,
+                                       "device": self._device.type, "version": __version__})
         self._model, self._tokenizer = model.to(self._device), tokenizer
         self._formatter = PromptFormatter(self.config, tokenizer)
+        self.timings.setdefault("load_s", time.perf_counter() - started)
 
     @property
     def pad_id(self) -> int:
@@ -92,24 +115,47 @@ class GSNRScorer:
         self._load()
         return [self._formatter.encode(row) for row in rows]
 
+    def _key(self, row: Mapping[str, Any]) -> str:
+        return digest(self._formatter.source(row))
+
     # -- phase 1 --------------------------------------------------------------------------------
     def fit(self, dataset: Any, batch_size: int = 1000) -> None:
-        """Train the ensemble on every scoreable row of `dataset` (a `datasets.Dataset` or a list of dicts)."""
-        from .ensemble import train_ensemble
+        """Train the ensemble on every scoreable row of `dataset` (a `datasets.Dataset` or a list of dicts).
+
+        Rows are sorted by content hash first, so the ensemble does not depend on the row order.
+        """
+        from .ensemble import MANIFEST, Snapshots, train_ensemble
+        from .proxy import resolve_cache_dir
 
         self._load()
         self._release_ensemble()
         batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [_batch_of(list(dataset))]
-        encoded = [e for batch in batches for e in self.encode(_rows(batch))]
-        counts = Counter(e.status for e in encoded)
-        scoreable = [e for e in encoded if e.ok]
-        logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {dict(counts)}; "
-                    f"{sum(e.truncated for e in scoreable)} truncated to max_length={self.config.max_length}.")
+        rows = [row for batch in batches for row in _rows(batch)]
+        encoded = self.encode(rows)
+        scoreable = sorted((self._key(row), e) for row, e in zip(rows, encoded) if e.ok)
+        keys = [key for key, _ in scoreable]
+        self.counts = dict(Counter(e.status for e in encoded))
+        logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {self.counts}; "
+                    f"{sum(e.truncated for _, e in scoreable)} truncated to max_length={self.config.max_length}.")
+        self.snapshots, self._fitted = None, True
+        self.cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, digest(keys))
+                      if self.config.use_cache else None)
         if not scoreable:
             logger.warning("gsnr: no scoreable rows, so no ensemble is trained; every row keeps its reason code.")
-            self.snapshots = None
             return
-        self.snapshots = train_ensemble(self._model, scoreable, self.config, self.pad_id)
+        if self.cache is not None and self.cache.has_all(keys):
+            logger.info(f"gsnr: all {len(keys)} scoreable rows are in the score cache {self.cache.dir}; "
+                        "nothing to train or score.")
+            return
+        done = None
+        if self.cache is not None and (self.cache.ensemble_dir / MANIFEST).exists():
+            done = Snapshots.load(self.cache.ensemble_dir)
+            logger.info(f"gsnr: reusing trained members {done.members} from {self.cache.ensemble_dir}.")
+        save = (lambda snapshots, member: snapshots.save_member(self.cache.ensemble_dir, member)) if self.cache else None
+        started = time.perf_counter()
+        self.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id,
+                                        done=done, on_member=save)
+        self.timings["train_s"] = time.perf_counter() - started
 
     def _release_ensemble(self) -> None:
         if self._ensemble is not None:
@@ -119,32 +165,75 @@ class GSNRScorer:
     # -- phases 2 and 3 -------------------------------------------------------------------------
     def score_batch(self, batch: Mapping[str, Sequence[Any]], rank: Optional[int] = None) -> dict[str, list]:
         """Score fields for a batch of rows (a dict of columns), in the order of `fields.SCORE_FIELDS`."""
-        from .ensemble import EnsembleScorer
-        from .gsnr import gsnr_from_sq_norms
-
         self._load(rank)
-        encoded = self.encode(_rows(batch))
+        rows = _rows(batch)
+        encoded = self.encode(rows)
         out: dict[str, list] = {name: [None] * len(encoded) for name in fields.SCORE_FIELDS}
         out[fields.STATUS] = [e.status for e in encoded]
         out[fields.TRUNCATED] = [e.truncated for e in encoded]
         out[fields.NUM_TOKENS] = [e.num_response for e in encoded]
+        out[fields.TOKENS] = [len(e.input_ids) for e in encoded]
         ok = [i for i, e in enumerate(encoded) if e.ok]
         if not ok:
             return out
-        if self.snapshots is None:
+        if not self._fitted:
             raise RuntimeError("GSNRScorer.score_batch needs a trained ensemble: call fit(dataset) first.")
+        keys = [self._key(rows[i]) for i in ok]
+        if self.cache is not None and self.cache.has_all(keys):
+            records = [self.cache.scores()[key] for key in keys]
+        else:
+            records = self._compute([encoded[i] for i in ok])
+            if self.cache is not None:
+                self.cache.add_scores({k: r for k, r in zip(keys, records) if r[fields.STATUS] == fields.OK})
+        for i, record in zip(ok, records):
+            for name, value in record.items():
+                out[name][i] = value
+        return out
+
+    def _compute(self, examples) -> list[dict[str, Any]]:
+        """Score fields of scoreable examples; a row the proxy fails on alone gets `scoring_error`."""
+        try:
+            sq_norms = self._sq_norms(examples)
+        except Exception as batch_error:  # noqa: BLE001 - isolated per row below, re-raised if every row fails
+            logger.warning(f"gsnr: a batch of {len(examples)} rows failed ({batch_error!r}); retrying row by row.")
+            return self._compute_one_by_one(examples, batch_error)
+        return self._records(sq_norms)
+
+    def _compute_one_by_one(self, examples, batch_error: Exception) -> list[dict[str, Any]]:
+        records = []
+        for example in examples:
+            try:
+                records.extend(self._records(self._sq_norms([example])))
+            except Exception as error:  # noqa: BLE001 - recorded as the row's reason and logged
+                logger.error(f"gsnr: scoring a row failed: {error!r}")
+                records.append({**{name: None for name in fields.PARTS}, fields.STATUS: fields.SCORING_ERROR})
+        if all(r[fields.STATUS] == fields.SCORING_ERROR for r in records):
+            raise batch_error
+        return records
+
+    def _sq_norms(self, examples):
+        from .ensemble import EnsembleScorer
+
+        if self.snapshots is None and self.cache is not None:
+            from .ensemble import Snapshots
+
+            self.snapshots = Snapshots.load(self.cache.ensemble_dir)
         if self._ensemble is None:
             self._ensemble = EnsembleScorer(self._model, self.snapshots, self.config, self.pad_id)
-        sq_norms = self._ensemble.sq_norms([encoded[i] for i in ok])
+        return self._ensemble.sq_norms(examples)
+
+    def _records(self, sq_norms) -> list[dict[str, Any]]:
+        from .gsnr import gsnr_from_sq_norms
+
         parts = gsnr_from_sq_norms(sq_norms, norm=self.config.norm, noise=self.config.noise, eps=self.config.eps)
-        for j, i in enumerate(ok):
+        records = []
+        for j in range(sq_norms.shape[2]):
             values = {fields.EARLY: parts.early[j], fields.LATE: parts.late[j], fields.DROP: parts.drop[j],
                       fields.NOISE: parts.noise[j], fields.GSNR: parts.gsnr[j]}
-            for name, value in values.items():
-                out[name][i] = _finite_or_none(value)
-            if out[fields.GSNR][i] is None:
-                out[fields.STATUS][i] = fields.NON_FINITE
-        return out
+            record = {name: _finite_or_none(value) for name, value in values.items()}
+            record[fields.STATUS] = fields.OK if record[fields.GSNR] is not None else fields.NON_FINITE
+            records.append(record)
+        return records
 
     def score(self, dataset: Any, batch_size: int = 256, num_proc: Optional[int] = None) -> Any:
         """Fit (unless fitted) and return `dataset` with the score columns added."""
@@ -153,17 +242,46 @@ class GSNRScorer:
             for name in fields.SCORE_FIELDS:
                 dataset = dataset.add_column(name, [])
             return dataset
-        if self.snapshots is None:
+        if not self._fitted:
             self.fit(dataset)
+        started = time.perf_counter()
         scored = dataset.map(self.score_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
                              desc="gsnr: per-example gradients")
-        log_summary(summarize(scored[fields.STATUS], scored[fields.DROP]))
+        self.timings["score_s"] = time.perf_counter() - started
+        self.summary = summarize(scored[fields.STATUS], scored[fields.DROP])
+        log_summary(self.summary)
+        self.write_manifest()
         return scored
 
+    def manifest(self) -> dict[str, Any]:
+        """What a run needs to be reproduced: versions, seeds, options, fingerprints, counts, timings."""
+        from importlib.metadata import PackageNotFoundError, version
 
-def _batch_of(rows: list[dict[str, Any]]) -> dict[str, list]:
-    keys = sorted({key for row in rows for key in row})
-    return {key: [row.get(key) for row in rows] for key in keys}
+        versions = {"python": platform.python_version()}
+        for package in ("gradfilter-ops", "torch", "transformers", "peft", "datasets", "py-data-juicer"):
+            try:
+                versions[package] = version(package)
+            except PackageNotFoundError:
+                versions[package] = None
+        return {
+            "versions": versions,
+            "config": self.config.to_dict(),
+            "member_seeds": [self.config.seed + m for m in range(self.config.num_members)],
+            "scorer_fingerprint": self.fingerprint,
+            "cache_entry": str(self.cache.dir) if self.cache else None,
+            "rows": getattr(self, "counts", None),
+            "summary": getattr(self, "summary", None),
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+    def write_manifest(self, path: Optional[str | Path] = None) -> list[Path]:
+        """Write the manifest into the cache entry, and to `path` when given; returns where it went."""
+        manifest = self.manifest()
+        written = [self.cache.write_manifest(manifest)] if self.cache is not None else []
+        if path is not None:
+            atomic_write_text(Path(path), json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            written.append(Path(path))
+        return written
 
 
 def summarize(statuses: Sequence[str], drops: Sequence[Optional[float]]) -> dict[str, Any]:

@@ -1,26 +1,41 @@
-"""Phase 4: rank by G-SNR and keep the top k."""
+"""Phase 4: rank by G-SNR and keep the best, with a reason for every row that is not kept.
+
+The budget is `top_k` rows, a `top_ratio` of them, or `max_tokens` tokens. With `groups`, the
+row budget is split into per-group quotas (proportional to group size, or equal), with an optional
+minimum per group, so that a rare source is never wiped out.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence
 
 from loguru import logger
 
+from . import fields
 
-def validate_k_or_ratio(top_k: Optional[int], top_ratio: Optional[float]) -> None:
-    """Exactly one of `top_k` (a positive integer) and `top_ratio` (in (0, 1])."""
-    if (top_k is None) == (top_ratio is None):
-        raise ValueError(f"Set exactly one of `top_k` and `top_ratio`, got top_k={top_k!r}, top_ratio={top_ratio!r}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+QUOTAS = ("proportional", "equal")
+
+
+def validate_budget(top_k: Optional[int] = None, top_ratio: Optional[float] = None,
+                    max_tokens: Optional[int] = None) -> None:
+    """Exactly one of `top_k` (a positive integer), `top_ratio` (in (0, 1]) and `max_tokens` (positive)."""
+    given = [name for name, value in (("top_k", top_k), ("top_ratio", top_ratio), ("max_tokens", max_tokens))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"Set exactly one of `top_k`, `top_ratio` and `max_tokens`, got {given or 'none'}.")
+    for name, value in (("top_k", top_k), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if top_ratio is not None and not (isinstance(top_ratio, (int, float)) and 0 < top_ratio <= 1):
         raise ValueError(f"`top_ratio` must be in (0, 1], got {top_ratio!r}.")
 
 
 def num_to_keep(n: int, top_k: Optional[int] = None, top_ratio: Optional[float] = None) -> int:
     """How many of `n` rows to keep: `top_k` capped at n, or floor(top_ratio * n), at least 1 when n > 0."""
-    validate_k_or_ratio(top_k, top_ratio)
+    validate_budget(top_k, top_ratio)
     if n == 0:
         return 0
     if top_k is not None:
@@ -42,5 +57,106 @@ def rank(scores: Sequence[Optional[float]]) -> list[int]:
 def select_top_k(scores: Sequence[Optional[float]], top_k: Optional[int] = None,
                  top_ratio: Optional[float] = None) -> list[int]:
     """Indices of the rows to keep, in their original order."""
-    keep = num_to_keep(len(scores), top_k, top_ratio)
-    return sorted(rank(scores)[:keep])
+    return sorted(rank(scores)[: num_to_keep(len(scores), top_k, top_ratio)])
+
+
+@dataclass
+class Selection:
+    keep: list[int]  # kept row indices, in their original order
+    reasons: dict[int, str] = field(default_factory=dict)  # dropped row index -> reason code
+
+
+def quotas(sizes: dict[Hashable, int], budget: int, mode: str = "proportional",
+           minimum: int = 0) -> dict[Hashable, int]:
+    """Split a row budget over groups of the given sizes; each quota is at most its group's size.
+
+    The budget is apportioned by largest remainder (ties by group name), proportionally to size or
+    equally. Groups below min(minimum, size) are then raised to it, taking rows back from the
+    largest quotas; when the minimums alone exceed the budget, the minimums win.
+    """
+    if mode not in QUOTAS:
+        raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {mode!r}.")
+    quota = _apportion({g: (n if mode == "proportional" else 1) for g, n in sizes.items()}, sizes, budget)
+    floor = {g: min(minimum, n) for g, n in sizes.items()}
+    quota = {g: max(q, floor[g]) for g, q in quota.items()}
+    excess = sum(quota.values()) - budget
+    while excess > 0:
+        above = [g for g in quota if quota[g] > floor[g]]
+        if not above:
+            break
+        largest = min(above, key=lambda g: (-quota[g], str(g)))
+        quota[largest] -= 1
+        excess -= 1
+    return quota
+
+
+def _apportion(weights: dict[Hashable, float], caps: dict[Hashable, int], budget: int) -> dict[Hashable, int]:
+    """Largest-remainder apportionment of `budget` by `weights`, never above `caps`."""
+    quota = {g: 0 for g in weights}
+    left = min(budget, sum(caps.values()))
+    while left > 0:
+        open_groups = [g for g in weights if quota[g] < caps[g]]
+        total = sum(weights[g] for g in open_groups)
+        shares = {g: left * weights[g] / total for g in open_groups}
+        grants = {g: min(math.floor(shares[g]), caps[g] - quota[g]) for g in open_groups}
+        spare = left - sum(grants.values())
+        for g in sorted(open_groups, key=lambda g: (-(shares[g] - math.floor(shares[g])), str(g))):
+            if spare == 0:
+                break
+            if quota[g] + grants[g] < caps[g]:
+                grants[g] += 1
+                spare -= 1
+        for g, extra in grants.items():
+            quota[g] += extra
+        left = min(budget, sum(caps.values())) - sum(quota.values())
+    return quota
+
+
+def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k: Optional[int] = None,
+           top_ratio: Optional[float] = None, max_tokens: Optional[int] = None,
+           tokens: Optional[Sequence[int]] = None, groups: Optional[Sequence[Hashable]] = None,
+           group_quota: str = "proportional", min_per_group: int = 0) -> Selection:
+    """Choose rows by G-SNR under one budget; every dropped row gets a reason code.
+
+    A dropped row without a score keeps its own status as its reason (`empty_response`, ...). A
+    dropped scored row is `below_top_k_cutoff`, `over_token_budget`, or `group_quota_full` when
+    it would have made the cut without the group quotas.
+    """
+    validate_budget(top_k, top_ratio, max_tokens)
+    n = len(scores)
+    order = rank(scores)
+    if max_tokens is not None:
+        if groups is not None:
+            raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
+        if tokens is None:
+            raise ValueError("`max_tokens` needs the token count of every row.")
+        keep, used = [], 0
+        for i in order:
+            if used + tokens[i] > max_tokens:
+                break
+            keep.append(i)
+            used += tokens[i]
+        cut_reason = fields.OVER_TOKEN_BUDGET
+    else:
+        budget = num_to_keep(n, top_k, top_ratio)
+        keep = order[:budget]
+        cut_reason = fields.BELOW_CUTOFF
+        if groups is not None:
+            unstratified = set(keep)
+            members = defaultdict(list)
+            for i in order:
+                members[groups[i]].append(i)
+            quota = quotas({g: len(rows) for g, rows in members.items()}, budget, group_quota, min_per_group)
+            keep = [i for g, rows in members.items() for i in rows[: quota[g]]]
+    kept = set(keep)
+    reasons = {}
+    for i in range(n):
+        if i in kept:
+            continue
+        if statuses[i] != fields.OK:
+            reasons[i] = statuses[i]
+        elif groups is not None and max_tokens is None and i in unstratified:
+            reasons[i] = fields.GROUP_QUOTA_FULL
+        else:
+            reasons[i] = cut_reason
+    return Selection(keep=sorted(kept), reasons=reasons)

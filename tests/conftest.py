@@ -58,7 +58,7 @@ def tiny_config(tiny_gpt2_dir, tmp_path):
 
     def make(**overrides):
         values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", num_members=2,
-                      train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3)
+                      train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3, use_cache=False)
         values.update(overrides)
         return GSNRConfig(**values)
 

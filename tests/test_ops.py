@@ -95,12 +95,27 @@ def first_run(tmp_path_factory, data_file, scorer_args):
     return dj_process(write_recipe(tmp, "run1", data_file, scorer_args, top_ratio=0.25))
 
 
-def test_dj_process_scores_and_keeps_the_top_ratio(first_run):
+def test_dj_process_scores_and_keeps_the_top_ratio(first_run, data_file):
     rows, log = first_run
     assert len(rows) == math.floor(0.25 * 26)
     assert all(r[STATS][fields.STATUS] == fields.OK and math.isfinite(r[STATS][fields.GSNR]) for r in rows)
     assert "kept 6 of 26 rows; dropped by reason: {'below_top_k_cutoff': 18, 'empty_response': 1, " \
            "'missing_field': 1}" in log
+
+
+def test_every_input_row_is_kept_or_in_the_dropped_file(first_run, data_file, tmp_path_factory):
+    rows, _ = first_run
+    # Data-Juicer's work_dir is a job folder next to the export.
+    job_dir = next(tmp_path_factory.getbasetemp().glob("run1*/run1/*/gsnr_dropped.jsonl")).parent
+    dropped = [json.loads(line) for line in (job_dir / "gsnr_dropped.jsonl").open()]
+    inputs = [json.loads(line)["id"] for line in data_file.open()]
+    assert sorted([r["id"] for r in rows] + [r["id"] for r in dropped]) == sorted(inputs)
+    reasons = {r["id"]: r["gsnr_drop_reason"] for r in dropped}
+    assert reasons["bad_empty"] == fields.EMPTY_RESPONSE and reasons["bad_missing"] == fields.MISSING_FIELD
+    assert sum(reason == fields.BELOW_CUTOFF for reason in reasons.values()) == 18
+    manifest = json.loads((job_dir / "gsnr_manifest.json").read_text())
+    assert manifest["member_seeds"] == [42, 43] and manifest["versions"]["gradfilter-ops"]
+    assert manifest["rows"] == {"ok": 24, "empty_response": 1, "missing_field": 1}
 
 
 def test_dj_process_keeps_every_row_with_its_reason(tmp_path, data_file, scorer_args):

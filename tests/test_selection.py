@@ -43,3 +43,56 @@ def test_top_k_above_n_keeps_all():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         select_top_k([1.0, 2.0], **kwargs)
+
+
+# --- budgets, groups and reasons -----------------------------------------------------------------
+
+from gradfilter_ops import fields  # noqa: E402
+from gradfilter_ops.selection import quotas, select  # noqa: E402
+
+OK = fields.OK
+
+
+def test_reasons_for_every_dropped_row():
+    scores = [0.9, None, 0.1, 0.5]
+    statuses = [OK, fields.EMPTY_RESPONSE, OK, OK]
+    result = select(scores, statuses, top_k=2)
+    assert result.keep == [0, 3]
+    assert result.reasons == {1: fields.EMPTY_RESPONSE, 2: fields.BELOW_CUTOFF}
+
+
+def test_token_budget_keeps_best_rows_that_fit():
+    scores = [0.9, 0.8, 0.7, 0.6]
+    result = select(scores, [OK] * 4, max_tokens=250, tokens=[100, 100, 100, 10])
+    assert result.keep == [0, 1]
+    assert set(result.reasons.values()) == {fields.OVER_TOKEN_BUDGET}
+
+
+def test_group_quotas_keep_a_rare_source():
+    # source "b" has the 4 worst scores: without quotas top_k=4 would take only "a" rows.
+    scores = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0.5]
+    groups = ["a"] * 6 + ["b"] * 4
+    plain = select(scores, [OK] * 10, top_k=4)
+    assert plain.keep == [0, 1, 2, 3]
+    proportional = select(scores, [OK] * 10, top_k=5, groups=groups)
+    assert proportional.keep == [0, 1, 2, 6, 7]
+    assert proportional.reasons[3] == fields.GROUP_QUOTA_FULL and proportional.reasons[5] == fields.BELOW_CUTOFF
+    with_minimum = select(scores, [OK] * 10, top_k=2, groups=groups, min_per_group=1)
+    assert with_minimum.keep == [0, 6]
+    equal = select(scores, [OK] * 10, top_k=4, groups=groups, group_quota="equal")
+    assert equal.keep == [0, 1, 6, 7]
+
+
+def test_quotas_respect_sizes_and_budget():
+    assert quotas({"a": 90, "b": 9, "c": 1}, 10) == {"a": 9, "b": 1, "c": 0}
+    assert quotas({"a": 90, "b": 9, "c": 1}, 10, minimum=1) == {"a": 8, "b": 1, "c": 1}
+    assert quotas({"a": 2, "b": 50}, 10, mode="equal") == {"a": 2, "b": 8}
+    assert sum(quotas({"x": 3, "y": 3, "z": 3}, 7).values()) == 7
+    assert quotas({"a": 1, "b": 1}, 1, minimum=1) == {"a": 1, "b": 1}  # the minimums win over the budget
+
+
+def test_budget_combinations_are_rejected():
+    with pytest.raises(ValueError, match="exactly one"):
+        select([1.0], [OK], top_k=1, max_tokens=5, tokens=[1])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        select([1.0], [OK], max_tokens=5, tokens=[1], groups=["a"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from typing import Optional
 
 from data_juicer.ops.base_op import OPERATORS, Filter
@@ -9,7 +11,9 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
+from ._options import reject_unknown_options
 from ..config import DEFAULT_PROXY, GSNRConfig, field_help
+from ..dropped import write_dropped_rows
 from ..scorer import GSNRScorer, log_summary, summarize
 
 OP_NAME = "gsnr_scorer"
@@ -38,13 +42,18 @@ class GSNRScorerOp(Filter):
       - `gsnr_drop`: (early - late) / (early + eps), the signal;
       - `gsnr_noise`: variance (or std) of the late norms over members, the noise;
       - `gsnr_status`: "ok", or why there is no score: `missing_field`, `invalid_field`,
-        `empty_response`, `non_finite_score`;
+        `empty_response`, `non_finite_score`, `scoring_error`;
       - `gsnr_truncated`: whether tokens were cut to fit `max_length`;
-      - `gsnr_response_tokens`: the response tokens that carried loss.
+      - `gsnr_response_tokens`: the response tokens that carried loss;
+      - `gsnr_tokens`: all tokens the proxy saw (what `max_tokens` budgets count).
 
-    By default every sample is kept. Rows that already carry a score are not scored again, and when
-    every row does, no ensemble is trained. A failing batch raises rather than being skipped, so no
-    row is ever dropped silently.
+    By default every sample is kept; with `min_gsnr` / `max_gsnr` the rows outside the range are
+    written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. Rows that already carry a
+    score are not scored again, and when every row does, no ensemble is trained. With `use_cache`,
+    trained ensembles and scores are kept in `cache_dir`: re-running on the same rows does no proxy
+    work, and a killed run resumes. A failing batch is retried row by row and a row the proxy fails
+    on gets `scoring_error`; nothing is skipped silently. `<work_dir>/gsnr_manifest.json` records
+    versions, options, seeds, fingerprints and timings.
 
     Recipe step:
 
@@ -61,6 +70,7 @@ class GSNRScorerOp(Filter):
         self,
         hf_model: str = DEFAULT_PROXY,
         cache_dir: Optional[str] = None,
+        use_cache: bool = True,
         device: str = "auto",
         precision: str = "auto",
         seed: int = 42,
@@ -99,6 +109,7 @@ class GSNRScorerOp(Filter):
         # Data-Juicer skips a batch that raises when skip_op_error is on: that would drop rows silently.
         kwargs["skip_op_error"] = False
         kwargs.setdefault("batch_size", 256)  # rows per map batch; bucketed by length inside
+        reject_unknown_options(OP_NAME, kwargs, Filter)
         super().__init__(*args, **kwargs)
         self.scorer = GSNRScorer(GSNRConfig(**config))
         self.min_gsnr = min_gsnr
@@ -111,11 +122,23 @@ class GSNRScorerOp(Filter):
             self.scorer.fit(dataset)
         scored = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
         stats = scored[Fields.stats]
-        log_summary(summarize([s[fields.STATUS] for s in stats], [s.get(fields.DROP) for s in stats]))
-        if not reduce:
+        self.scorer.summary = summarize([s[fields.STATUS] for s in stats], [s.get(fields.DROP) for s in stats])
+        log_summary(self.scorer.summary)
+        if self.work_dir:
+            self.scorer.write_manifest(os.path.join(self.work_dir, "gsnr_manifest.json"))
+        if not reduce or (self.min_gsnr is None and self.max_gsnr is None):
             return scored
-        # Every row has its score now, so this second pass only applies the keep range.
-        return super().run(scored, tracer=tracer, reduce=True)
+        keep = list(self.process_batched({Fields.stats: stats}))
+        dropped = [i for i, k in enumerate(keep) if not k]
+        reasons = [fields.OUTSIDE_RANGE if stats[i][fields.STATUS] == fields.OK else stats[i][fields.STATUS]
+                   for i in dropped]
+        logger.info(f"{OP_NAME}: kept {len(keep) - len(dropped)} of {len(keep)} rows in the gsnr range; dropped "
+                    f"by reason: {dict(Counter(reasons))}.")
+        if dropped and self.work_dir:
+            path = write_dropped_rows(os.path.join(self.work_dir, "gsnr_scorer_dropped.jsonl"),
+                                      scored.select(dropped), reasons)
+            logger.info(f"{OP_NAME}: wrote the dropped rows to {path}.")
+        return scored.select([i for i, k in enumerate(keep) if k])
 
     def compute_stats_batched(self, samples, rank=None):
         all_stats = samples[Fields.stats]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Optional
 
@@ -10,38 +11,78 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
-from ..selection import select_top_k, validate_k_or_ratio
+from ._options import reject_unknown_options
+from ..dropped import write_dropped_rows
+from ..selection import QUOTAS, select, validate_budget
 
 OP_NAME = "gsnr_top_k_filter"
 
 
 @OPERATORS.register_module(OP_NAME)
 class GSNRTopKFilter(Selector):
-    """Keeps the `top_k` samples, or the `top_ratio` share of them, with the highest `gsnr`.
+    """Keeps the samples with the highest `gsnr`, under a budget of rows or tokens.
 
-    It reads the stats that `gsnr_scorer` writes, so put `gsnr_scorer` before it. Set exactly one of
-    `top_k` and `top_ratio`; a ratio keeps floor(top_ratio x N) rows (at least one), and a `top_k`
-    above N keeps all N. Ties are broken by dataset order. Rows without a finite score (see
-    `gsnr_status`) rank last, so they are kept only when the budget exceeds the scored rows. The
-    kept rows stay in their original order. The log counts the dropped rows by reason.
+    It reads the stats that `gsnr_scorer` writes, so put `gsnr_scorer` before it. Set exactly one
+    of `top_k` (keeps min(k, N) rows), `top_ratio` (keeps floor(ratio x N) rows, at least one) and
+    `max_tokens` (keeps the best rows until their `gsnr_tokens` fill the budget). Ties are broken by
+    dataset order; rows without a finite score rank last. Kept rows stay in their original order.
+
+    With `group_by`, the row budget is split into per-group quotas (`proportional` to group size,
+    or `equal`), each group at least `min_per_group` rows, so a rare source is never wiped out.
+
+    Every dropped row gets a reason: `below_top_k_cutoff`, `over_token_budget`, `group_quota_full`,
+    or its `gsnr_status` when it has no score. The log counts them, and the dropped rows are written
+    with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`),
+    so every input row ends up either in the output or in that file.
 
     Recipe step:
 
         - gsnr_top_k_filter:
             top_ratio: 0.1
+            group_by: source          # optional
+            min_per_group: 5
     """
 
-    def __init__(self, top_k: Optional[int] = None, top_ratio: Optional[float] = None, *args, **kwargs):
+    def __init__(
+        self,
+        top_k: Optional[int] = None,
+        top_ratio: Optional[float] = None,
+        max_tokens: Optional[int] = None,
+        group_by: Optional[str] = None,
+        group_quota: str = "proportional",
+        min_per_group: int = 0,
+        dropped_path: Optional[str] = None,
+        keep_dropped: bool = True,
+        *args,
+        **kwargs,
+    ):
         """
         Initialization method.
 
         :param top_k: number of rows to keep.
         :param top_ratio: share of rows to keep, in (0, 1].
+        :param max_tokens: token budget: keep the best rows while their `gsnr_tokens` fit.
+        :param group_by: field whose values form groups that get quotas of the row budget.
+        :param group_quota: `proportional` (to group size) or `equal`.
+        :param min_per_group: rows every group keeps at least (if it has them), even past the budget.
+        :param dropped_path: jsonl file for the dropped rows; default `<work_dir>/gsnr_dropped.jsonl`.
+        :param keep_dropped: write the dropped rows at all.
         """
+        reject_unknown_options(OP_NAME, kwargs, Selector)
         super().__init__(*args, **kwargs)
-        validate_k_or_ratio(top_k, top_ratio)
-        self.top_k = top_k
-        self.top_ratio = top_ratio
+        validate_budget(top_k, top_ratio, max_tokens)
+        if group_quota not in QUOTAS:
+            raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
+        if group_by is not None and max_tokens is not None:
+            raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
+        if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
+            raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
+        self.budget = {"top_k": top_k, "top_ratio": top_ratio, "max_tokens": max_tokens}
+        self.group_by = group_by
+        self.group_quota = group_quota
+        self.min_per_group = min_per_group
+        self.keep_dropped = keep_dropped
+        self.dropped_path = dropped_path
 
     def process(self, dataset):
         if len(dataset) == 0:
@@ -52,11 +93,31 @@ class GSNRTopKFilter(Selector):
             raise ValueError(
                 f"{OP_NAME} needs the G-SNR stats of every row: put a `gsnr_scorer` step before it in the recipe."
             )
-        keep = select_top_k([s[fields.GSNR] for s in stats], self.top_k, self.top_ratio)
-        kept = set(keep)
-        dropped = Counter(
-            "below_top_k_cutoff" if s[fields.STATUS] == fields.OK else s[fields.STATUS]
-            for i, s in enumerate(stats) if i not in kept
-        )
-        logger.info(f"{OP_NAME}: kept {len(keep)} of {len(stats)} rows; dropped by reason: {dict(dropped)}.")
-        return dataset.select(keep)
+        groups = None
+        if self.group_by is not None:
+            if self.group_by not in dataset.column_names:
+                raise ValueError(f"{OP_NAME}: `group_by: {self.group_by}` is not a field of the dataset; "
+                                 f"fields: {dataset.column_names}.")
+            groups = [str(g) for g in dataset[self.group_by]]
+        selection = select([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats],
+                           tokens=[s.get(fields.TOKENS) or 0 for s in stats], groups=groups,
+                           group_quota=self.group_quota, min_per_group=self.min_per_group, **self.budget)
+        dropped = sorted(selection.reasons)
+        logger.info(f"{OP_NAME}: kept {len(selection.keep)} of {len(stats)} rows; dropped by reason: "
+                    f"{dict(Counter(selection.reasons[i] for i in dropped))}.")
+        if groups is not None:
+            kept = Counter(groups[i] for i in selection.keep)
+            logger.info(f"{OP_NAME}: kept per {self.group_by}: "
+                        f"{ {g: f'{kept[g]}/{n}' for g, n in sorted(Counter(groups).items())} }.")
+        path = self._dropped_path()
+        if dropped and path is not None:
+            write_dropped_rows(path, dataset.select(dropped), [selection.reasons[i] for i in dropped])
+            logger.info(f"{OP_NAME}: wrote the {len(dropped)} dropped rows to {path}.")
+        return dataset.select(selection.keep)
+
+    def _dropped_path(self) -> Optional[str]:
+        if not self.keep_dropped:
+            return None
+        if self.dropped_path is not None:
+            return self.dropped_path
+        return os.path.join(self.work_dir, "gsnr_dropped.jsonl") if self.work_dir else None

@@ -1,0 +1,169 @@
+"""Trustworthy runs: the score cache, resume after SIGKILL, faults that are recorded, odd datasets."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+import gradfilter_ops.ensemble as ensemble
+from gradfilter_ops import GSNRScorer, fields
+
+from helpers import seed_tasks
+
+ROWS = [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(16)]
+
+
+def scored(config, rows=ROWS, **kwargs):
+    scorer = GSNRScorer(config)
+    return scorer, scorer.score(Dataset.from_list(rows), **kwargs)
+
+
+def test_cache_makes_a_rerun_free_and_exact(tiny_config, monkeypatch):
+    config = tiny_config(use_cache=True)
+    first, reference = scored(config)
+    assert first.snapshots is not None and (first.cache.dir / "manifest.json").exists()
+
+    def no_proxy_work(*args, **kwargs):
+        raise AssertionError("the proxy ran although every score was cached")
+
+    monkeypatch.setattr(ensemble, "_train_member", no_proxy_work)
+    monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", no_proxy_work)
+    second, again = scored(config, rows=list(reversed(ROWS)))  # row order does not matter
+    assert second.snapshots is None
+    assert again[fields.GSNR] == list(reversed(reference[fields.GSNR]))
+
+
+def test_cache_key_changes_with_score_options(tiny_config):
+    config = tiny_config(use_cache=True)
+    base, _ = scored(config)
+    other = GSNRScorer(tiny_config(use_cache=True, lora_r=4))
+    other.fit(Dataset.from_list(ROWS))
+    assert other.cache.dir != base.cache.dir
+    speed_only = GSNRScorer(tiny_config(use_cache=True, score_batch_size=2))
+    speed_only.fit(Dataset.from_list(ROWS))
+    assert speed_only.cache.dir == base.cache.dir and speed_only.snapshots is None
+
+
+RUN = """
+import json, sys
+from datasets import Dataset
+from gradfilter_ops import GSNRConfig, GSNRScorer
+config, rows, out = json.loads(sys.argv[1]), [json.loads(l) for l in open(sys.argv[2])], sys.argv[3]
+scored = GSNRScorer(GSNRConfig(**config)).score(Dataset.from_list(rows), batch_size=2)
+json.dump(list(scored["gsnr"]), open(out, "w"))
+"""
+
+
+def test_sigkill_mid_scoring_resumes_to_identical_scores(tiny_config, tmp_path):
+    rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(24)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config(use_cache=True, cache_dir=str(tmp_path / "killed")).to_dict()
+    command = [sys.executable, "-c", RUN, json.dumps(config), str(data), str(tmp_path / "out.json")]
+
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = lambda: sorted((tmp_path / "killed").glob("scores/*/scores/part-*.jsonl"))  # noqa: E731
+    deadline = time.time() + 300
+    while len(shards()) < 3 and run.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in shards()}
+    assert 3 <= len(before) < 12, "the kill did not land in the middle of scoring"
+
+    finish = subprocess.run(command, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    resumed = json.loads((tmp_path / "out.json").read_text())
+    after = {p.name: p.stat().st_mtime_ns for p in shards()}
+    assert len(after) == 12
+    assert all(after[name] == mtime for name, mtime in before.items()), "finished batches were scored again"
+
+    clean = dict(config, cache_dir=str(tmp_path / "clean"))
+    subprocess.run(command[:3] + [json.dumps(clean)] + command[4:], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert resumed == json.loads((tmp_path / "out.json").read_text())
+
+
+def test_training_resumes_from_finished_members(tiny_config, monkeypatch):
+    config = tiny_config(use_cache=True, num_members=3)
+    calls = []
+    real = ensemble._train_member
+
+    def crash_on_member_2(model, lora, examples, cfg, pad_id, member, *rest):
+        calls.append(member)
+        if member == 2 and len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(model, lora, examples, cfg, pad_id, member, *rest)
+
+    monkeypatch.setattr(ensemble, "_train_member", crash_on_member_2)
+    with pytest.raises(KeyboardInterrupt):
+        scored(config)
+    _, resumed = scored(config)
+    assert calls == [0, 1, 2, 2]  # members 0 and 1 were not trained again
+    monkeypatch.setattr(ensemble, "_train_member", real)
+    _, clean = scored(tiny_config(use_cache=False, num_members=3))
+    assert resumed[fields.GSNR] == clean[fields.GSNR]
+
+
+def test_out_of_memory_halves_the_batch(tiny_config, monkeypatch):
+    _, reference = scored(tiny_config())
+    real = ensemble.per_example_grad_sq_norms
+    sizes = []
+
+    def small_gpu(model, activations, batch, *args):
+        sizes.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, activations, batch, *args)
+
+    monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", small_gpu)
+    _, halved = scored(tiny_config())
+    assert 4 in sizes and 2 in sizes and 1 in sizes
+    np.testing.assert_allclose(halved[fields.EARLY], reference[fields.EARLY], rtol=1e-4)
+    assert halved[fields.STATUS] == reference[fields.STATUS]
+
+
+def test_non_finite_gradients_are_recorded(tiny_config):
+    scorer = GSNRScorer(tiny_config())
+    scorer.fit(Dataset.from_list(ROWS))
+    state = scorer.snapshots.states[(0, 2)]
+    first = next(iter(state))
+    state[first] = torch.full_like(state[first], float("nan"))
+    out = scorer.score(Dataset.from_list(ROWS))
+    assert set(out[fields.STATUS]) == {fields.NON_FINITE}
+    assert all(g is None for g in out[fields.GSNR])
+
+
+def test_a_row_the_proxy_fails_on_gets_scoring_error(tiny_config, monkeypatch):
+    real = ensemble.per_example_grad_sq_norms
+    longest = max(range(len(ROWS)), key=lambda i: len(ROWS[i]["output"]))
+
+    def fails_on_longest(model, activations, batch, *args):
+        if batch["attention_mask"].sum(dim=1).max() == 96:  # the truncated rows
+            raise ValueError("simulated kernel failure")
+        return real(model, activations, batch, *args)
+
+    monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", fails_on_longest)
+    _, out = scored(tiny_config())
+    failed = [i for i, s in enumerate(out[fields.STATUS]) if s == fields.SCORING_ERROR]
+    assert longest in failed and len(failed) < len(ROWS)
+    assert all(out[fields.GSNR][i] is None for i in failed)
+    assert all(math.isfinite(out[fields.GSNR][i]) for i in range(len(ROWS)) if i not in failed)
+
+
+@pytest.mark.parametrize("rows", [ROWS[:1], [ROWS[0]] * 5, ROWS[:3] + ROWS[:3]], ids=["one", "identical", "dups"])
+def test_tiny_and_repetitive_datasets(tiny_config, rows):
+    _, out = scored(tiny_config(), rows=rows)
+    assert out[fields.STATUS] == [fields.OK] * len(rows)
+    gsnr = out[fields.GSNR]
+    assert all(math.isfinite(g) for g in gsnr)
+    if len(rows) == 6:
+        assert gsnr[:3] == gsnr[3:]  # a duplicate gets its twin's score
