@@ -56,6 +56,8 @@ class GSNRScorer:
         self.snapshots = None
         self.cache: Optional[CacheEntry] = None
         self.timings: dict[str, float] = {}
+        self.counts: Optional[dict[str, int]] = None  # rows per status seen by `fit`
+        self.summary: Optional[dict[str, Any]] = None  # see `summarize`
         self.fingerprint: Optional[str] = None
         self._fitted = False
         self._model = self._tokenizer = self._formatter = self._ensemble = None
@@ -132,7 +134,7 @@ class GSNRScorer:
         batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [_batch_of(list(dataset))]
         rows = [row for batch in batches for row in _rows(batch)]
         encoded = self.encode(rows)
-        scoreable = sorted((self._key(row), e) for row, e in zip(rows, encoded) if e.ok)
+        scoreable = sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda pair: pair[0])
         keys = [key for key, _ in scoreable]
         self.counts = dict(Counter(e.status for e in encoded))
         logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {self.counts}; "
@@ -150,7 +152,8 @@ class GSNRScorer:
         done = None
         if self.cache is not None and (self.cache.ensemble_dir / MANIFEST).exists():
             done = Snapshots.load(self.cache.ensemble_dir)
-            logger.info(f"gsnr: reusing trained members {done.members} from {self.cache.ensemble_dir}.")
+            if done.members:
+                logger.info(f"gsnr: reusing trained members {done.members} from {self.cache.ensemble_dir}.")
         save = (lambda snapshots, member: snapshots.save_member(self.cache.ensemble_dir, member)) if self.cache else None
         started = time.perf_counter()
         self.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id,
@@ -269,8 +272,8 @@ class GSNRScorer:
             "member_seeds": [self.config.seed + m for m in range(self.config.num_members)],
             "scorer_fingerprint": self.fingerprint,
             "cache_entry": str(self.cache.dir) if self.cache else None,
-            "rows": getattr(self, "counts", None),
-            "summary": getattr(self, "summary", None),
+            "rows": self.counts,
+            "summary": self.summary,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 

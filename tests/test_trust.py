@@ -167,3 +167,22 @@ def test_tiny_and_repetitive_datasets(tiny_config, rows):
     assert all(math.isfinite(g) for g in gsnr)
     if len(rows) == 6:
         assert gsnr[:3] == gsnr[3:]  # a duplicate gets its twin's score
+
+
+def test_unusual_text_is_scored_end_to_end(tiny_config):
+    scorer = GSNRScorer(tiny_config())
+    scorer.fit(Dataset.from_list(ROWS))
+    odd = ["🙂🚀 emoji answer", "مرحبا بالعالم", "a lone surrogate \ud800 inside", "word " * 20_000]
+    out = scorer.score_batch({"instruction": ["Echo."] * 4, "input": [None] * 4, "output": odd})
+    assert out[fields.STATUS] == [fields.OK] * 4
+    assert all(math.isfinite(g) for g in out[fields.GSNR])
+    assert out[fields.TRUNCATED] == [False, False, False, True]
+
+
+def test_unknown_op_options_are_rejected():
+    from gradfilter_ops.ops import GSNRScorerOp, GSNRTopKFilter
+
+    with pytest.raises(ValueError, match=r"gsnr_scorer: unknown option\(s\) \['num_memebrs'\]"):
+        GSNRScorerOp(num_memebrs=3)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['top_ration'\]"):
+        GSNRTopKFilter(top_k=3, top_ration=0.1)
