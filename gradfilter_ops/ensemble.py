@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .cache import atomic_write_text
 from .config import GSNRConfig
-from .grads import LoraActivations, collate, length_buckets, per_example_grad_sq_norms, response_loss_sums
+from .grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms, response_loss_sums,
+                    shuffled_length_batches)
 from .prompts import Encoded
 
 MANIFEST = "ensemble.json"
@@ -159,10 +160,10 @@ def _train_member(model, lora, examples, config, pad_id, member, epochs, bar) ->
     order_rng = torch.Generator().manual_seed(config.seed + member)
     states = {}
     peft_model.train()
+    lengths = [len(e.input_ids) for e in examples]
     for epoch in range(1, config.num_epochs + 1):
-        order = torch.randperm(len(examples), generator=order_rng).tolist()
-        for start in range(0, len(order), config.train_batch_size):
-            batch = collate([examples[i] for i in order[start: start + config.train_batch_size]], pad_id, device)
+        for indices in shuffled_length_batches(lengths, config.train_batch_size, order_rng):
+            batch = collate([examples[i] for i in indices], pad_id, device)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 sums, counts = response_loss_sums(peft_model, batch)
             loss = sums.sum() / counts.sum().clamp_min(1)

@@ -41,6 +41,22 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def shuffled_length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                            window_batches: int = 50) -> list[list[int]]:
+    """Random training batches of similar-length rows, so little padding is computed.
+
+    The rows are shuffled, each window of `window_batches` batches is sorted by length and cut into
+    batches, and the batches are shuffled: every epoch still sees every row once in a random order.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * window_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start: start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sum of response-token cross-entropy, and the number of such tokens.
 

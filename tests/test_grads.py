@@ -62,3 +62,17 @@ def test_collate_masks_only_response_tokens(setup):
         assert mask.sum() == example.num_response
         assert not mask[: example.num_prompt].any()
         assert batch["attention_mask"][row].sum() == len(example.input_ids)
+
+
+def test_training_batches_cover_every_row_once_with_similar_lengths():
+    from gradfilter_ops.grads import shuffled_length_batches
+
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    batches = shuffled_length_batches(lengths, 16, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert len(batches) == -(-1000 // 16)
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding < 0.05 * sum(lengths)  # random batches of these lengths pad about 45%
+    again = shuffled_length_batches(lengths, 16, torch.Generator().manual_seed(0))
+    assert again == batches
+    assert shuffled_length_batches(lengths, 16, torch.Generator().manual_seed(1)) != batches
