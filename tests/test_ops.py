@@ -4,7 +4,6 @@ import dataclasses
 import inspect
 import json
 import math
-import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -66,7 +65,9 @@ def write_recipe(tmp_path: Path, name: str, dataset: Path, scorer_args: dict, np
 
 
 def dj_process(recipe: Path) -> tuple[list[dict], str]:
-    run = subprocess.run([shutil.which("dj-process"), "--config", str(recipe)], capture_output=True, text=True)
+    # The console script of the interpreter running the tests, whether or not its venv is on PATH.
+    dj = Path(sys.executable).parent / "dj-process"
+    run = subprocess.run([str(dj), "--config", str(recipe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     export = Path(yaml.safe_load(recipe.read_text())["export_path"])
     return [json.loads(line) for line in export.open()], run.stdout + run.stderr
