@@ -1,0 +1,589 @@
+#!/usr/bin/env python
+"""Side-by-side speed and memory benchmark of G-SNR scoring (GitHub issue 3).
+
+Every figure is a ratio of variants timed in this one run, on the same rows, interleaved, so a
+machine shared with other jobs slows the variants alike. Sections (``--sections``, comma-separated):
+
+  norms   1. the batched per-example norm pass (`per_example_grad_sq_norms`) vs a loop of
+             one-example backward passes (`per_example_grad_sq_norms_loop`), with the same norms;
+          2. the same pass vs a plain batched forward+backward of the batch (a training step).
+  e2e     3. Data-Juicer's `gsnr_scorer` op with its defaults vs Data-Juicer's
+             `instruction_following_difficulty_filter` (IFD), same proxy, same rows; and the FLOP
+             ratio of the two, the arithmetic limit of the wall-time ratio.
+  memory  4. peak RSS (ru_maxrss) of fresh processes that score N and 4N rows with `GSNRScorer`.
+  online  how far an "online" mode, which would read each row's norms from the training steps of
+          the snapshot epochs, ranks like snapshot mode (Spearman, top-10% overlap), next to how far
+          snapshot mode agrees with itself under other seeds. A prototype: it observes the real
+          `train_ensemble` and takes the norms at each step's weights.
+
+    python tools/bench_speed.py --proxy smollm2-135m --sections norms --rounds 2
+    python tools/bench_speed.py --quick --proxy path/to/tiny-gpt2 --json out.json   # seconds
+
+Results, commands and the machine are in docs/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+from unittest import mock
+
+import numpy as np
+import torch
+
+from gradfilter_ops import ensemble
+from gradfilter_ops.config import GSNRConfig
+from gradfilter_ops.ensemble import EnsembleScorer, _autocast_dtype, lora_config, train_ensemble
+from gradfilter_ops.grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms,
+                                  per_example_grad_sq_norms_loop, response_loss_sums, shuffled_length_batches)
+from gradfilter_ops.gsnr import gsnr_from_sq_norms
+from gradfilter_ops.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Encoded, PromptFormatter
+from gradfilter_ops.proxy import PRESETS, _preset_folder, load_proxy, resolve_cache_dir
+from gradfilter_ops.selection import select_top_k
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
+SECTIONS = ("norms", "e2e", "memory", "online")
+SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
+# Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
+QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
+             online_rows=8, online_members=2)
+TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
+           "rss_growth": 1.10}
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall seconds of `fn()` (waiting for the GPU) and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], rounds: int,
+                device: torch.device) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Time every variant once per round, round r starting with variant r (mod k).
+
+    Returns the seconds per variant and round, and each variant's result from its first run."""
+    names = list(variants)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, Any] = {}
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            spent, out = timed(variants[name], device)
+            seconds[name].append(spent)
+            results.setdefault(name, out)
+    return seconds, results
+
+
+def round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    return [a / b for a, b in zip(numerator, denominator)]
+
+
+def padded_tokens(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> int:
+    """Token positions computed for these batches of row indices, each padded to its longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def padding_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of the computed token positions that are padding."""
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded_tokens(lengths, batches)
+
+
+def matmul_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """(weights of the decoder's linear layers, weights of the LM head): what a token multiplies."""
+    from transformers.pytorch_utils import Conv1D
+
+    body = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    return body, model.get_output_embeddings().weight.numel()
+
+
+def forward_flops(weights: tuple[int, int], tokens: int, head_tokens: int) -> int:
+    """Matmul FLOPs of a forward pass: 2 per weight and token; the LM head only at `head_tokens`.
+
+    Attention scores (4 x length x width per token and layer, a few % at these lengths) and the
+    rank-r LoRA matmuls (< 1 %) are left out. A backward pass through a frozen base computes only
+    input gradients, one matmul per forward matmul, so forward+backward is 2x this."""
+    body, head = weights
+    return 2 * (body * tokens + head * head_tokens)
+
+
+def gsnr_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GSNRConfig) -> int:
+    """Arithmetic (padding-free) FLOPs of G-SNR: M x (T + 2) forward+backward passes over every row."""
+    tokens = sum(len(e.input_ids) for e in examples)
+    head_tokens = sum(e.num_response for e in examples)  # the head runs where a response token is predicted
+    return config.num_members * (config.num_epochs + 2) * 2 * forward_flops(weights, tokens, head_tokens)
+
+
+def training_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int]]:
+    """The row batches `train_ensemble` trains on, all members and epochs (`grads.shuffled_length_batches`
+    with each member's generator, as `ensemble._train_member` calls it), to count their padding."""
+    batches = []
+    for member in range(config.num_members):
+        rng = torch.Generator().manual_seed(config.seed + member)
+        for _ in range(config.num_epochs):
+            batches += shuffled_length_batches(lengths, config.train_batch_size, rng)
+    return batches
+
+
+def scoring_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int]]:
+    """The length buckets the scorer forms inside each map batch of `SCORE_CHUNK` rows."""
+    return [[start + i for i in bucket] for start in range(0, len(lengths), SCORE_CHUNK)
+            for bucket in length_buckets(lengths[start: start + SCORE_CHUNK], config.score_batch_size)]
+
+
+def executed_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GSNRConfig) -> int:
+    """G-SNR's FLOPs as computed, padding included: M x T training passes and M x 2 scoring passes."""
+    lengths = [len(e.input_ids) for e in examples]
+    response = sum(e.num_response for e in examples)
+    train = padded_tokens(lengths, training_batches(lengths, config))
+    score = padded_tokens(lengths, scoring_batches(lengths, config))
+    m = config.num_members
+    return (2 * forward_flops(weights, train, m * config.num_epochs * response)
+            + 2 * m * 2 * forward_flops(weights, score, response))
+
+
+def ifd_flops(weights: tuple[int, int], examples: Sequence[Encoded]) -> int:
+    """FLOPs of IFD as Data-Juicer computes it: a forward pass over prompt+response and one over the
+    response alone, each with full-vocabulary logits at every position (same token counts as G-SNR)."""
+    tokens = sum(len(e.input_ids) + e.num_response for e in examples)
+    return forward_flops(weights, tokens, tokens)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation over the rows where both scores are finite."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    ranks = [np.argsort(np.argsort(x[keep])) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def top_overlap(a: Sequence[float], b: Sequence[float], ratio: float = 0.1) -> float:
+    """Share of the rows `select_top_k` keeps by `a` that it also keeps by `b`."""
+    keep_a = set(select_top_k([float(x) for x in a], top_ratio=ratio))
+    keep_b = set(select_top_k([float(x) for x in b], top_ratio=ratio))
+    return len(keep_a & keep_b) / len(keep_a)
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    met = value >= target if higher_is_better else value <= target
+    return f"target {'>=' if higher_is_better else '<='} {target:g}x: {'PASS' if met else 'MISS'}"
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# -- data --------------------------------------------------------------------------------------------
+def read_rows(path: Path, limit: int) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for _, line in zip(range(limit), f)]
+
+
+def alpaca_prompt(row: dict) -> str:
+    """The Alpaca prompt text that `gsnr_scorer` builds for this row (its query for IFD)."""
+    template = ALPACA_PROMPT if (row.get("input") or "").strip() else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=row["instruction"], input=row.get("input") or "")
+
+
+def proxy_folder(proxy: str) -> str:
+    """A plain Hugging Face folder of the proxy, for ops that load it themselves."""
+    return str(_preset_folder(proxy, resolve_cache_dir())) if proxy in PRESETS else proxy
+
+
+def frozen_proxy(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.device]:
+    model, tokenizer = load_proxy(args.proxy)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    return model.to(device), tokenizer, device
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# -- 1 and 2: the per-example norm pass ----------------------------------------------------------------
+def pick_batch(examples: Sequence[Encoded], batch_size: int) -> list[Encoded]:
+    """The length bucket (as the scorer forms them) whose median length is nearest the pool's median."""
+    lengths = [len(e.input_ids) for e in examples]
+    full = [b for b in length_buckets(lengths, batch_size) if len(b) == batch_size] or [list(range(len(examples)))]
+    middle = statistics.median(lengths)
+    bucket = min(full, key=lambda b: abs(statistics.median(lengths[i] for i in b) - middle))
+    return [examples[i] for i in bucket]
+
+
+def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int, config: GSNRConfig,
+                        rounds: int) -> dict[str, Any]:
+    """Sections 1 and 2 on one batch of `examples`, with a fresh LoRA adapter on the frozen `model`.
+
+    The adapter's B is random (`lora_init: random`), as after training: with peft's B = 0 the
+    gradients with respect to A vanish. Variants, interleaved: `batched` (one pass, the scorer's
+    path), `loop` (one backward pass per row) and `step` (the forward+backward of a training step as
+    `train_ensemble` takes it, without the optimizer update, tiny for LoRA). All use the config's
+    precision."""
+    from peft import get_peft_model
+
+    device = next(model.parameters()).device
+    autocast = _autocast_dtype(device, config.precision)
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(model, lora_config(replace(config, lora_init="random"), model)).eval()
+    activations = LoraActivations(peft_model)
+
+    def precision():
+        return torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+
+    def variants(rows: Sequence[Encoded]) -> dict[str, Callable[[], Any]]:
+        batch = collate(rows, pad_id, device)
+
+        def step() -> None:
+            with precision():
+                sums, counts = response_loss_sums(peft_model, batch)
+            (sums.sum() / counts.sum().clamp_min(1)).backward()
+            peft_model.zero_grad(set_to_none=True)
+
+        def loop() -> torch.Tensor:
+            with precision():
+                return per_example_grad_sq_norms_loop(peft_model, rows, pad_id, config.grad_params)
+
+        return {"batched": lambda: per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
+                                                             autocast),
+                "loop": loop, "step": step}
+
+    try:
+        interleaved(variants(examples[:2]), 1, device)  # warm-up: kernels, allocator, autocast caches
+        seconds, results = interleaved(variants(examples), rounds, device)
+    finally:
+        activations.remove()
+        peft_model.unload()
+    batched, looped = results["batched"].cpu(), results["loop"].cpu()
+    lengths = [len(e.input_ids) for e in examples]
+    return {
+        "rows": len(examples), "min_tokens": min(lengths), "max_tokens": max(lengths),
+        "padding_share": padding_share(lengths, [range(len(lengths))]),
+        "precision": str(autocast or torch.float32).replace("torch.", ""), "device": device.type,
+        "seconds": seconds,
+        "max_rel_diff": float(((batched - looped).abs() / looped.abs()).max()),
+        "loop_speedup": statistics.median(round_ratios(seconds["loop"], seconds["batched"])),
+        "step_overhead": statistics.median(round_ratios(seconds["batched"], seconds["step"])),
+    }
+
+
+def section_norms(args: argparse.Namespace) -> dict[str, Any]:
+    model, tokenizer, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, score_batch_size=args.batch_size,
+                        max_length=args.max_length)
+    formatter = PromptFormatter(config, tokenizer)
+    pool = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.pool)) if e.ok]
+    result = compare_norm_passes(model, pick_batch(pool, args.batch_size), pad_id_of(tokenizer), config, args.rounds)
+    speed_target = TARGETS["loop_speedup_gpu" if device.type == "cuda" else "loop_speedup_cpu"]
+    say("== 1. per-example norms: one batched pass vs a loop of one-example backward passes ==")
+    say(f"batch: {result['rows']} rows of {result['min_tokens']}-{result['max_tokens']} tokens (a length bucket of "
+        f"{len(pool)} rows; padding {result['padding_share']:.1%}); {result['precision']} on {device.type}")
+    for r in range(args.rounds):
+        say(f"round {r + 1}: " + "  ".join(f"{name} {s[r]:.2f} s" for name, s in result["seconds"].items()))
+    say(f"same norms: max relative difference {result['max_rel_diff']:.1e}")
+    say(f"ratio loop / batched: {result['loop_speedup']:.2f}x  ({verdict(result['loop_speedup'], speed_target, True)})")
+    say("== 2. per-example norms vs a plain batched forward+backward (a training step) ==")
+    say(f"ratio batched / step: {result['step_overhead']:.3f}x  "
+        f"({verdict(result['step_overhead'], TARGETS['step_overhead'], False)})")
+    return result
+
+
+# -- 3: end to end against IFD ---------------------------------------------------------------------
+def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    """`gsnr_scorer` with its defaults vs IFD, both as Data-Juicer ops on one process, bracketed:
+    IFD, G-SNR, IFD, ... ; each G-SNR run is divided by the mean of the IFD runs around it."""
+    from data_juicer.core.data import NestedDataset
+    from data_juicer.ops.filter.instruction_following_difficulty_filter import InstructionFollowingDifficultyFilter
+    from data_juicer.utils.constant import Fields, StatsKeys
+    from datasets import Dataset
+
+    from gradfilter_ops import fields
+    from gradfilter_ops.ops import GSNRScorerOp
+
+    model, tokenizer, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy)
+    formatter = PromptFormatter(config, tokenizer)
+    rows, examples = [], []
+    for row in read_rows(args.data, 10**9):
+        encoded = formatter.encode(row)
+        if encoded.ok and (not args.e2e_max_tokens or len(encoded.input_ids) <= args.e2e_max_tokens):
+            rows.append({**row, "prompt": alpaca_prompt(row)})
+            examples.append(encoded)
+        if len(rows) == args.e2e_rows:
+            break
+
+    def ifd():
+        op = InstructionFollowingDifficultyFilter(hf_model=proxy_folder(args.proxy), query_template="{prompt}",
+                                                  response_template="{output}", min_score=0.0,
+                                                  max_score=float("inf"), num_proc=1)
+        return op.run(NestedDataset(Dataset.from_list(rows)))
+
+    def gsnr():
+        op = GSNRScorerOp(hf_model=args.proxy, use_cache=False, num_proc=1)
+        return op.run(NestedDataset(Dataset.from_list(rows)))
+
+    ifd_s, gsnr_s = [], []
+    for _ in range(args.e2e_rounds):
+        spent, ifd_out = timed(ifd, device)
+        ifd_s.append(spent)
+        spent, gsnr_out = timed(gsnr, device)
+        gsnr_s.append(spent)
+    ifd_s.append(timed(ifd, device)[0])
+    ifd_ok = sum(math.isfinite(s[StatsKeys.ifd_score]) for s in ifd_out[Fields.stats])
+    gsnr_ok = sum(s[fields.STATUS] == fields.OK for s in gsnr_out[Fields.stats])
+    weights = matmul_weights(model)
+    flops = {"gsnr": gsnr_flops(weights, examples, config), "gsnr_executed": executed_flops(weights, examples, config),
+             "ifd": ifd_flops(weights, examples)}
+    ratios = [g / ((a + b) / 2) for g, a, b in zip(gsnr_s, ifd_s, ifd_s[1:])]
+    lengths = [len(e.input_ids) for e in examples]
+    result = {
+        "rows": len(rows), "mean_tokens": statistics.mean(lengths),
+        "mean_response_tokens": statistics.mean(e.num_response for e in examples),
+        "ifd_seconds": ifd_s, "gsnr_seconds": gsnr_s, "ifd_scored": ifd_ok, "gsnr_scored": gsnr_ok,
+        "wall_ratio": statistics.median(ratios), "flops": flops, "flop_ratio": flops["gsnr"] / flops["ifd"],
+        "members": config.num_members, "epochs": config.num_epochs,
+        "train_padding_share": padding_share(lengths, training_batches(lengths, config)),
+        "score_padding_share": padding_share(lengths, scoring_batches(lengths, config)),
+        "gsnr_gflops_per_s": flops["gsnr_executed"] / statistics.mean(gsnr_s) / 1e9,
+        "ifd_gflops_per_s": flops["ifd"] / statistics.mean(ifd_s) / 1e9,
+    }
+    say(f"== 3. end to end: gsnr_scorer (defaults: M={config.num_members}, T={config.num_epochs}, batch "
+        f"{config.train_batch_size}, precision {config.precision}) vs instruction_following_difficulty_filter ==")
+    say(f"rows: {len(rows)} (mean {result['mean_tokens']:.0f} tokens, {result['mean_response_tokens']:.0f} in the "
+        f"response); scored: gsnr {gsnr_ok}, ifd {ifd_ok}; proxy {args.proxy} on {device.type}")
+    in_order = [("ifd", ifd_s[0])] + [pair for g, a in zip(gsnr_s, ifd_s[1:]) for pair in (("gsnr", g), ("ifd", a))]
+    say("seconds, in run order: " + ", ".join(f"{name} {s:.1f}" for name, s in in_order))
+    say(f"FLOPs: gsnr {flops['gsnr'] / 1e12:.2f} T arithmetic, {flops['gsnr_executed'] / 1e12:.2f} T with padding "
+        f"(training batches {result['train_padding_share']:.0%} padding, scoring {result['score_padding_share']:.0%}); "
+        f"ifd {flops['ifd'] / 1e12:.3f} T")
+    say(f"achieved: gsnr {result['gsnr_gflops_per_s']:.1f} GFLOP/s, ifd {result['ifd_gflops_per_s']:.1f} GFLOP/s")
+    say(f"ratio FLOPs gsnr / ifd: {result['flop_ratio']:.1f}x  (the wall ratio at equal FLOP/s)")
+    say(f"ratio wall gsnr / ifd: {result['wall_ratio']:.1f}x  "
+        f"({verdict(result['wall_ratio'], TARGETS['e2e_vs_ifd'], False)})")
+    return result
+
+
+# -- 4: memory -----------------------------------------------------------------------------------------
+def memory_child(args: argparse.Namespace) -> None:
+    """Score `--memory-child` rows (the first `--mem-rows` rows, repeated) with `GSNRScorer`; print the
+    peak RSS after loading the proxy and at the end, as one JSON line."""
+    from datasets import Dataset
+
+    from gradfilter_ops import GSNRScorer
+
+    base = read_rows(args.data, args.mem_rows)
+    rows = [base[i % len(base)] for i in range(args.memory_child)]
+    scorer = GSNRScorer(GSNRConfig(hf_model=args.proxy, num_members=args.mem_members, precision=args.precision,
+                                   device=args.device, max_length=args.max_length, use_cache=False))
+    scorer.encode([])  # loads the proxy
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scored = scorer.score(Dataset.from_list(rows))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": len(scored), "loaded_mib": loaded / 1024, "peak_mib": peak / 1024}))
+
+
+def section_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Two fresh processes at once (each measures only itself): N rows and 4N rows."""
+    def child(rows: int) -> dict[str, Any]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(rows), "--proxy", args.proxy,
+               "--data", str(args.data), "--mem-rows", str(args.mem_rows), "--mem-members", str(args.mem_members),
+               "--precision", args.precision, "--device", args.device, "--max-length", str(args.max_length),
+               "--threads", str(args.threads)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"memory child ({rows} rows) failed:\n{run.stderr[-3000:]}")
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    n = args.mem_rows
+    with ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(child, (n, 4 * n))
+    growth = large["peak_mib"] / small["peak_mib"]
+    say(f"== 4. memory: peak RSS of a fresh process scoring N and 4N rows (GSNRScorer, M={args.mem_members}) ==")
+    for label, r in (("N", small), ("4N", large)):
+        say(f"{label} = {r['rows']} rows: peak {r['peak_mib']:.0f} MiB "
+            f"(after loading the proxy: {r['loaded_mib']:.0f} MiB)")
+    say(f"ratio peak 4N / N: {growth:.3f}x  ({verdict(growth, TARGETS['rss_growth'], False)})")
+    return {"small": small, "large": large, "growth": growth, "members": args.mem_members}
+
+
+# -- online mode prototype -------------------------------------------------------------------------------
+def train_with_online_norms(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig,
+                            pad_id: int) -> tuple[np.ndarray, Any]:
+    """Run the real `train_ensemble` and record, at every step of the snapshot epochs, each row's
+    squared gradient norm at that step's weights: what an online mode would read off the training
+    backward pass. Returns those norms ([members, 2, rows], like `EnsembleScorer.sq_norms`) and the
+    snapshots. Observes the training through its one `response_loss_sums` call per step."""
+    index = {e.input_ids: i for i, e in enumerate(examples)}
+    if len(index) != len(examples):
+        raise ValueError("Rows must be distinct token sequences to be recognised in a training batch.")
+    steps = -(-len(examples) // config.train_batch_size)
+    epochs = (config.early_epoch, config.resolved_late_epoch)
+    norms = np.full((config.num_members, 2, len(examples)), np.nan)
+    device = next(model.parameters()).device
+    calls = itertools.count()
+
+    def observed(peft_model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        member, epoch = divmod(next(calls) // steps, config.num_epochs)
+        if epoch + 1 in epochs:
+            activations = LoraActivations(peft_model)
+            try:
+                values = per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
+                                                   _autocast_dtype(device, config.precision))
+            finally:
+                activations.remove()
+            lengths = batch["attention_mask"].sum(1)
+            rows = [index[tuple(ids[:n].tolist())] for ids, n in zip(batch["input_ids"], lengths)]
+            norms[member, epochs.index(epoch + 1), rows] = values.double().cpu().numpy()
+        return response_loss_sums(peft_model, batch)
+
+    with mock.patch.object(ensemble, "response_loss_sums", observed):
+        snapshots = train_ensemble(model, examples, config, pad_id, progress=False)
+    if next(calls) != config.num_members * config.num_epochs * steps or np.isnan(norms).any():
+        raise RuntimeError("train_ensemble no longer calls response_loss_sums once per step; update the observer.")
+    return norms, snapshots
+
+
+def snapshot_sq_norms(model: torch.nn.Module, examples: Sequence[Encoded], snapshots: Any, config: GSNRConfig,
+                      pad_id: int) -> np.ndarray:
+    """Snapshot mode's squared norms of `examples`: `EnsembleScorer` over the trained snapshots."""
+    scorer = EnsembleScorer(model, snapshots, config, pad_id)
+    try:
+        return scorer.sq_norms(examples, progress=False)
+    finally:
+        scorer.close()
+
+
+def section_online(args: argparse.Namespace) -> dict[str, Any]:
+    """Online vs snapshot mode from one training run; as the yardstick, snapshot mode vs snapshot mode
+    of an ensemble whose members have other seeds (seed + M ... seed + 2M - 1)."""
+    model, tokenizer, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy, num_members=args.online_members, precision=args.precision,
+                        max_length=args.max_length)
+    formatter = PromptFormatter(config, tokenizer)
+    examples = list({e.input_ids: e for e in (formatter.encode(r) for r in read_rows(args.data, args.online_rows))
+                     if e.ok}.values())
+    pad_id = pad_id_of(tokenizer)
+    start = time.perf_counter()
+    online_norms, snapshots = train_with_online_norms(model, examples, config, pad_id)
+    other = replace(config, seed=config.seed + config.num_members)
+    other_snapshots = train_ensemble(model, examples, other, pad_id, progress=False)
+    kw = dict(norm=config.norm, noise=config.noise, eps=config.eps)
+    snap = gsnr_from_sq_norms(snapshot_sq_norms(model, examples, snapshots, config, pad_id), **kw)
+    online = gsnr_from_sq_norms(online_norms, **kw)
+    reseeded = gsnr_from_sq_norms(snapshot_sq_norms(model, examples, other_snapshots, other, pad_id), **kw)
+    result = {
+        "rows": len(examples), "members": config.num_members, "epochs": config.num_epochs,
+        "seconds": time.perf_counter() - start,
+        "spearman_gsnr": spearman(snap.gsnr, online.gsnr), "top10_overlap": top_overlap(snap.gsnr, online.gsnr),
+        "spearman_early": spearman(snap.early, online.early), "spearman_late": spearman(snap.late, online.late),
+        "reseeded_spearman_gsnr": spearman(snap.gsnr, reseeded.gsnr),
+        "reseeded_top10_overlap": top_overlap(snap.gsnr, reseeded.gsnr),
+        "negative_drop_share": {"snapshot": snap.negative_drop_share, "online": online.negative_drop_share},
+    }
+    say("== online mode (prototype): norms from the training steps vs snapshot passes ==")
+    say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, {config.precision}, {args.proxy} on "
+        f"{device.type}, {result['seconds']:.0f} s")
+    say(f"online vs snapshot: Spearman of gsnr {result['spearman_gsnr']:.3f}; top-10% overlap "
+        f"{result['top10_overlap']:.0%}; Spearman of the mean norm: early {result['spearman_early']:.3f}, late "
+        f"{result['spearman_late']:.3f}")
+    say(f"yardstick, snapshot vs snapshot with other seeds: Spearman of gsnr {result['reseeded_spearman_gsnr']:.3f}; "
+        f"top-10% overlap {result['reseeded_top10_overlap']:.0%}")
+    say(f"negative drop share: snapshot {snap.negative_drop_share:.0%}, online {online.negative_drop_share:.0%}")
+    return result
+
+
+# -- command line ---------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--proxy", default="smollm2-135m", help="proxy: preset, local folder or Hub id")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca-style jsonl")
+    parser.add_argument("--sections", default="norms,e2e,memory", help=f"comma-separated, from {','.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help=f"small sizes for a smoke test: {QUICK}")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="for norms, memory and online; e2e runs the op's defaults")
+    parser.add_argument("--max-length", type=int, default=GSNRConfig.max_length,
+                        help="tokens per row, for norms, memory and online; e2e runs the op's defaults")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch-size", type=int, default=16, help="norms: rows in the batch")
+    parser.add_argument("--pool", type=int, default=256, help="norms: rows bucketed by length to pick the batch from")
+    parser.add_argument("--rounds", type=int, default=2, help="norms: interleaved rounds")
+    parser.add_argument("--e2e-rows", type=int, default=16, help="e2e: rows, the first that fit --e2e-max-tokens")
+    parser.add_argument("--e2e-max-tokens", type=int, default=96, help="e2e: skip longer rows (0: none)")
+    parser.add_argument("--e2e-rounds", type=int, default=1, help="e2e: G-SNR runs, each between two IFD runs")
+    parser.add_argument("--mem-rows", type=int, default=16, help="memory: N (>= the batch size of 16, so both fill it)")
+    parser.add_argument("--mem-members", type=int, default=1, help="memory: M (memory does not grow with M)")
+    parser.add_argument("--online-rows", type=int, default=96, help="online: rows")
+    parser.add_argument("--online-members", type=int, default=4, help="online: M")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return {}
+    results: dict[str, Any] = {"machine": machine(), "command": " ".join(["tools/bench_speed.py", *(
+        sys.argv[1:] if argv is None else argv)])}
+    say(f"machine: {results['machine']}")
+    runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online}
+    for name in args.sections.split(","):
+        before = load_avg()
+        start = time.perf_counter()
+        results[name] = runners[name](args)
+        results[name]["load_avg"] = [before, load_avg()]
+        say(f"({name}: {time.perf_counter() - start:.0f} s wall; load average before {before}, after {load_avg()})")
+        say()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

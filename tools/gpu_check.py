@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""GPU check of G-SNR scoring at Alpaca scale (GitHub issue 3): one command on one GPU.
+
+    python tools/gpu_check.py --out gpu_check.json                        # one H200: target < 10 min
+    python tools/gpu_check.py --examples 64 --tiny --out /tmp/check.json  # CPU smoke test, seconds
+
+It runs the scorer's own code on synthetic rows:
+- data: `--examples` token sequences with Alpaca-like lengths (seeded, see `alpaca_like_examples`);
+- proxy: GPT-2 124M's architecture (12 layers, width 768, vocabulary 50257) with random weights,
+  which cost the same as trained ones; `--tiny`: 2 layers of width 32, 1000 tokens, rows cut to 128;
+- settings: the `GSNRConfig` defaults (M = 4 members, T = 2 epochs, batch 16, r = 8, max_length 512),
+  precision `auto` (bf16 autocast on CUDA, fp32 on CPU);
+- phases: `micro` (bench_speed's sections 1 and 2 on one batch: batched norms vs a one-example loop
+  and vs a training step), `train` (`train_ensemble`), `score` (`EnsembleScorer.sq_norms` per 256-row
+  chunk, as the op's map batches, then `gsnr_from_sq_norms`).
+
+It reports the wall time of each phase, examples per second, FLOPs (bench_speed's accounting,
+arithmetic and as executed with padding), the achieved FLOP/s and its share of the GPU's dense bf16
+peak. The JSON at `--out` is rewritten after every phase, so a run cut short says how far it got.
+Needs torch (a CUDA build for the GPU), transformers, peft, numpy, loguru and tqdm; no Data-Juicer,
+no Hub, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+import bench_speed  # noqa: E402  (tools/, next to this file)
+from gradfilter_ops import fields  # noqa: E402
+from gradfilter_ops.config import GSNRConfig  # noqa: E402
+from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble  # noqa: E402
+from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
+from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
+
+ALPACA_ROWS = 52_000
+TARGET_S = 600
+# Dense bf16 peak in TFLOP/s, matched against the device name in this order.
+PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+
+
+def alpaca_like_examples(n: int, vocab_size: int, max_length: int, seed: int) -> list[Encoded]:
+    """Random token ids shaped like Alpaca rows in GPT-2 tokens: the prompt template (40 tokens, 10
+    more with an input block), an instruction (log-normal, median 13), an input for 40 % of the rows
+    (median 20), a response (log-normal, median 45, a long tail) and EOS; cut to `max_length` as the
+    core cuts (`prompts.truncate`). Mean about 140 tokens, as Alpaca with its template."""
+    rng = np.random.default_rng(seed)
+    instruction = np.rint(rng.lognormal(np.log(13), 0.5, n))
+    context = np.where(rng.random(n) < 0.4, 10 + np.rint(rng.lognormal(np.log(20), 0.9, n)), 0)
+    prompts = (40 + instruction + context).astype(int)
+    responses = (1 + np.rint(rng.lognormal(np.log(45), 0.9, n))).astype(int)
+    examples = []
+    for p, r in zip(prompts, responses):
+        ids = rng.integers(0, vocab_size, p + r).tolist()
+        prompt, response, truncated = truncate(ids[:p], ids[p:], max_length)
+        examples.append(Encoded(fields.OK, tuple(prompt + response), len(prompt), truncated))
+    return examples
+
+
+def random_proxy(tiny: bool) -> torch.nn.Module:
+    """GPT-2 124M (transformers' `GPT2Config()` defaults) or a tiny one, randomly initialised, frozen."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tiny_config = dict(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=1000, bos_token_id=999,
+                       eos_token_id=999)
+    config = GPT2Config(**tiny_config) if tiny else GPT2Config()
+    model = GPT2LMHeadModel(config).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def dump(result: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON result, rewritten after every phase")
+    parser.add_argument("--examples", type=int, default=ALPACA_ROWS, help="synthetic rows")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer proxy of width 32 instead of GPT-2 124M")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--micro-rounds", type=int, default=3, help="interleaved rounds of the micro benchmark")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    started = time.perf_counter()
+    result: dict[str, Any] = {"status": "running", "command": " ".join(["tools/gpu_check.py", *(
+        sys.argv[1:] if argv is None else argv)]), "machine": bench_speed.machine(), "phases": {}}
+
+    def phase(name: str, values: dict[str, Any]) -> None:
+        result["phases"][name] = values
+        result["elapsed_s"] = time.perf_counter() - started
+        dump(result, args.out)
+        print(f"gpu_check: {name}: {json.dumps(values)}", file=sys.stderr, flush=True)
+
+    model = random_proxy(args.tiny).to(device)
+    config = GSNRConfig(hf_model="random GPT-2", device=device.type)
+    pad_id = model.config.eos_token_id
+    examples = alpaca_like_examples(args.examples, model.config.vocab_size,
+                                    min(config.max_length, model.config.n_positions), args.seed)
+    lengths = np.array([len(e.input_ids) for e in examples])
+    weights = bench_speed.matmul_weights(model)
+    result.update(examples=len(examples), tiny=args.tiny, members=config.num_members, epochs=config.num_epochs,
+                  weights={"decoder": weights[0], "lm_head": weights[1]},
+                  tokens={"mean": float(lengths.mean()), "median": float(np.median(lengths)),
+                          "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
+                          "response_mean": float(np.mean([e.num_response for e in examples]))})
+
+    batch = bench_speed.pick_batch(examples[:4096], config.score_batch_size)
+    micro = bench_speed.compare_norm_passes(model, batch, pad_id, config, args.micro_rounds)
+    phase("micro", micro)
+
+    train_s, snapshots = bench_speed.timed(lambda: train_ensemble(model, examples, config, pad_id), device)
+    phase("train", {"seconds": train_s,
+                    "row_passes_per_s": len(examples) * config.num_epochs * config.num_members / train_s})
+
+    def score() -> np.ndarray:
+        scorer = EnsembleScorer(model, snapshots, config, pad_id)
+        try:
+            return np.concatenate([scorer.sq_norms(examples[i: i + bench_speed.SCORE_CHUNK], progress=False)
+                                   for i in range(0, len(examples), bench_speed.SCORE_CHUNK)], axis=2)
+        finally:
+            scorer.close()
+
+    score_s, sq_norms = bench_speed.timed(score, device)
+    parts = gsnr_from_sq_norms(sq_norms, norm=config.norm, noise=config.noise, eps=config.eps)
+    phase("score", {"seconds": score_s, "finite_share": float(np.isfinite(parts.gsnr).mean()),
+                    "negative_drop_share": parts.negative_drop_share})
+
+    wall = train_s + score_s
+    flops = {"arithmetic": bench_speed.gsnr_flops(weights, examples, config),
+             "executed": bench_speed.executed_flops(weights, examples, config)}
+    peak = peak_flops(device, args.peak_tflops)
+    result.update(
+        status="done", wall_s=wall, examples_per_s=len(examples) / wall, flops=flops,
+        achieved_flops_per_s=flops["executed"] / wall, useful_flops_per_s=flops["arithmetic"] / wall,
+        padding_share=1 - flops["arithmetic"] / flops["executed"], peak_flops_per_s=peak,
+        share_of_peak=flops["executed"] / wall / peak if peak else None,
+        target_s=TARGET_S, target_met=wall < TARGET_S if len(examples) >= ALPACA_ROWS else None,
+        gpu_peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    )
+    result["elapsed_s"] = time.perf_counter() - started
+    dump(result, args.out)
+    print(json.dumps({k: v for k, v in result.items() if k != "phases"}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
