@@ -178,11 +178,11 @@ def tiny_setup(tiny_gpt2_dir):
     from gradfilter_ops.proxy import load_proxy
 
     config = GSNRConfig(hf_model=str(tiny_gpt2_dir), device="cpu", num_members=2, num_epochs=3, early_epoch=1,
-                        late_epoch=3, train_batch_size=4, score_batch_size=4, max_length=48, learning_rate=1e-3)
+                        late_epoch=3, train_batch_size=3, score_batch_size=6, max_length=40, learning_rate=1e-3)
     model, tokenizer = load_proxy(config.hf_model)
     for p in model.parameters():
         p.requires_grad_(False)
-    encoded = [PromptFormatter(config, tokenizer).encode(r) for r in seed_tasks(8)]
+    encoded = [PromptFormatter(config, tokenizer).encode(r) for r in seed_tasks(6)]
     return config, model, tokenizer.eos_token_id, encoded
 
 
@@ -193,8 +193,8 @@ def test_training_and_norm_parts_match_the_package(tiny_setup):
 
     config, model, pad_id, encoded = tiny_setup
     package = train_ensemble(model, encoded, config, pad_id, progress=False)
-    ours, losses = ev.train_all_epochs(model, encoded, config, pad_id, progress=False)
-    assert ours.epochs == (1, 2, 3) and losses.shape == (2, 3)
+    ours = ev.train_all_epochs(model, encoded, config, pad_id, progress=False)
+    assert ours.epochs == (1, 2, 3) and ours.num_members == 2
     for key, state in package.states.items():
         for name, tensor in state.items():
             assert torch.equal(tensor, ours.states[key][name])
@@ -233,7 +233,7 @@ def test_w_norm_is_the_gradient_of_the_adapted_frozen_weights(tiny_setup):
                 w.requires_grad_(False)
             want = sum(float(g.pow(2).sum()) for g in grads)
             assert float(got["W"][i]) == pytest.approx(want, rel=1e-4)
-            assert float(got["loss"][i]) == pytest.approx(float(sums / counts), rel=1e-5)
+            assert float(got["loss"][i]) == pytest.approx(float((sums / counts).detach()), rel=1e-5)
     finally:
         peft_model.unload()
 
@@ -244,8 +244,8 @@ def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "eval"
     argv = ["--data", str(DEMO_DATA), "--rows-per-file", "20", "--corrupt-fraction", "0.3", "--seed", "1",
             "--hf-model", str(tiny_gpt2_dir), "--set", "num_members=2", "--set", "num_epochs=2",
-            "--set", "max_length=48", "--set", "train_batch_size=8", "--set", "score_batch_size=10",
-            "--set", "device=cpu", "--out", str(out), "--bootstrap", "20", "--quiet"]
+            "--set", "max_length=40", "--set", "train_batch_size=10", "--set", "score_batch_size=20",
+            "--set", "device=cpu", "--out", str(out), "--bootstrap", "10", "--quiet"]
     summary = ev.run(argv)
     assert summary["rows"] == 20 and summary["corrupted"] == 6
     names = set(summary["signals"])

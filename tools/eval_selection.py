@@ -300,8 +300,12 @@ def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], readi
         score = (ls - lt) / (ls + reading.eps)
     else:
         raise ValueError(f"Unknown signal {reading.signal!r}.")
+    negative = parts.negative_drop_share
+    if reading.signal == "loss_drop":  # here the drop is the loss's: the share of rows whose loss rose
+        finite = np.isfinite(score)
+        negative = float((score[finite] < 0).mean()) if finite.any() else 0.0
     return {"score": score, "early": parts.early, "late": parts.late, "drop": parts.drop,
-            "noise": parts.noise, "gsnr": parts.gsnr, "negative_drop_share": parts.negative_drop_share}
+            "noise": parts.noise, "gsnr": parts.gsnr, "negative_drop_share": negative}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,62 +313,27 @@ def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], readi
 # ------------------------------------------------------------------------------------------------
 
 def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True):
-    """`gradfilter_ops.ensemble.train_ensemble`, step for step, but keeping every epoch's adapters.
+    """The package's own ensemble training (`gradfilter_ops.ensemble`), keeping every epoch's adapters.
 
-    Returns `Snapshots` whose `epochs` are 1..num_epochs. The test suite checks that the early and the
-    late adapters equal those of `train_ensemble` with the same config.
+    `train_ensemble` keeps only the early and the late epoch; here each member is trained by the same
+    per-member routine with every epoch asked for, so any snapshot pair can be read off one run. The
+    test suite checks that the early and late adapters equal those of `train_ensemble`. Returns
+    `Snapshots` whose `epochs` are 1..num_epochs.
     """
-    import torch
-    from peft import get_peft_model, get_peft_model_state_dict
     from tqdm.auto import tqdm
 
-    from gradfilter_ops.ensemble import Snapshots, _autocast_dtype, lora_config
-    from gradfilter_ops.grads import collate, response_loss_sums
+    from gradfilter_ops.ensemble import Snapshots, _train_member, lora_config
 
-    device = next(model.parameters()).device
-    autocast_dtype = _autocast_dtype(device, config.precision)
     lora = lora_config(config, model)
+    epochs = tuple(range(1, config.num_epochs + 1))
     steps_per_epoch = -(-len(examples) // config.train_batch_size)
     bar = tqdm(total=config.num_members * config.num_epochs * steps_per_epoch, desc="eval: training LoRA ensemble",
                disable=not progress, unit="step", mininterval=30)
     states = {}
-    train_losses = np.zeros((config.num_members, config.num_epochs))
-    peft_model = None
     for member in range(config.num_members):
-        name = f"train{member}"
-        torch.manual_seed(config.seed + member)
-        if peft_model is None:
-            peft_model = get_peft_model(model, lora, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, lora)
-        peft_model.set_adapter(name)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        order_rng = torch.Generator().manual_seed(config.seed + member)
-        peft_model.train()
-        for epoch in range(1, config.num_epochs + 1):
-            order = torch.randperm(len(examples), generator=order_rng).tolist()
-            total = 0.0
-            for start in range(0, len(order), config.train_batch_size):
-                batch = collate([examples[i] for i in order[start: start + config.train_batch_size]], pad_id, device)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):
-                    sums, counts = response_loss_sums(peft_model, batch)
-                loss = sums.sum() / counts.sum().clamp_min(1)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.item()
-                bar.update()
-            train_losses[member, epoch - 1] = total / steps_per_epoch
-            state = get_peft_model_state_dict(peft_model, adapter_name=name)
-            states[(member, epoch)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        if member + 1 < config.num_members:
-            peft_model.delete_adapter(name)
+        states.update(_train_member(model, lora, examples, config, pad_id, member, epochs, bar))
     bar.close()
-    peft_model.unload()
-    model.eval()
-    return Snapshots(epochs=tuple(range(1, config.num_epochs + 1)), states=states, lora=lora.to_dict()), train_losses
+    return Snapshots(epochs=epochs, states=states, lora=lora.to_dict())
 
 
 def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: float = 1.0) -> dict[str, "torch.Tensor"]:
@@ -521,6 +490,21 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def parse_reading(text: Optional[str]) -> dict[str, Any]:
+    """`params=W,early=1,late=2` -> changes to the config's own reading (see `Reading`)."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in Reading.__dataclass_fields__:
+            raise ValueError(f"--main-reading: unknown field {key!r}; known: {list(Reading.__dataclass_fields__)}.")
+        kind = type(getattr(Reading(), key))
+        out[key] = kind(value.strip())
+    return out
+
+
 def build_config(hf_model: Optional[str], overrides: Mapping[str, Any]):
     from gradfilter_ops import GSNRConfig
 
@@ -531,8 +515,41 @@ def build_config(hf_model: Optional[str], overrides: Mapping[str, Any]):
     return GSNRConfig.from_dict(values)
 
 
+IGNORED_KEYS = ("cache_dir", "use_cache", "device", "score_batch_size")
+
+
+def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Same rows, same IFD choice and the same value for every config field both runs know (fields
+    added to GSNRConfig later, and those that only change speed, are ignored)."""
+    if old["rows"] != new["rows"] or old.get("skip_ifd") != new.get("skip_ifd"):
+        return False
+    shared = (set(old["config"]) & set(new["config"])) - set(IGNORED_KEYS)
+    return all(old["config"][k] == new["config"][k] for k in shared)
+
+
+BASELINE_KEYS = ("hf_model", "max_length", "precision", "format", "instruction_field", "input_field",
+                 "output_field", "messages_field", "prompt_template", "response_field")
+
+
+def _baselines_from(folder: Optional[str], key: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Perplexity and IFD of an earlier run on the same rows with the same proxy, or nothing."""
+    if not folder:
+        return {}
+    meta_path, cache = Path(folder) / "meta.json", Path(folder) / "norms.npz"
+    if not (meta_path.exists() and cache.exists()):
+        print(f"eval: --baselines-from {folder}: no earlier run there", file=sys.stderr)
+        return {}
+    old = json.loads(meta_path.read_text())["key"]
+    same = old["rows"] == key["rows"] and all(old["config"].get(k) == key["config"].get(k) for k in BASELINE_KEYS)
+    if not same:
+        print(f"eval: --baselines-from {folder} ignored: other rows or another proxy setup", file=sys.stderr)
+        return {}
+    data = np.load(cache)
+    return {k: data[k] for k in ("proxy_loss", "ifd") if k in data.files}
+
+
 def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool, progress: bool,
-            timings: dict[str, float]) -> dict[str, Any]:
+            timings: dict[str, float], baselines_from: Optional[str] = None) -> dict[str, Any]:
     """Every raw quantity the report needs; cached in `norms.npz` (+ `meta.json`) for `--reuse`."""
     import torch
 
@@ -544,7 +561,7 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
                                                 for r in rows], "skip_ifd": skip_ifd}
     if reuse and cache.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["key"] == json.loads(json.dumps(key)):
+        if _same_run(meta["key"], json.loads(json.dumps(key))):
             data = dict(np.load(cache))
             timings.update(meta.get("timings", {}))
             return {**{k: data[k] for k in data}, "epochs": tuple(meta["epochs"])}
@@ -570,11 +587,14 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
     }
     timings["load and encode"] = time.time() - start
 
-    start = time.time()
-    result["proxy_loss"] = proxy_losses(model, encoded, pad_id, config.score_batch_size, config.precision)
-    timings["proxy perplexity"] = time.time() - start
+    earlier = _baselines_from(baselines_from, json.loads(json.dumps(key)))
+    result.update({k: v for k, v in earlier.items() if k != "ifd" or not skip_ifd})
+    if "proxy_loss" not in result:
+        start = time.time()
+        result["proxy_loss"] = proxy_losses(model, encoded, pad_id, config.score_batch_size, config.precision)
+        timings["proxy perplexity"] = time.time() - start
 
-    if not skip_ifd:
+    if not skip_ifd and "ifd" not in result:
         start = time.time()
         folder = proxy_folder(config.hf_model, config.cache_dir)
         if folder is None:
@@ -586,8 +606,7 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
         timings["IFD (Data-Juicer)"] = time.time() - start
 
     start = time.time()
-    snapshots, train_losses = train_all_epochs(model, encoded, config, pad_id, progress)
-    result["train_loss"] = train_losses
+    snapshots = train_all_epochs(model, encoded, config, pad_id, progress)
     timings["train ensemble"] = time.time() - start
     start = time.time()
     norms = snapshot_norms(model, snapshots, config, encoded, pad_id, progress)
@@ -831,15 +850,18 @@ def plot(path: Path, signals: Sequence[Signal], kinds: Sequence[str], result: Ma
 
     g = reading_scores(norms_of(result), result["epochs"], reading)
     ax = axes[1]
-    values = np.asarray(g["score"], dtype=float)
-    finite = np.isfinite(values)
-    lo, hi = np.quantile(values[finite], [0.01, 0.99]) if finite.any() else (0, 1)
-    bins = np.linspace(lo, hi, 40)
+    raw = np.asarray(g["score"], dtype=float)
+    finite = np.isfinite(raw)
+    scale = float(np.median(np.abs(raw[finite]))) if finite.any() else 1.0
+    scale = scale if scale > 0 else 1.0
+    values = np.sign(raw) * np.log10(1 + np.abs(raw) / scale)  # heavy tails on both sides: a signed log
+    lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 1.0)
+    bins = np.linspace(lo, hi + 1e-9, 40)
     for kind in [CLEAN] + sorted(set(kinds) - {CLEAN}):
         m = np.array([k == kind for k in kinds]) & finite
         ax.hist(np.clip(values[m], lo, hi), bins=bins, histtype="step" if kind != CLEAN else "stepfilled",
                 alpha=0.35 if kind == CLEAN else 1.0, density=True, label=f"{kind} ({m.sum()})", lw=1.4)
-    ax.set_xlabel("G-SNR (clipped to its 1-99 % range)")
+    ax.set_xlabel(f"sign(G-SNR) * log10(1 + |G-SNR| / {scale:.3g})   (higher = kept first)")
     ax.set_title("G-SNR of clean and corrupted rows")
     ax.legend(fontsize=7)
 
@@ -863,8 +885,34 @@ def plot(path: Path, signals: Sequence[Signal], kinds: Sequence[str], result: Ma
     return True
 
 
+def compare_runs(folders: Sequence[str], readings: Sequence[str]) -> str:
+    """One markdown table of chosen readings (`readings.csv` labels, or `*` for the config's own G-SNR)
+    across earlier runs: how the training configuration changes the drop and the separation."""
+    lines = ["| run | training | reading | AUROC | corrupted in top 10 % | corrupted in top 30 % | "
+             "rows with negative drop |", "|---|---|---|---|---|---|---|"]
+    for folder in folders:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        cfg = meta["key"]["config"]
+        training = (f"lr {cfg['learning_rate']:g}, batch {cfg['train_batch_size']}, {cfg['lora_init']}, "
+                    f"T={cfg['num_epochs']}, M={cfg['num_members']}")
+        with open(Path(folder) / "readings.csv") as f:
+            table = list(csv.DictReader(f))
+        for row in table:
+            reading = Reading(params=row["params"], early=int(row["early"]), late=int(row["late"]),
+                              members=int(row["members"]), norm=row["norm"], noise=row["noise"],
+                              eps=float(row["eps"]), signal=row["signal"])
+            if reading.label() in readings:
+                lines.append(f"| {Path(folder).name} | {training} | {reading.label()} | {float(row['auroc']):.3f} | "
+                             f"{_pct(float(row['top10']))} | {_pct(float(row['top30']))} | "
+                             f"{_pct(float(row['negative_drop_share']))} |")
+    return "\n".join(lines)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.compare:
+        print(compare_runs(args.compare, args.reading or []))
+        return {}
     if args.build_chatterbot:
         n = build_chatterbot(args.build_chatterbot, args.build_out)
         print(f"wrote {n} rows to {args.build_out}")
@@ -882,9 +930,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     kinds = [r["eval_corruption"] for r in rows]
     timings: dict[str, float] = {}
     started = time.time()
-    result = compute(rows, config, out_dir, args.skip_ifd, args.reuse, not args.quiet, timings)
+    result = compute(rows, config, out_dir, args.skip_ifd, args.reuse, not args.quiet, timings, args.baselines_from)
 
-    base = config_reading(config)
+    base = config_reading(config, **parse_reading(args.main_reading))
     signals = signals_for(result, config, args.seed, base)
     rng = np.random.default_rng(args.seed)
     evals = [evaluate_signal(s, kinds, rng, args.bootstrap) for s in signals]
@@ -919,7 +967,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "signals": {s.name: {k: v for k, v in ev.items() if k not in ("want10", "want30")}
                     for s, ev in zip(signals, evals)},
         "negative_drop_share": signals[0].negative_drop_share,
-        "train_loss": np.asarray(result["train_loss"]).tolist(),
+        "snapshot_loss": norms_of(result)["loss"].mean(axis=(0, 2)).tolist(),
         "timings": timings, "total_s": time.time() - started,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -936,7 +984,7 @@ def _quote(arg: str) -> str:
 def render_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, timings, fraction,
                   plotted) -> str:
     counts = {k: sum(x == k for x in kinds) for k in [CLEAN] + sorted(set(kinds) - {CLEAN})}
-    train_loss = np.asarray(result["train_loss"])
+    snap_loss = norms_of(result)["loss"]  # [members, epochs, N]
     lines = [
         "# Selection evaluation",
         "",
@@ -948,8 +996,9 @@ def render_report(command, config, rows, kinds, signals, evals, result, base, gr
         f"; {int(np.asarray(result['truncated']).sum())} cut to max_length={config.max_length}. "
         f"Proxy `{config.hf_model}`; G-SNR reading `{base.label()}`.",
         "",
-        "Mean training loss per epoch (averaged over members): "
-        + ", ".join(f"epoch {e + 1}: {train_loss[:, e].mean():.3f}" for e in range(train_loss.shape[1])) + ".",
+        f"Mean response loss per row: bare proxy {np.mean(result['proxy_loss']):.3f}; after "
+        + ", ".join(f"epoch {e}: {snap_loss[:, i].mean():.3f}" for i, e in enumerate(result["epochs"]))
+        + " (mean over members).",
         "",
         "Run time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".",
         "",
@@ -1015,8 +1064,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--out", default="eval_out", help="output folder")
     p.add_argument("--skip-ifd", action="store_true", help="leave out the Data-Juicer IFD baseline")
     p.add_argument("--reuse", action="store_true", help="reuse norms.npz of an earlier run with the same rows and config")
+    p.add_argument("--baselines-from", metavar="DIR",
+                   help="take perplexity and IFD from an earlier run's folder (same rows and proxy setup)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the AUROC interval (0: none)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--main-reading", metavar="K=V,...",
+                   help="score the main table's G-SNR (and ablations) with another reading of the same run, "
+                        "e.g. params=W,early=1,late=2 (fields of Reading)")
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="print chosen readings of earlier runs side by side")
+    p.add_argument("--reading", action="append", help="with --compare: a reading label as in readings.csv; repeat")
     p.add_argument("--build-chatterbot", metavar="FOLDER", help=argparse.SUPPRESS)
     p.add_argument("--build-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
