@@ -559,11 +559,7 @@ def plot_early_late(records: Sequence[dict], path: Path, dpi: int = 80) -> None:
     if not points:
         _no_data(ax, "no positive early and late norms")
     else:
-        for kept, label, color in ((False, "dropped", DROPPED_COLOR), (True, "kept", KEPT_COLOR)):
-            xs = [p[0] for p in points if p[2] == kept]
-            ys = [p[1] for p in points if p[2] == kept]
-            if xs:
-                ax.scatter(xs, ys, s=12, alpha=0.7, color=color, label=f"{label} ({len(xs)})", edgecolors="none")
+        _scatter_kept_dropped(ax, points)
         lo = min(min(p[0], p[1]) for p in points)
         hi = max(max(p[0], p[1]) for p in points)
         if lo == hi:
@@ -579,6 +575,15 @@ def plot_early_late(records: Sequence[dict], path: Path, dpi: int = 80) -> None:
     _save(fig, path, dpi)
 
 
+def _scatter_kept_dropped(ax, points: Sequence[tuple]) -> None:
+    """Scatter (x, y, kept) points, dropped first so the kept ones stay visible on top."""
+    for kept, label, color in ((False, "dropped", DROPPED_COLOR), (True, "kept", KEPT_COLOR)):
+        xs = [p[0] for p in points if p[2] == kept]
+        ys = [p[1] for p in points if p[2] == kept]
+        if xs:
+            ax.scatter(xs, ys, s=12, alpha=0.7, color=color, label=f"{label} ({len(xs)})", edgecolors="none")
+
+
 def plot_length(records: Sequence[dict], cutoff: Optional[float], path: Path, dpi: int = 80) -> None:
     fig = _figure()
     ax = fig.add_subplot()
@@ -587,11 +592,7 @@ def plot_length(records: Sequence[dict], cutoff: Optional[float], path: Path, dp
     if not points:
         _no_data(ax, f"no rows with both {fields.GSNR} and {fields.NUM_TOKENS}")
     else:
-        for kept, label, color in ((False, "dropped", DROPPED_COLOR), (True, "kept", KEPT_COLOR)):
-            xs = [p[0] for p in points if p[2] == kept]
-            ys = [p[1] for p in points if p[2] == kept]
-            if xs:
-                ax.scatter(xs, ys, s=12, alpha=0.7, color=color, label=f"{label} ({len(xs)})", edgecolors="none")
+        _scatter_kept_dropped(ax, points)
         lengths = [p[0] for p in points if p[0] > 0]
         if lengths and min(lengths) > 0 and max(lengths) / min(lengths) >= 100 and len(lengths) == len(points):
             ax.set_xscale("log")
