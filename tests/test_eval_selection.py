@@ -263,3 +263,29 @@ def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
     # --reuse re-analyses the saved norms without training again
     again = ev.run(argv + ["--reuse"])
     assert again["signals"]["G-SNR"]["auroc"] == summary["signals"]["G-SNR"]["auroc"]
+
+
+def test_paired_difference_and_member_merge(tmp_path):
+    clean = np.array([True, True, False, False, True, False])
+    good, bad = np.array([6, 5, 1, 2, 4, 0.0]), np.array([0, 1, 5, 6, 2, 4.0])
+    point, low, high = ev.paired_auroc_difference(good, bad, clean, np.random.default_rng(0), rounds=200)
+    assert point == ev.auroc(good, clean) - ev.auroc(bad, clean) == 1.0 and low <= point <= high
+
+    def fake_run(folder, seed, members, fill):
+        folder.mkdir()
+        config = {"seed": seed, "num_members": members, "lr": 1, "cache_dir": str(folder)}
+        (folder / "meta.json").write_text(json.dumps({"key": {"config": config, "rows": [[0, "clean", "x"]]},
+                                                      "epochs": [1, 2], "timings": {"train ensemble": 1.0}}))
+        norms = {f"norm_{k}": np.full((members, 2, 1), fill) for k in ("A", "B", "W", "loss")}
+        np.savez(folder / "norms.npz", proxy_loss=np.array([fill]), **norms)
+
+    fake_run(tmp_path / "a", 42, 4, 1.0)
+    fake_run(tmp_path / "b", 46, 4, 2.0)
+    fake_run(tmp_path / "c", 47, 4, 3.0)
+    assert ev.merge_members(str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m")) == 8
+    merged = np.load(tmp_path / "m" / "norms.npz")
+    assert merged["norm_A"].shape == (8, 2, 1) and merged["norm_W"][:4].max() == 1 and merged["norm_W"][4:].min() == 2
+    assert merged["proxy_loss"][0] == 1.0
+    assert json.loads((tmp_path / "m" / "meta.json").read_text())["key"]["config"]["num_members"] == 8
+    with pytest.raises(ValueError, match="seed 46"):
+        ev.merge_members(str(tmp_path / "a"), str(tmp_path / "c"), str(tmp_path / "n"))

@@ -213,6 +213,22 @@ def bootstrap_auroc(scores: Sequence[float], positive: Sequence[bool], rng: np.r
     return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
 
 
+def paired_auroc_difference(first: Sequence[float], second: Sequence[float], positive: Sequence[bool],
+                            rng: np.random.Generator, rounds: int = 1000) -> tuple[float, float, float]:
+    """AUROC(first) - AUROC(second) on the same rows, with a paired bootstrap 95 % interval."""
+    a, b, pos = _clean_scores(first), _clean_scores(second), np.asarray(positive, dtype=bool)
+    diffs = []
+    for _ in range(rounds):
+        idx = rng.integers(0, len(a), len(a))
+        d = auroc(a[idx], pos[idx]) - auroc(b[idx], pos[idx])
+        if math.isfinite(d):
+            diffs.append(d)
+    point = auroc(a, pos) - auroc(b, pos)
+    if not diffs:
+        return point, float("nan"), float("nan")
+    return point, float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+
+
 def kept_indices(scores: Sequence[float], ratio: float, drop_non_finite: bool = False) -> np.ndarray:
     """The floor(ratio * N) (at least 1) rows with the highest scores, ties by row order.
 
@@ -336,7 +352,7 @@ def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True
     return Snapshots(epochs=epochs, states=states, lora=lora.to_dict())
 
 
-def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: float = 1.0) -> dict[str, "torch.Tensor"]:
+def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: float = 1.0) -> dict:
     """Per-example squared gradient norms w.r.t. all LoRA `A`s, all `B`s, and the adapted weights W.
 
     `A` + `B` is `grad_params: AB` and `B` is `grad_params: B` of `per_example_grad_sq_norms` (the
@@ -677,7 +693,9 @@ def signals_for(result: Mapping[str, Any], config, seed: int, reading: Optional[
 
 
 def evaluate_signal(signal: Signal, kinds: Sequence[str], rng: Optional[np.random.Generator],
-                    bootstrap: int = 1000) -> dict[str, Any]:
+                    bootstrap: int = 1000, reference: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """AUROC (+ bootstrap interval, + paired difference to `reference`, the G-SNR score), top-k
+    contamination, and the per-kind views."""
     clean = np.array([k == CLEAN for k in kinds])
     row = {
         "auroc": auroc(signal.score, clean),
@@ -690,6 +708,8 @@ def evaluate_signal(signal: Signal, kinds: Sequence[str], rng: Optional[np.rando
     }
     if rng is not None and bootstrap:
         row["ci"] = bootstrap_auroc(signal.score, clean, rng, bootstrap)
+        if reference is not None and reference is not signal.score:
+            row["gsnr_minus"] = paired_auroc_difference(reference, signal.score, clean, rng, bootstrap)
     for kind in sorted(set(kinds) - {CLEAN}):
         mask = np.array([k in (CLEAN, kind) for k in kinds])
         row["per_kind_auroc"][kind] = auroc(np.asarray(signal.score)[mask], clean[mask])
@@ -726,16 +746,19 @@ def _pct(x: Optional[float]) -> str:
 
 
 def main_table(signals: Sequence[Signal], evals: Sequence[Mapping[str, Any]], fraction: float) -> str:
-    lines = ["| signal | AUROC (95 % CI) | corrupted in top 10 % | corrupted in top 30 % | rows with negative drop | how |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| signal | AUROC (95 % CI) | G-SNR's AUROC minus this (paired 95 % CI) | corrupted in top 10 % | "
+             "corrupted in top 30 % | rows with negative drop | how |",
+             "|---|---|---|---|---|---|---|"]
     for sig, ev in zip(signals, evals):
         ci = ev.get("ci")
         auc = _fmt(ev["auroc"]) + (f" ({_fmt(ci[0], 2)}-{_fmt(ci[1], 2)})" if ci else "")
         t10 = _pct(ev["top10"]) + ("" if ev["kept10"] == ev.get("want10", ev["kept10"]) else f" of {ev['kept10']}")
         t30 = _pct(ev["top30"]) + ("" if ev["kept30"] == ev.get("want30", ev["kept30"]) else f" of {ev['kept30']}")
         neg = _pct(sig.negative_drop_share) if sig.negative_drop_share is not None else ""
-        lines.append(f"| {sig.name} | {auc} | {t10} | {t30} | {neg} | {sig.note} |")
-    lines.append(f"| *chance* | 0.500 | {_pct(fraction)} | {_pct(fraction)} | | |")
+        diff = ev.get("gsnr_minus")
+        versus = f"{diff[0]:+.3f} ({diff[1]:+.2f} to {diff[2]:+.2f})" if diff else ""
+        lines.append(f"| {sig.name} | {auc} | {versus} | {t10} | {t30} | {neg} | {sig.note} |")
+    lines.append(f"| *chance* | 0.500 | | {_pct(fraction)} | {_pct(fraction)} | | |")
     return "\n".join(lines)
 
 
@@ -908,8 +931,41 @@ def compare_runs(folders: Sequence[str], readings: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def merge_members(first: str, second: str, out: str) -> int:
+    """Join two runs into one larger ensemble. Member m trains with seed + m and nothing else, so a run
+    with `seed: s + M` holds members M.. of a run with `seed: s`: the norms are simply concatenated.
+    The merged folder then answers `--reuse` for `--set num_members=<M1 + M2>`."""
+    metas = [json.loads((Path(d) / "meta.json").read_text()) for d in (first, second)]
+    a, b = (m["key"]["config"] for m in metas)
+    if metas[0]["key"]["rows"] != metas[1]["key"]["rows"]:
+        raise ValueError("--merge: the runs scored different rows.")
+    if b["seed"] != a["seed"] + a["num_members"]:
+        raise ValueError(f"--merge: the second run must use seed {a['seed'] + a['num_members']} "
+                         f"(first seed + its num_members), got {b['seed']}.")
+    differ = [k for k in (set(a) & set(b)) - set(IGNORED_KEYS) - {"seed", "num_members"} if a[k] != b[k]]
+    if differ:
+        raise ValueError(f"--merge: the runs differ in {sorted(differ)}.")
+    data = [dict(np.load(Path(d) / "norms.npz")) for d in (first, second)]
+    merged = dict(data[0])
+    for key in data[0]:
+        if key.startswith("norm_"):
+            merged[key] = np.concatenate([data[0][key], data[1][key]], axis=0)
+    meta = json.loads(json.dumps(metas[0]))
+    meta["key"]["config"]["num_members"] = a["num_members"] + b["num_members"]
+    meta["timings"] = {k: metas[0]["timings"].get(k, 0) + metas[1]["timings"].get(k, 0)
+                       for k in ("train ensemble", "per-example gradients")}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(Path(out) / "norms.npz", **merged)
+    (Path(out) / "meta.json").write_text(json.dumps(meta))
+    return meta["key"]["config"]["num_members"]
+
+
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        members = merge_members(args.merge[0], args.merge[1], args.out)
+        print(f"wrote a {members}-member run to {args.out}; analyse it with --reuse --set num_members={members}")
+        return {"members": members}
     if args.compare:
         print(compare_runs(args.compare, args.reading or []))
         return {}
@@ -935,7 +991,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     base = config_reading(config, **parse_reading(args.main_reading))
     signals = signals_for(result, config, args.seed, base)
     rng = np.random.default_rng(args.seed)
-    evals = [evaluate_signal(s, kinds, rng, args.bootstrap) for s in signals]
+    evals = [evaluate_signal(s, kinds, rng, args.bootstrap, reference=signals[0].score) for s in signals]
     for ev in evals:
         ev["want10"] = max(1, math.floor(0.10 * len(rows) + 1e-9))
         ev["want30"] = max(1, math.floor(0.30 * len(rows) + 1e-9))
@@ -1056,7 +1112,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", action="append", help="Alpaca-style jsonl; repeat for several files")
     p.add_argument("--rows-per-file", type=int, default=None, help="at most this many rows of each file (seeded)")
-    p.add_argument("--corrupt-fraction", type=float, default=0.3)
+    p.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of rows to corrupt (default 0.3)")
     p.add_argument("--kinds", default=None, help=f"comma-separated corruption kinds (default: all of {','.join(KINDS)})")
     p.add_argument("--seed", type=int, default=0, help="seeds the sample, the corruptions, random and the bootstrap")
     p.add_argument("--hf-model", default=None, help="the proxy (default: the smollm2-135m preset)")
@@ -1067,10 +1123,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--baselines-from", metavar="DIR",
                    help="take perplexity and IFD from an earlier run's folder (same rows and proxy setup)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the AUROC interval (0: none)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table on stdout")
     p.add_argument("--main-reading", metavar="K=V,...",
                    help="score the main table's G-SNR (and ablations) with another reading of the same run, "
                         "e.g. params=W,early=1,late=2 (fields of Reading)")
+    p.add_argument("--merge", nargs=2, metavar="DIR",
+                   help="join two runs whose seeds follow on (seed, seed + num_members) into one ensemble in --out")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print chosen readings of earlier runs side by side")
     p.add_argument("--reading", action="append", help="with --compare: a reading label as in readings.csv; repeat")
     p.add_argument("--build-chatterbot", metavar="FOLDER", help=argparse.SUPPRESS)
