@@ -45,6 +45,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def atomic_write_json(path: Path, value: Any) -> Path:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str))
+    return path
+
+
 class CacheEntry:
     """One (scorer, training rows) entry of the cache."""
 
@@ -77,6 +82,4 @@ class CacheEntry:
         return all(key in cached for key in keys)
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> Path:
-        path = self.dir / "manifest.json"
-        atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        return path
+        return atomic_write_json(self.dir / "manifest.json", manifest)

@@ -14,7 +14,6 @@ proxy work, and a killed run resumes from its finished members and batches.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from loguru import logger
 
 from . import fields
-from .cache import CacheEntry, atomic_write_text, digest
+from .cache import CacheEntry, atomic_write_json, digest
 from .config import NON_SCORE_OPTIONS, GSNRConfig
 
 NEGATIVE_DROP_WARN_SHARE = 0.5
@@ -215,11 +214,9 @@ class GSNRScorer:
         return records
 
     def _sq_norms(self, examples):
-        from .ensemble import EnsembleScorer
+        from .ensemble import EnsembleScorer, Snapshots
 
         if self.snapshots is None and self.cache is not None:
-            from .ensemble import Snapshots
-
             self.snapshots = Snapshots.load(self.cache.ensemble_dir)
         if self._ensemble is None:
             self._ensemble = EnsembleScorer(self._model, self.snapshots, self.config, self.pad_id)
@@ -282,8 +279,7 @@ class GSNRScorer:
         manifest = self.manifest()
         written = [self.cache.write_manifest(manifest)] if self.cache is not None else []
         if path is not None:
-            atomic_write_text(Path(path), json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            written.append(Path(path))
+            written.append(atomic_write_json(Path(path), manifest))
         return written
 
 
