@@ -83,9 +83,9 @@ class GSNRConfig:
     lora_alpha: float = _help("LoRA alpha (reading).", default=16)
     lora_dropout: float = _help("LoRA dropout during training.", default=0.0)
     lora_init: str = _help(
-        "`zero_b` (peft's default: B = 0, so the adapter starts as a no-op) or `random` (B random too, "
-        "which keeps early gradients with respect to A from vanishing).",
-        default="zero_b",
+        "`random` (A and B both random, so the drop measures learning rather than the adapter's growth "
+        "from B = 0; docs/evaluation.md) or `zero_b` (peft's default: B = 0, the adapter starts as a no-op).",
+        default="random",
     )
     target_modules: Optional[list[str]] = _help(
         "Modules that get adapters; default: peft's attention projections for the architecture.",

@@ -300,6 +300,6 @@ def log_summary(summary: Mapping[str, Any]) -> None:
     if share is not None and share > NEGATIVE_DROP_WARN_SHARE:
         logger.warning(
             f"gsnr: the gradient norm grew from the early to the late epoch for {share:.0%} of rows, so the "
-            "drop mostly measures LoRA growth rather than learning (see docs/method.md). More optimizer "
-            "steps before the early snapshot (more epochs, a higher learning_rate) or grad_params: B may help."
+            "drop mostly measures LoRA growth rather than learning (see docs/method.md). With lora_init: "
+            "zero_b, switch to lora_init: random (the default); more rows per optimizer step also help."
         )

@@ -89,7 +89,7 @@ class GSNRScorerOp(Filter):
         lora_r: int = 8,
         lora_alpha: float = 16,
         lora_dropout: float = 0.0,
-        lora_init: str = "zero_b",
+        lora_init: str = "random",
         target_modules: Optional[list[str]] = None,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
