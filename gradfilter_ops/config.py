@@ -19,6 +19,7 @@ GRAD_PARAMS = ("AB", "B")
 LORA_INITS = ("zero_b", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+SCORE_MODES = ("snapshot", "online")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -96,6 +97,14 @@ class GSNRConfig:
     train_batch_size: int = _help("Examples per optimizer step (reading).", default=16)
 
     # --- gradient pass (phase 2) and G-SNR (phase 3) -------------------------------------------
+    score_mode: str = _help(
+        "`snapshot` (the method: per-example norms from separate passes over the adapters saved after "
+        "the early and the late epoch) or `online` (norms read off the training steps of those two "
+        "epochs, at each step's weights and in training mode, so with the proxy's dropout if it has any: "
+        "M x T passes instead of M x (T + 2); it scores only the rows it trained on; agreement with "
+        "`snapshot` in docs/speed.md).",
+        default="snapshot",
+    )
     score_batch_size: int = _help("Examples per per-example-gradient pass.", default=16)
     grad_params: str = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")
     norm: str = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")
@@ -110,6 +119,7 @@ class GSNRConfig:
         _choice("lora_init", self.lora_init, LORA_INITS)
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("score_mode", self.score_mode, SCORE_MODES)
         for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size",
                      "score_batch_size", "max_length"):
             value = getattr(self, name)

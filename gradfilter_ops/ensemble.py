@@ -3,7 +3,9 @@
 Training produces `Snapshots`: each member's adapter after the early and the late epoch. They are
 plain peft adapters (`adapter_config.json` + `adapter_model.safetensors` per member and epoch), so
 they can be saved, shipped to other workers or machines, and loaded with `PeftModel.from_pretrained`.
-Scoring reads them and never trains.
+Scoring reads them and never trains. With `score_mode: online` the training steps of those two epochs
+also record every training row's squared gradient norm (`Snapshots.online_norms`), and no scoring
+pass is needed for those rows.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -23,11 +26,12 @@ from tqdm.auto import tqdm
 
 from .cache import atomic_write_text
 from .config import GSNRConfig
-from .grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms, response_loss_sums,
-                    shuffled_length_batches)
+from .grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets, per_example_grad_sq_norms,
+                    response_loss_sums, shuffled_length_batches)
 from .prompts import Encoded
 
 MANIFEST = "ensemble.json"
+ONLINE_NORMS = "online_sq_norms.npy"
 
 
 def adapter_name(member: int, epoch: int) -> str:
@@ -57,6 +61,8 @@ class Snapshots:
     epochs: tuple[int, int]
     states: dict[tuple[int, int], dict[str, torch.Tensor]]  # (member, epoch) -> peft state dict
     lora: dict  # LoraConfig as a dict
+    # member -> [2 (early, late), rows]: squared norms read off the training steps (`score_mode: online`)
+    online_norms: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def members(self) -> list[int]:
@@ -65,6 +71,13 @@ class Snapshots:
     @property
     def num_members(self) -> int:
         return len(self.members)
+
+    def online_sq_norms(self) -> np.ndarray:
+        """The training rows' online squared norms, shape [members, 2 (early, late), rows]."""
+        missing = [m for m in self.members if m not in self.online_norms]
+        if missing:
+            raise ValueError(f"Members {missing} were trained without online norms (score_mode: snapshot).")
+        return np.stack([self.online_norms[m] for m in self.members])
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write one peft adapter folder per member and epoch (`member<m>_epoch<e>/`); returns the folder."""
@@ -90,6 +103,8 @@ class Snapshots:
                 folder.mkdir()
                 (folder / "adapter_config.json").write_text(json.dumps(self.lora, indent=2, default=list))
                 save_file(self.states[(member, epoch)], folder / "adapter_model.safetensors")
+                if epoch == self.epochs[-1] and member in self.online_norms:
+                    np.save(folder / ONLINE_NORMS, self.online_norms[member])
             for folder in sorted(staging.iterdir()):
                 target = directory / folder.name
                 if target.exists():
@@ -106,12 +121,15 @@ class Snapshots:
         directory = Path(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
         epochs = tuple(manifest["epochs"])
-        states = {}
+        states, online_norms = {}, {}
         for member in sorted({int(p.name[len("member"):].split("_")[0]) for p in directory.glob("member*_epoch*")}):
             files = [directory / adapter_name(member, epoch) / "adapter_model.safetensors" for epoch in epochs]
             if all(f.exists() for f in files):
                 states.update({(member, epoch): load_file(f) for epoch, f in zip(epochs, files)})
-        return cls(epochs=epochs, states=states, lora=manifest["lora"])
+                norms = directory / adapter_name(member, epochs[-1]) / ONLINE_NORMS
+                if norms.exists():
+                    online_norms[member] = np.load(norms)
+        return cls(epochs=epochs, states=states, lora=manifest["lora"], online_norms=online_norms)
 
 
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -128,27 +146,44 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
     Member m seeds its adapter init and its data order with `config.seed + m`, so members are
     independent: those already in `done` (from an interrupted run) are not trained again, and the
     result is the same. `on_member(snapshots, m)` is called as each member finishes (to persist it).
-    The loss is the token-level mean cross-entropy over the batch's response tokens.
+    The loss is the token-level mean cross-entropy over the batch's response tokens. With
+    `score_mode: online`, each member also records every row's squared gradient norm during the
+    early and the late epoch (`Snapshots.online_norms`, rows in the order of `examples`).
     """
     if not examples:
         raise ValueError("Cannot train the ensemble on zero scoreable examples.")
+    online = config.score_mode == "online"
     lora = lora_config(config, model)
     snapshots = Snapshots(epochs=(config.early_epoch, config.resolved_late_epoch), states={}, lora=lora.to_dict())
     if done is not None:
-        snapshots.states.update({key: state for key, state in done.states.items() if key[0] < config.num_members})
+        reusable = [m for m in done.members if m < config.num_members and (not online or m in done.online_norms)]
+        snapshots.states.update({key: state for key, state in done.states.items() if key[0] in reusable})
+        snapshots.online_norms.update({m: done.online_norms[m] for m in reusable if m in done.online_norms})
     todo = [m for m in range(config.num_members) if m not in snapshots.members]
     steps_per_epoch = -(-len(examples) // config.train_batch_size)
     bar = tqdm(total=len(todo) * config.num_epochs * steps_per_epoch, desc="gsnr: training LoRA ensemble",
                disable=not progress, unit="step")
     for member in todo:
-        snapshots.states.update(_train_member(model, lora, examples, config, pad_id, member, snapshots.epochs, bar))
+        norms = np.full((2, len(examples)), np.nan) if online else None
+        snapshots.states.update(_train_member(model, lora, examples, config, pad_id, member, snapshots.epochs, bar,
+                                              online_norms=norms))
+        if online:
+            if np.isnan(norms).any():
+                raise RuntimeError(f"Member {member} left rows without an online norm; every epoch must see every row.")
+            snapshots.online_norms[member] = norms
         if on_member is not None:
             on_member(snapshots, member)
     bar.close()
     return snapshots
 
 
-def _train_member(model, lora, examples, config, pad_id, member, epochs, bar) -> dict:
+def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
+                  online_norms: Optional[np.ndarray] = None) -> dict:
+    """Train one member; returns its adapter state after each epoch in `epochs`.
+
+    With `online_norms` ([len(epochs), rows]), the steps of those epochs also write each row's
+    squared gradient norm (over `config.grad_params`) at that step's weights into it.
+    """
     from peft import get_peft_model, get_peft_model_state_dict
 
     device = next(model.parameters()).device
@@ -160,22 +195,35 @@ def _train_member(model, lora, examples, config, pad_id, member, epochs, bar) ->
     order_rng = torch.Generator().manual_seed(config.seed + member)
     states = {}
     peft_model.train()
+    activations = LoraActivations(peft_model) if online_norms is not None else None
+    recorded = torch.full((len(epochs), len(examples)), float("nan"), device=device) if online_norms is not None else None
     lengths = [len(e.input_ids) for e in examples]
     for epoch in range(1, config.num_epochs + 1):
+        record = activations is not None and epoch in epochs
+        epoch_loss, steps = torch.zeros((), device=device), 0
         for indices in shuffled_length_batches(lengths, config.train_batch_size, order_rng):
             batch = collate([examples[i] for i in indices], pad_id, device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with (activations.recording() if record else nullcontext()), \
+                    torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                 sums, counts = response_loss_sums(peft_model, batch)
             loss = sums.sum() / counts.sum().clamp_min(1)
-            loss.backward()
+            if record:
+                norms = backward_with_sq_norms(loss, counts, activations, params, config.grad_params)
+                recorded[epochs.index(epoch), torch.tensor(indices, device=device)] = norms
+            else:
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            epoch_loss, steps = epoch_loss + loss.detach(), steps + 1  # read once per epoch: no host sync per step
             bar.update()
-            bar.set_postfix(member=member, epoch=epoch, loss=f"{loss.item():.3f}")
+        bar.set_postfix(member=member, epoch=epoch, loss=f"{epoch_loss.item() / steps:.3f}")
         if epoch in epochs:
             state = get_peft_model_state_dict(peft_model, adapter_name="member")
             states[(member, epoch)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-    # Give the proxy back as it came: no adapter, eval mode.
+    # Give the proxy back as it came: no hooks, no adapter, eval mode.
+    if activations is not None:
+        activations.remove()
+        online_norms[...] = recorded.double().cpu().numpy()
     peft_model.unload()
     model.eval()
     return states
@@ -219,11 +267,14 @@ class EnsembleScorer:
         """Norms of one length bucket under every snapshot; halves the bucket when the GPU runs out of memory."""
         try:
             batch = collate([examples[i] for i in indices], self.pad_id, self.device)
-            for (member, epoch), name in self.names.items():
+            norms = {}
+            for key, name in self.names.items():
                 self.model.set_adapter(name)
-                norms = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
-                                                  _autocast_dtype(self.device, self.config.precision))
-                out[member, self.snapshots.epochs.index(epoch), indices] = norms.double().cpu().numpy()
+                norms[key] = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
+                                                       _autocast_dtype(self.device, self.config.precision))
+            # One copy to the host per bucket, not per pass, so the device never waits for the host.
+            for (member, epoch), values in zip(norms, torch.stack(list(norms.values())).double().cpu().numpy()):
+                out[member, self.snapshots.epochs.index(epoch), indices] = values
         except torch.cuda.OutOfMemoryError:
             if len(indices) == 1:
                 raise

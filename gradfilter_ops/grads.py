@@ -120,11 +120,39 @@ def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivatio
                                                  enabled=autocast_dtype is not None):
         sums, counts = response_loss_sums(model, batch)
         losses = sums / counts.clamp_min(1)
+    wanted = _wanted(activations, grad_params)
+    output_grads = torch.autograd.grad(losses.sum(), [out for _, out in wanted])
+    return _sq_norms(wanted, output_grads)
+
+
+def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations: LoraActivations,
+                           params: Sequence[torch.Tensor], grad_params: str = "AB") -> torch.Tensor:
+    """The backward pass of a training step that also yields each example's own squared gradient norm.
+
+    `loss` is the batch's token-mean loss `sum_i s_i / C` (s_i: example i's summed response loss,
+    c_i its response tokens, C their total), computed while `activations` recorded. Sets `.grad` of
+    `params` as `loss.backward()` would. The gradient at every LoRA output is, row by row, c_i / C
+    times that of example i's own mean loss s_i / c_i, so each row's squared norm is read off the
+    same backward pass and rescaled by (C / c_i)^2: "online" norms, at the weights of this step.
+    """
+    wanted = _wanted(activations, grad_params)
+    grads = torch.autograd.grad(loss, [*params, *(out for _, out in wanted)])
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    scale = (counts.sum() / counts.clamp_min(1)).float().pow(2)
+    return _sq_norms(wanted, grads[len(params):]) * scale
+
+
+def _wanted(activations: LoraActivations, grad_params: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     wanted = [(inp, out) for kind, inp, out in activations.records if kind in grad_params]
     if not wanted:
         raise RuntimeError("No LoRA layer ran in the forward pass; is an adapter active?")
-    output_grads = torch.autograd.grad(losses.sum(), [out for _, out in wanted])
-    sq_norms = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
+    return wanted
+
+
+def _sq_norms(wanted: Sequence[tuple[torch.Tensor, torch.Tensor]], output_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-example squared norms of `sum_t delta_t h_t^T`, summed over the recorded layers: float32 [B]."""
+    sq_norms = torch.zeros(output_grads[0].shape[0], dtype=torch.float32, device=output_grads[0].device)
     with torch.no_grad():
         for (inp, _), grad in zip(wanted, output_grads):
             per_example = torch.bmm(grad.float().transpose(1, 2), inp.float())  # [B, out, in]
@@ -135,16 +163,16 @@ def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivatio
 def per_example_grad_sq_norms_loop(model: torch.nn.Module, examples: Sequence[Encoded], pad_id: int,
                                    grad_params: str = "AB") -> torch.Tensor:
     """Reference: one backward pass per example, norms read off the parameters' `.grad`."""
-    params = [p for name, p in model.named_parameters()
-              if p.requires_grad and any(f"lora_{k}." in name for k in grad_params)]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for name, p in trainable if any(f"lora_{k}." in name for k in grad_params)]
     device = params[0].device
     result = []
     for example in examples:
-        for p in params:
+        for _, p in trainable:
             p.grad = None
         sums, counts = response_loss_sums(model, collate([example], pad_id, device))
         (sums / counts.clamp_min(1)).sum().backward()
         result.append(sum(p.grad.float().pow(2).sum() for p in params).item())
-    for p in params:
+    for _, p in trainable:
         p.grad = None
     return torch.tensor(result, dtype=torch.float32)

@@ -7,7 +7,8 @@
     kept = scored.select(select_top_k(scored["gsnr"], top_ratio=0.1))
 
 `fit` trains the ensemble over the whole dataset; `score_batch` is the per-example pass that
-`score` runs through `dataset.map(batched=True)` and that the Data-Juicer op calls per batch. With
+`score` runs through `dataset.map(batched=True)` and that the Data-Juicer op calls per batch (with
+`score_mode: online` it looks up the norms that `fit` recorded while training instead). With
 `use_cache` (the default) both go through a `cache.CacheEntry`: a re-run on the same rows does no
 proxy work, and a killed run resumes from its finished members and batches.
 """
@@ -59,6 +60,7 @@ class GSNRScorer:
         self.summary: Optional[dict[str, Any]] = None  # see `summarize`
         self.fingerprint: Optional[str] = None
         self._fitted = False
+        self._online_rows: dict[str, int] = {}  # score_mode online: row key -> column of the online norms
         self._model = self._tokenizer = self._formatter = self._ensemble = None
         self._device = None
 
@@ -139,6 +141,7 @@ class GSNRScorer:
         logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {self.counts}; "
                     f"{sum(e.truncated for _, e in scoreable)} truncated to max_length={self.config.max_length}.")
         self.snapshots, self._fitted = None, True
+        self._online_rows = {key: i for i, key in enumerate(keys)} if self.config.score_mode == "online" else {}
         self.cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, digest(keys))
                       if self.config.use_cache else None)
         if not scoreable:
@@ -184,7 +187,8 @@ class GSNRScorer:
         if self.cache is not None and self.cache.has_all(keys):
             records = [self.cache.scores()[key] for key in keys]
         else:
-            records = self._compute([encoded[i] for i in ok])
+            self._check_online_rows(keys)
+            records = self._compute([encoded[i] for i in ok], keys)
             if self.cache is not None:
                 self.cache.add_scores({k: r for k, r in zip(keys, records) if r[fields.STATUS] == fields.OK})
         for i, record in zip(ok, records):
@@ -192,8 +196,18 @@ class GSNRScorer:
                 out[name][i] = value
         return out
 
-    def _compute(self, examples) -> list[dict[str, Any]]:
+    def _check_online_rows(self, keys: Sequence[str]) -> None:
+        if self.config.score_mode != "online":
+            return
+        unseen = sum(key not in self._online_rows for key in keys)
+        if unseen:
+            raise ValueError(f"score_mode: online scores only the rows `fit` trained on, and {unseen} row(s) of this "
+                             "batch were not among them; fit on the dataset you score, or use score_mode: snapshot.")
+
+    def _compute(self, examples, keys: Sequence[str]) -> list[dict[str, Any]]:
         """Score fields of scoreable examples; a row the proxy fails on alone gets `scoring_error`."""
+        if self.config.score_mode == "online":
+            return self._records(self._online_sq_norms(keys))
         try:
             sq_norms = self._sq_norms(examples)
         except Exception as batch_error:  # noqa: BLE001 - isolated per row below, re-raised if every row fails
@@ -213,11 +227,20 @@ class GSNRScorer:
             raise batch_error
         return records
 
-    def _sq_norms(self, examples):
-        from .ensemble import EnsembleScorer, Snapshots
+    def _snapshots(self):
+        from .ensemble import Snapshots
 
         if self.snapshots is None and self.cache is not None:
             self.snapshots = Snapshots.load(self.cache.ensemble_dir)
+        return self.snapshots
+
+    def _online_sq_norms(self, keys: Sequence[str]):
+        return self._snapshots().online_sq_norms()[:, :, [self._online_rows[key] for key in keys]]
+
+    def _sq_norms(self, examples):
+        from .ensemble import EnsembleScorer
+
+        self._snapshots()
         if self._ensemble is None:
             self._ensemble = EnsembleScorer(self._model, self.snapshots, self.config, self.pad_id)
         return self._ensemble.sq_norms(examples)

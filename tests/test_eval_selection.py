@@ -195,6 +195,8 @@ def test_training_and_norm_parts_match_the_package(tiny_setup):
     package = train_ensemble(model, encoded, config, pad_id, progress=False)
     ours = ev.train_all_epochs(model, encoded, config, pad_id, progress=False)
     assert ours.epochs == (1, 2, 3) and ours.num_members == 2
+    online = ours.online_sq_norms()  # read off the training steps of every epoch
+    assert online.shape == (2, 3, len(encoded)) and (online > 0).all()
     for key, state in package.states.items():
         for name, tensor in state.items():
             assert torch.equal(tensor, ours.states[key][name])
@@ -257,7 +259,8 @@ def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
     assert "| G-SNR |" in report and "AUROC per corruption kind" in report and "--rows-per-file 20" in report
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 20 and sum(s["eval_corruption"] != "clean" for s in scores) == 6
-    assert (out / "readings.csv").read_text().count("\n") > 10
+    readings = (out / "readings.csv").read_text()
+    assert readings.count("\n") > 10 and "\nonline,1,2,2,l2sq,var,1e-08,gsnr," in readings
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "roc.png").stat().st_size > 1000
     # --reuse re-analyses the saved norms without training again

@@ -76,3 +76,37 @@ def test_training_batches_cover_every_row_once_with_similar_lengths():
     again = shuffled_length_batches(lengths, 16, torch.Generator().manual_seed(0))
     assert again == batches
     assert shuffled_length_batches(lengths, 16, torch.Generator().manual_seed(1)) != batches
+
+
+@pytest.mark.parametrize("grad_params", ["AB", "B"])
+def test_training_backward_yields_each_rows_own_norm_and_the_batch_gradient(setup, grad_params):
+    """Online mode: one backward of the token-mean training loss gives every row's own gradient norm
+    (as a loop of one-example passes does) and the same parameter gradients as `loss.backward()`."""
+    from gradfilter_ops.grads import backward_with_sq_norms, response_loss_sums
+
+    model, examples, pad_id = setup
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = collate(examples, pad_id)
+
+    sums, counts = response_loss_sums(model, batch)
+    (sums.sum() / counts.sum()).backward()
+    expected_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    activations = LoraActivations(model)
+    try:
+        with activations.recording():
+            sums, counts = response_loss_sums(model, batch)
+        assert len(set(counts.tolist())) > 1  # rows weigh differently in the token mean
+        online = backward_with_sq_norms(sums.sum() / counts.sum(), counts, activations, params, grad_params)
+    finally:
+        activations.remove()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    looped = per_example_grad_sq_norms_loop(model, examples, pad_id, grad_params)
+    torch.testing.assert_close(online, looped, rtol=1e-4, atol=0)

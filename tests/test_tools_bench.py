@@ -42,13 +42,19 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
 
     norms = results["norms"]
     assert norms["max_rel_diff"] < 1e-4  # the batched pass gives the loop's norms
+    assert norms["online_max_rel_diff"] < 1e-4  # and so does the online training step
     assert positive(norms["loop_speedup"]) and positive(norms["step_overhead"])
+    assert positive(norms["online_step_overhead"])
 
     e2e = results["e2e"]
-    assert e2e["gsnr_scored"] == e2e["ifd_scored"] == e2e["rows"] == 6
-    assert len(e2e["ifd_seconds"]) == len(e2e["gsnr_seconds"]) + 1  # every G-SNR run between two IFD runs
+    snapshot, online = e2e["modes"]["snapshot"], e2e["modes"]["online"]
+    assert snapshot["scored"] == online["scored"] == e2e["ifd_scored"] == e2e["rows"] == 6
+    assert len(e2e["ifd_seconds"]) == 3  # every G-SNR run between two IFD runs
     # G-SNR: M(T+2) forward+backward passes of 2 forward passes' cost; IFD: more than one forward pass.
-    assert 1 < e2e["flop_ratio"] < 2 * e2e["members"] * (e2e["epochs"] + 2) and positive(e2e["wall_ratio"])
+    assert 1 < snapshot["flop_ratio"] < 2 * e2e["members"] * (e2e["epochs"] + 2) and positive(snapshot["wall_ratio"])
+    # online: M x T passes instead of M x (T + 2)
+    assert online["flop_ratio"] == pytest.approx(snapshot["flop_ratio"] * e2e["epochs"] / (e2e["epochs"] + 2))
+    assert positive(e2e["online_vs_snapshot"])
 
     memory = results["memory"]
     assert memory["large"]["rows"] == 4 * memory["small"]["rows"]
@@ -102,3 +108,8 @@ def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     assert result["flops"]["executed"] >= result["flops"]["arithmetic"] > 0
     assert positive(result["wall_s"]) and positive(result["examples_per_s"]) and 0 <= result["padding_share"] < 1
     assert 60 < result["tokens"]["mean"] < 220  # Alpaca-like lengths
+
+    online = gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "1", "--score-mode", "online",
+                             "--out", str(tmp_path / "online.json")])
+    assert online["phases"]["score"]["finite_share"] == 1.0
+    assert online["flops"]["arithmetic"] == pytest.approx(result["flops"]["arithmetic"] * 2 / 4)  # M T of M (T + 2)

@@ -92,16 +92,17 @@ def test_sigkill_mid_scoring_resumes_to_identical_scores(tiny_config, tmp_path):
     assert resumed == json.loads((tmp_path / "out.json").read_text())
 
 
-def test_training_resumes_from_finished_members(tiny_config, monkeypatch):
-    config = tiny_config(use_cache=True, num_members=3)
+@pytest.mark.parametrize("score_mode", ["snapshot", "online"])
+def test_training_resumes_from_finished_members(tiny_config, monkeypatch, score_mode):
+    config = tiny_config(use_cache=True, num_members=3, score_mode=score_mode)
     calls = []
     real = ensemble._train_member
 
-    def crash_on_member_2(model, lora, examples, cfg, pad_id, member, *rest):
+    def crash_on_member_2(model, lora, examples, cfg, pad_id, member, *rest, **options):
         calls.append(member)
         if member == 2 and len(calls) == 3:
             raise KeyboardInterrupt("killed")
-        return real(model, lora, examples, cfg, pad_id, member, *rest)
+        return real(model, lora, examples, cfg, pad_id, member, *rest, **options)
 
     monkeypatch.setattr(ensemble, "_train_member", crash_on_member_2)
     with pytest.raises(KeyboardInterrupt):
@@ -109,7 +110,7 @@ def test_training_resumes_from_finished_members(tiny_config, monkeypatch):
     _, resumed = scored(config)
     assert calls == [0, 1, 2, 2]  # members 0 and 1 were not trained again
     monkeypatch.setattr(ensemble, "_train_member", real)
-    _, clean = scored(tiny_config(use_cache=False, num_members=3))
+    _, clean = scored(tiny_config(use_cache=False, num_members=3, score_mode=score_mode))
     assert resumed[fields.GSNR] == clean[fields.GSNR]
 
 

@@ -7,14 +7,13 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
   norms   1. the batched per-example norm pass (`per_example_grad_sq_norms`) vs a loop of
              one-example backward passes (`per_example_grad_sq_norms_loop`), with the same norms;
           2. the same pass vs a plain batched forward+backward of the batch (a training step).
-  e2e     3. Data-Juicer's `gsnr_scorer` op with its defaults vs Data-Juicer's
-             `instruction_following_difficulty_filter` (IFD), same proxy, same rows; and the FLOP
-             ratio of the two, the arithmetic limit of the wall-time ratio.
+  e2e     3. Data-Juicer's `gsnr_scorer` op with its defaults, and with `score_mode: online`, vs
+             Data-Juicer's `instruction_following_difficulty_filter` (IFD), same proxy, same rows;
+             and the FLOP ratio of each, the arithmetic limit of the wall-time ratio.
   memory  4. peak RSS (ru_maxrss) of fresh processes that score N and 4N rows with `GSNRScorer`.
-  online  how far an "online" mode, which would read each row's norms from the training steps of
-          the snapshot epochs, ranks like snapshot mode (Spearman, top-10% overlap), next to how far
-          snapshot mode agrees with itself under other seeds. A prototype: it observes the real
-          `train_ensemble` and takes the norms at each step's weights.
+  online  how far `score_mode: online`, which reads each row's norms off the training steps of the
+          snapshot epochs, ranks like snapshot mode on the same members (Spearman, top-10% overlap),
+          next to how far snapshot mode agrees with itself under other seeds.
 
     python tools/bench_speed.py --proxy smollm2-135m --sections norms --rounds 2
     python tools/bench_speed.py --quick --proxy path/to/tiny-gpt2 --json out.json   # seconds
@@ -25,7 +24,6 @@ Results, commands and the machine are in docs/speed.md.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -40,15 +38,14 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from unittest import mock
 
 import numpy as np
 import torch
 
-from gradfilter_ops import ensemble
 from gradfilter_ops.config import GSNRConfig
 from gradfilter_ops.ensemble import EnsembleScorer, _autocast_dtype, lora_config, train_ensemble
-from gradfilter_ops.grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms,
+from gradfilter_ops.grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets,
+                                  per_example_grad_sq_norms,
                                   per_example_grad_sq_norms_loop, response_loss_sums, shuffled_length_batches)
 from gradfilter_ops.gsnr import gsnr_from_sq_norms
 from gradfilter_ops.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Encoded, PromptFormatter
@@ -127,11 +124,18 @@ def forward_flops(weights: tuple[int, int], tokens: int, head_tokens: int) -> in
     return 2 * (body * tokens + head * head_tokens)
 
 
+def scoring_passes(config: GSNRConfig) -> int:
+    """Scoring passes per member and row: 2 snapshots, or none online (the norms come with training)."""
+    return 2 if config.score_mode == "snapshot" else 0
+
+
 def gsnr_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GSNRConfig) -> int:
-    """Arithmetic (padding-free) FLOPs of G-SNR: M x (T + 2) forward+backward passes over every row."""
+    """Arithmetic (padding-free) FLOPs of G-SNR: M x (T + 2) forward+backward passes over every row
+    (M x T online)."""
     tokens = sum(len(e.input_ids) for e in examples)
     head_tokens = sum(e.num_response for e in examples)  # the head runs where a response token is predicted
-    return config.num_members * (config.num_epochs + 2) * 2 * forward_flops(weights, tokens, head_tokens)
+    passes = config.num_members * (config.num_epochs + scoring_passes(config))
+    return passes * 2 * forward_flops(weights, tokens, head_tokens)
 
 
 def training_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int]]:
@@ -152,14 +156,14 @@ def scoring_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int
 
 
 def executed_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GSNRConfig) -> int:
-    """G-SNR's FLOPs as computed, padding included: M x T training passes and M x 2 scoring passes."""
+    """G-SNR's FLOPs as computed, padding included: M x T training passes and M x 2 scoring passes (none online)."""
     lengths = [len(e.input_ids) for e in examples]
     response = sum(e.num_response for e in examples)
     train = padded_tokens(lengths, training_batches(lengths, config))
     score = padded_tokens(lengths, scoring_batches(lengths, config))
     m = config.num_members
     return (2 * forward_flops(weights, train, m * config.num_epochs * response)
-            + 2 * m * 2 * forward_flops(weights, score, response))
+            + 2 * m * scoring_passes(config) * forward_flops(weights, score, response))
 
 
 def ifd_flops(weights: tuple[int, int], examples: Sequence[Encoded]) -> int:
@@ -253,8 +257,9 @@ def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad
     The adapter's B is random (`lora_init: random`), as after training: with peft's B = 0 the
     gradients with respect to A vanish. Variants, interleaved: `batched` (one pass, the scorer's
     path), `loop` (one backward pass per row) and `step` (the forward+backward of a training step as
-    `train_ensemble` takes it, without the optimizer update, tiny for LoRA). All use the config's
-    precision."""
+    `train_ensemble` takes it, without the optimizer update, tiny for LoRA) and `online_step` (the
+    same step as `score_mode: online` takes it in the snapshot epochs, with every row's norm). All use
+    the config's precision."""
     from peft import get_peft_model
 
     device = next(model.parameters()).device
@@ -262,6 +267,7 @@ def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora_config(replace(config, lora_init="random"), model)).eval()
     activations = LoraActivations(peft_model)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
 
     def precision():
         return torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
@@ -275,13 +281,21 @@ def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad
             (sums.sum() / counts.sum().clamp_min(1)).backward()
             peft_model.zero_grad(set_to_none=True)
 
+        def online_step() -> torch.Tensor:
+            with activations.recording(), precision():
+                sums, counts = response_loss_sums(peft_model, batch)
+            norms = backward_with_sq_norms(sums.sum() / counts.sum().clamp_min(1), counts, activations, params,
+                                           config.grad_params)
+            peft_model.zero_grad(set_to_none=True)
+            return norms
+
         def loop() -> torch.Tensor:
             with precision():
                 return per_example_grad_sq_norms_loop(peft_model, rows, pad_id, config.grad_params)
 
         return {"batched": lambda: per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
                                                              autocast),
-                "loop": loop, "step": step}
+                "loop": loop, "step": step, "online_step": online_step}
 
     try:
         interleaved(variants(examples[:2]), 1, device)  # warm-up: kernels, allocator, autocast caches
@@ -297,6 +311,8 @@ def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad
         "precision": str(autocast or torch.float32).replace("torch.", ""), "device": device.type,
         "seconds": seconds,
         "max_rel_diff": float(((batched - looped).abs() / looped.abs()).max()),
+        "online_max_rel_diff": float(((results["online_step"].cpu() - looped).abs() / looped.abs()).max()),
+        "online_step_overhead": statistics.median(round_ratios(seconds["online_step"], seconds["step"])),
         "loop_speedup": statistics.median(round_ratios(seconds["loop"], seconds["batched"])),
         "step_overhead": statistics.median(round_ratios(seconds["batched"], seconds["step"])),
     }
@@ -320,13 +336,17 @@ def section_norms(args: argparse.Namespace) -> dict[str, Any]:
     say("== 2. per-example norms vs a plain batched forward+backward (a training step) ==")
     say(f"ratio batched / step: {result['step_overhead']:.3f}x  "
         f"({verdict(result['step_overhead'], TARGETS['step_overhead'], False)})")
+    say(f"online: a training step that also yields every row's norm / a plain step: "
+        f"{result['online_step_overhead']:.3f}x; its norms vs the loop's: max relative difference "
+        f"{result['online_max_rel_diff']:.1e}")
     return result
 
 
 # -- 3: end to end against IFD ---------------------------------------------------------------------
 def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
-    """`gsnr_scorer` with its defaults vs IFD, both as Data-Juicer ops on one process, bracketed:
-    IFD, G-SNR, IFD, ... ; each G-SNR run is divided by the mean of the IFD runs around it."""
+    """`gsnr_scorer` with its defaults (and with `score_mode: online`, unless left out of --e2e-modes)
+    vs IFD, all as Data-Juicer ops in one process, bracketed: IFD, G-SNR, IFD, online, IFD, ...; each
+    G-SNR run is divided by the mean of the IFD runs around it."""
     from data_juicer.core.data import NestedDataset
     from data_juicer.ops.filter.instruction_following_difficulty_filter import InstructionFollowingDifficultyFilter
     from data_juicer.utils.constant import Fields, StatsKeys
@@ -336,8 +356,9 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
     from gradfilter_ops.ops import GSNRScorerOp
 
     model, tokenizer, device = frozen_proxy(args)
-    config = GSNRConfig(hf_model=args.proxy)
-    formatter = PromptFormatter(config, tokenizer)
+    modes = args.e2e_modes.split(",")
+    configs = {mode: GSNRConfig(hf_model=args.proxy, score_mode=mode) for mode in modes}
+    formatter = PromptFormatter(configs[modes[0]], tokenizer)
     rows, examples = [], []
     for row in read_rows(args.data, 10**9):
         encoded = formatter.encode(row)
@@ -353,48 +374,71 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
                                                   max_score=float("inf"), num_proc=1)
         return op.run(NestedDataset(Dataset.from_list(rows)))
 
-    def gsnr():
-        op = GSNRScorerOp(hf_model=args.proxy, use_cache=False, num_proc=1)
-        return op.run(NestedDataset(Dataset.from_list(rows)))
+    def gsnr(mode: str) -> Callable[[], Any]:
+        def run():
+            op = GSNRScorerOp(hf_model=args.proxy, score_mode=mode, use_cache=False, num_proc=1)
+            return op.run(NestedDataset(Dataset.from_list(rows)))
+        return run
 
-    ifd_s, gsnr_s = [], []
+    ifd_s, gsnr_s, in_order, outputs = [], {mode: [] for mode in modes}, [], {}
+    spent, ifd_out = timed(ifd, device)
+    ifd_s.append(spent)
+    in_order.append(("ifd", spent))
     for _ in range(args.e2e_rounds):
-        spent, ifd_out = timed(ifd, device)
-        ifd_s.append(spent)
-        spent, gsnr_out = timed(gsnr, device)
-        gsnr_s.append(spent)
-    ifd_s.append(timed(ifd, device)[0])
+        for mode in modes:
+            spent, outputs[mode] = timed(gsnr(mode), device)
+            gsnr_s[mode].append(spent)
+            in_order.append((mode, spent))
+            spent = timed(ifd, device)[0]
+            ifd_s.append(spent)
+            in_order.append(("ifd", spent))
     ifd_ok = sum(math.isfinite(s[StatsKeys.ifd_score]) for s in ifd_out[Fields.stats])
-    gsnr_ok = sum(s[fields.STATUS] == fields.OK for s in gsnr_out[Fields.stats])
     weights = matmul_weights(model)
-    flops = {"gsnr": gsnr_flops(weights, examples, config), "gsnr_executed": executed_flops(weights, examples, config),
-             "ifd": ifd_flops(weights, examples)}
-    ratios = [g / ((a + b) / 2) for g, a, b in zip(gsnr_s, ifd_s, ifd_s[1:])]
+    ifd_flop_count = ifd_flops(weights, examples)
     lengths = [len(e.input_ids) for e in examples]
+    per_mode = {}
+    for k, mode in enumerate(modes):
+        # run j of this mode sits between IFD runs j * len(modes) + k and the next one
+        around = [(ifd_s[j * len(modes) + k] + ifd_s[j * len(modes) + k + 1]) / 2 for j in range(args.e2e_rounds)]
+        config = configs[mode]
+        flops = {"gsnr": gsnr_flops(weights, examples, config), "gsnr_executed": executed_flops(weights, examples, config)}
+        per_mode[mode] = {
+            "seconds": gsnr_s[mode], "scored": sum(s[fields.STATUS] == fields.OK for s in outputs[mode][Fields.stats]),
+            "wall_ratio": statistics.median(g / i for g, i in zip(gsnr_s[mode], around)),
+            "flops": flops, "flop_ratio": flops["gsnr"] / ifd_flop_count,
+            "gflops_per_s": flops["gsnr_executed"] / statistics.mean(gsnr_s[mode]) / 1e9,
+            "passes_per_member": config.num_epochs + scoring_passes(config),
+        }
+    base = configs[modes[0]]
     result = {
         "rows": len(rows), "mean_tokens": statistics.mean(lengths),
         "mean_response_tokens": statistics.mean(e.num_response for e in examples),
-        "ifd_seconds": ifd_s, "gsnr_seconds": gsnr_s, "ifd_scored": ifd_ok, "gsnr_scored": gsnr_ok,
-        "wall_ratio": statistics.median(ratios), "flops": flops, "flop_ratio": flops["gsnr"] / flops["ifd"],
-        "members": config.num_members, "epochs": config.num_epochs,
-        "train_padding_share": padding_share(lengths, training_batches(lengths, config)),
-        "score_padding_share": padding_share(lengths, scoring_batches(lengths, config)),
-        "gsnr_gflops_per_s": flops["gsnr_executed"] / statistics.mean(gsnr_s) / 1e9,
-        "ifd_gflops_per_s": flops["ifd"] / statistics.mean(ifd_s) / 1e9,
+        "ifd_seconds": ifd_s, "ifd_scored": ifd_ok, "ifd_flops": ifd_flop_count, "modes": per_mode,
+        "members": base.num_members, "epochs": base.num_epochs,
+        "train_padding_share": padding_share(lengths, training_batches(lengths, base)),
+        "score_padding_share": padding_share(lengths, scoring_batches(lengths, base)),
+        "ifd_gflops_per_s": ifd_flop_count / statistics.mean(ifd_s) / 1e9,
     }
-    say(f"== 3. end to end: gsnr_scorer (defaults: M={config.num_members}, T={config.num_epochs}, batch "
-        f"{config.train_batch_size}, precision {config.precision}) vs instruction_following_difficulty_filter ==")
+    if {"snapshot", "online"} <= set(modes):
+        result["online_vs_snapshot"] = statistics.median(
+            round_ratios(gsnr_s["online"], gsnr_s["snapshot"]))
+    say(f"== 3. end to end: gsnr_scorer (defaults: M={base.num_members}, T={base.num_epochs}, batch "
+        f"{base.train_batch_size}, precision {base.precision}; modes {', '.join(modes)}) vs "
+        "instruction_following_difficulty_filter ==")
     say(f"rows: {len(rows)} (mean {result['mean_tokens']:.0f} tokens, {result['mean_response_tokens']:.0f} in the "
-        f"response); scored: gsnr {gsnr_ok}, ifd {ifd_ok}; proxy {args.proxy} on {device.type}")
-    in_order = [("ifd", ifd_s[0])] + [pair for g, a in zip(gsnr_s, ifd_s[1:]) for pair in (("gsnr", g), ("ifd", a))]
+        f"response); scored: " + ", ".join(f"{m} {r['scored']}" for m, r in per_mode.items()) +
+        f", ifd {ifd_ok}; proxy {args.proxy} on {device.type}")
     say("seconds, in run order: " + ", ".join(f"{name} {s:.1f}" for name, s in in_order))
-    say(f"FLOPs: gsnr {flops['gsnr'] / 1e12:.2f} T arithmetic, {flops['gsnr_executed'] / 1e12:.2f} T with padding "
-        f"(training batches {result['train_padding_share']:.0%} padding, scoring {result['score_padding_share']:.0%}); "
-        f"ifd {flops['ifd'] / 1e12:.3f} T")
-    say(f"achieved: gsnr {result['gsnr_gflops_per_s']:.1f} GFLOP/s, ifd {result['ifd_gflops_per_s']:.1f} GFLOP/s")
-    say(f"ratio FLOPs gsnr / ifd: {result['flop_ratio']:.1f}x  (the wall ratio at equal FLOP/s)")
-    say(f"ratio wall gsnr / ifd: {result['wall_ratio']:.1f}x  "
-        f"({verdict(result['wall_ratio'], TARGETS['e2e_vs_ifd'], False)})")
+    say(f"padding: training batches {result['train_padding_share']:.0%}, scoring batches "
+        f"{result['score_padding_share']:.0%}; ifd {ifd_flop_count / 1e12:.3f} TFLOP at "
+        f"{result['ifd_gflops_per_s']:.1f} GFLOP/s")
+    for mode, r in per_mode.items():
+        say(f"{mode} ({r['passes_per_member']} passes per member): {r['flops']['gsnr'] / 1e12:.2f} TFLOP arithmetic, "
+            f"{r['flops']['gsnr_executed'] / 1e12:.2f} with padding, {r['gflops_per_s']:.1f} GFLOP/s; ratio FLOPs "
+            f"{r['flop_ratio']:.1f}x, ratio wall {r['wall_ratio']:.1f}x  "
+            f"({verdict(r['wall_ratio'], TARGETS['e2e_vs_ifd'], False)})")
+    if "online_vs_snapshot" in result:
+        say(f"ratio wall online / snapshot: {result['online_vs_snapshot']:.2f}x")
     return result
 
 
@@ -441,43 +485,7 @@ def section_memory(args: argparse.Namespace) -> dict[str, Any]:
     return {"small": small, "large": large, "growth": growth, "members": args.mem_members}
 
 
-# -- online mode prototype -------------------------------------------------------------------------------
-def train_with_online_norms(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig,
-                            pad_id: int) -> tuple[np.ndarray, Any]:
-    """Run the real `train_ensemble` and record, at every step of the snapshot epochs, each row's
-    squared gradient norm at that step's weights: what an online mode would read off the training
-    backward pass. Returns those norms ([members, 2, rows], like `EnsembleScorer.sq_norms`) and the
-    snapshots. Observes the training through its one `response_loss_sums` call per step."""
-    index = {e.input_ids: i for i, e in enumerate(examples)}
-    if len(index) != len(examples):
-        raise ValueError("Rows must be distinct token sequences to be recognised in a training batch.")
-    steps = -(-len(examples) // config.train_batch_size)
-    epochs = (config.early_epoch, config.resolved_late_epoch)
-    norms = np.full((config.num_members, 2, len(examples)), np.nan)
-    device = next(model.parameters()).device
-    calls = itertools.count()
-
-    def observed(peft_model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        member, epoch = divmod(next(calls) // steps, config.num_epochs)
-        if epoch + 1 in epochs:
-            activations = LoraActivations(peft_model)
-            try:
-                values = per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
-                                                   _autocast_dtype(device, config.precision))
-            finally:
-                activations.remove()
-            lengths = batch["attention_mask"].sum(1)
-            rows = [index[tuple(ids[:n].tolist())] for ids, n in zip(batch["input_ids"], lengths)]
-            norms[member, epochs.index(epoch + 1), rows] = values.double().cpu().numpy()
-        return response_loss_sums(peft_model, batch)
-
-    with mock.patch.object(ensemble, "response_loss_sums", observed):
-        snapshots = train_ensemble(model, examples, config, pad_id, progress=False)
-    if next(calls) != config.num_members * config.num_epochs * steps or np.isnan(norms).any():
-        raise RuntimeError("train_ensemble no longer calls response_loss_sums once per step; update the observer.")
-    return norms, snapshots
-
-
+# -- online mode: agreement with snapshot mode -----------------------------------------------------------
 def snapshot_sq_norms(model: torch.nn.Module, examples: Sequence[Encoded], snapshots: Any, config: GSNRConfig,
                       pad_id: int) -> np.ndarray:
     """Snapshot mode's squared norms of `examples`: `EnsembleScorer` over the trained snapshots."""
@@ -489,35 +497,35 @@ def snapshot_sq_norms(model: torch.nn.Module, examples: Sequence[Encoded], snaps
 
 
 def section_online(args: argparse.Namespace) -> dict[str, Any]:
-    """Online vs snapshot mode from one training run; as the yardstick, snapshot mode vs snapshot mode
-    of an ensemble whose members have other seeds (seed + M ... seed + 2M - 1)."""
+    """`score_mode: online` vs `snapshot` from one training run (online recording does not change the
+    training, so both read the same members); as the yardstick, snapshot mode vs snapshot mode of an
+    ensemble whose members have other seeds (seed + M ... seed + 2M - 1)."""
     model, tokenizer, device = frozen_proxy(args)
     config = GSNRConfig(hf_model=args.proxy, num_members=args.online_members, precision=args.precision,
-                        max_length=args.max_length)
+                        max_length=args.max_length, score_mode="online")
     formatter = PromptFormatter(config, tokenizer)
-    examples = list({e.input_ids: e for e in (formatter.encode(r) for r in read_rows(args.data, args.online_rows))
-                     if e.ok}.values())
+    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.online_rows)) if e.ok]
     pad_id = pad_id_of(tokenizer)
     start = time.perf_counter()
-    online_norms, snapshots = train_with_online_norms(model, examples, config, pad_id)
-    other = replace(config, seed=config.seed + config.num_members)
+    snapshots = train_ensemble(model, examples, config, pad_id, progress=False)
+    other = replace(config, seed=config.seed + config.num_members, score_mode="snapshot")
     other_snapshots = train_ensemble(model, examples, other, pad_id, progress=False)
     kw = dict(norm=config.norm, noise=config.noise, eps=config.eps)
     snap = gsnr_from_sq_norms(snapshot_sq_norms(model, examples, snapshots, config, pad_id), **kw)
-    online = gsnr_from_sq_norms(online_norms, **kw)
+    online = gsnr_from_sq_norms(snapshots.online_sq_norms(), **kw)
     reseeded = gsnr_from_sq_norms(snapshot_sq_norms(model, examples, other_snapshots, other, pad_id), **kw)
     result = {
         "rows": len(examples), "members": config.num_members, "epochs": config.num_epochs,
-        "seconds": time.perf_counter() - start,
+        "lora_init": config.lora_init, "seconds": time.perf_counter() - start,
         "spearman_gsnr": spearman(snap.gsnr, online.gsnr), "top10_overlap": top_overlap(snap.gsnr, online.gsnr),
         "spearman_early": spearman(snap.early, online.early), "spearman_late": spearman(snap.late, online.late),
         "reseeded_spearman_gsnr": spearman(snap.gsnr, reseeded.gsnr),
         "reseeded_top10_overlap": top_overlap(snap.gsnr, reseeded.gsnr),
         "negative_drop_share": {"snapshot": snap.negative_drop_share, "online": online.negative_drop_share},
     }
-    say("== online mode (prototype): norms from the training steps vs snapshot passes ==")
-    say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, {config.precision}, {args.proxy} on "
-        f"{device.type}, {result['seconds']:.0f} s")
+    say("== online mode: norms read off the training steps vs snapshot passes, same members ==")
+    say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, lora_init {config.lora_init}, "
+        f"{config.precision}, {args.proxy} on {device.type}, {result['seconds']:.0f} s")
     say(f"online vs snapshot: Spearman of gsnr {result['spearman_gsnr']:.3f}; top-10% overlap "
         f"{result['top10_overlap']:.0%}; Spearman of the mean norm: early {result['spearman_early']:.3f}, late "
         f"{result['spearman_late']:.3f}")
@@ -546,7 +554,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="norms: interleaved rounds")
     parser.add_argument("--e2e-rows", type=int, default=16, help="e2e: rows, the first that fit --e2e-max-tokens")
     parser.add_argument("--e2e-max-tokens", type=int, default=96, help="e2e: skip longer rows (0: none)")
-    parser.add_argument("--e2e-rounds", type=int, default=1, help="e2e: G-SNR runs, each between two IFD runs")
+    parser.add_argument("--e2e-rounds", type=int, default=1, help="e2e: G-SNR runs per mode, each between two IFD runs")
+    parser.add_argument("--e2e-modes", default="snapshot,online", help="e2e: score modes of gsnr_scorer to time")
     parser.add_argument("--mem-rows", type=int, default=16, help="memory: N (>= the batch size of 16, so both fill it)")
     parser.add_argument("--mem-members", type=int, default=1, help="memory: M (memory does not grow with M)")
     parser.add_argument("--online-rows", type=int, default=96, help="online: rows")

@@ -269,7 +269,9 @@ def kind_survival(scores: Sequence[float], kinds: Sequence[str], ratio: float,
 class Reading:
     """One way to turn the raw norms into a score."""
 
-    params: str = "AB"  # AB, B, A or W (gradient w.r.t. the adapted frozen weight, experimental)
+    # AB, B, A, W (gradient w.r.t. the adapted frozen weight, experimental) or online (AB, read off the
+    # training steps of each epoch: score_mode online)
+    params: str = "AB"
     early: int = 1
     late: int = 2
     members: int = 4
@@ -334,7 +336,8 @@ def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True
     `train_ensemble` keeps only the early and the late epoch; here each member is trained by the same
     per-member routine with every epoch asked for, so any snapshot pair can be read off one run. The
     test suite checks that the early and late adapters equal those of `train_ensemble`. Returns
-    `Snapshots` whose `epochs` are 1..num_epochs.
+    `Snapshots` whose `epochs` are 1..num_epochs; its `online_norms` hold, for every epoch, each row's
+    squared `A`+`B` norm read off that epoch's training steps (what `score_mode: online` uses).
     """
     from tqdm.auto import tqdm
 
@@ -345,11 +348,14 @@ def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True
     steps_per_epoch = -(-len(examples) // config.train_batch_size)
     bar = tqdm(total=config.num_members * config.num_epochs * steps_per_epoch, desc="eval: training LoRA ensemble",
                disable=not progress, unit="step", mininterval=30)
-    states = {}
+    states, online = {}, {}
+    recording = dataclasses.replace(config, grad_params="AB")
     for member in range(config.num_members):
-        states.update(_train_member(model, lora, examples, config, pad_id, member, epochs, bar))
+        online[member] = np.full((len(epochs), len(examples)), np.nan)
+        states.update(_train_member(model, lora, examples, recording, pad_id, member, epochs, bar,
+                                    online_norms=online[member]))
     bar.close()
-    return Snapshots(epochs=epochs, states=states, lora=lora.to_dict())
+    return Snapshots(epochs=epochs, states=states, lora=lora.to_dict(), online_norms=online)
 
 
 def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: float = 1.0) -> dict:
@@ -629,6 +635,7 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
     timings["per-example gradients"] = time.time() - start
     for k, v in norms.items():
         result[f"norm_{k}"] = v
+    result["norm_online"] = snapshots.online_sq_norms()
     result["epochs"] = tuple(snapshots.epochs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -647,7 +654,7 @@ def _alpaca_prompt(row: Mapping[str, Any], config) -> str:
 
 
 def norms_of(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: result[f"norm_{k}"] for k in ("A", "B", "W", "loss")}
+    return {k: result[f"norm_{k}"] for k in ("A", "B", "W", "loss", "online") if f"norm_{k}" in result}
 
 
 def config_reading(config, members: Optional[int] = None, **changes) -> Reading:
@@ -730,6 +737,10 @@ def reading_grid(config, result) -> list[Reading]:
         for signal in ("drop", "raw_drop", "neg_late_norm"):
             grid.append(Reading(params=params, early=s, late=t, members=m, signal=signal))
         grid.append(Reading(params="AB", early=s, late=t, members=m, signal="loss_drop"))
+    if "online" in norms_of(result):
+        for (s, t), m in itertools.product(pairs, ms):
+            for signal in ("gsnr", "drop", "raw_drop", "neg_late_norm"):
+                grid.append(Reading(params="online", early=s, late=t, members=m, signal=signal))
     return list(dict.fromkeys(grid))
 
 
@@ -818,8 +829,9 @@ def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: 
               "|---|---|---|---|---|"]
     out = []
     sections = [
-        ("grad_params (A+B, B only, W = the adapted frozen weight, experimental)",
-         [(f"`{p}`", pick(params=p)) for p in ("AB", "B", "W")]),
+        ("grad_params (A+B, B only, W = the adapted frozen weight, experimental; online = A+B read off the "
+         "training steps, `score_mode: online`)",
+         [(f"`{p}`", pick(params=p)) for p in ("AB", "B", "W", "online")]),
         ("snapshots (early_epoch, late_epoch)",
          [(f"s={s}, t={t}", pick(early=s, late=t)) for s, t in itertools.combinations(epochs, 2)]),
         ("num_members", [(f"M={m}", pick(members=m)) for m in (2, 4, 8)]),

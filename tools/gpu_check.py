@@ -12,7 +12,8 @@ It runs the scorer's own code on synthetic rows:
   precision `auto` (bf16 autocast on CUDA, fp32 on CPU);
 - phases: `micro` (bench_speed's sections 1 and 2 on one batch: batched norms vs a one-example loop
   and vs a training step), `train` (`train_ensemble`), `score` (`EnsembleScorer.sq_norms` per 256-row
-  chunk, as the op's map batches, then `gsnr_from_sq_norms`).
+  chunk, as the op's map batches, then `gsnr_from_sq_norms`); with `--score-mode online` the norms
+  are recorded during `train` and `score` only reads them.
 
 It reports the wall time of each phase, examples per second, FLOPs (bench_speed's accounting,
 arithmetic and as executed with padding), the achieved FLOP/s and its share of the GPU's dense bf16
@@ -107,6 +108,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--micro-rounds", type=int, default=3, help="interleaved rounds of the micro benchmark")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
+    parser.add_argument("--score-mode", default="snapshot", choices=("snapshot", "online"),
+                        help="online: the norms come with training and the score phase only reads them")
     return parser.parse_args(argv)
 
 
@@ -125,13 +128,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"gpu_check: {name}: {json.dumps(values)}", file=sys.stderr, flush=True)
 
     model = random_proxy(args.tiny).to(device)
-    config = GSNRConfig(hf_model="random GPT-2", device=device.type)
+    config = GSNRConfig(hf_model="random GPT-2", device=device.type, score_mode=args.score_mode)
     pad_id = model.config.eos_token_id
     examples = alpaca_like_examples(args.examples, model.config.vocab_size,
                                     min(config.max_length, model.config.n_positions), args.seed)
     lengths = np.array([len(e.input_ids) for e in examples])
     weights = bench_speed.matmul_weights(model)
     result.update(examples=len(examples), tiny=args.tiny, members=config.num_members, epochs=config.num_epochs,
+                  score_mode=config.score_mode,
                   weights={"decoder": weights[0], "lm_head": weights[1]},
                   tokens={"mean": float(lengths.mean()), "median": float(np.median(lengths)),
                           "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
@@ -146,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "row_passes_per_s": len(examples) * config.num_epochs * config.num_members / train_s})
 
     def score() -> np.ndarray:
+        if config.score_mode == "online":
+            return snapshots.online_sq_norms()
         scorer = EnsembleScorer(model, snapshots, config, pad_id)
         try:
             return np.concatenate([scorer.sq_norms(examples[i: i + bench_speed.SCORE_CHUNK], progress=False)

@@ -94,6 +94,7 @@ class GSNRScorerOp(Filter):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         train_batch_size: int = 16,
+        score_mode: str = "snapshot",
         score_batch_size: int = 16,
         grad_params: str = "AB",
         norm: str = "l2sq",
