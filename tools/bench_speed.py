@@ -362,7 +362,10 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
     rows, examples = [], []
     for row in read_rows(args.data, 10**9):
         encoded = formatter.encode(row)
-        if encoded.ok and (not args.e2e_max_tokens or len(encoded.input_ids) <= args.e2e_max_tokens):
+        # Data-Juicer's IFD scores one response token fewer than there are (docs/evaluation.md) and
+        # fails on the None it gives a one-token response, so such rows are left out for both.
+        ifd_scoreable = len(tokenizer(str(row.get("output", "")), add_special_tokens=False)["input_ids"]) >= 2
+        if encoded.ok and ifd_scoreable and (not args.e2e_max_tokens or len(encoded.input_ids) <= args.e2e_max_tokens):
             rows.append({**row, "prompt": alpaca_prompt(row)})
             examples.append(encoded)
         if len(rows) == args.e2e_rows:
