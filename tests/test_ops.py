@@ -48,6 +48,33 @@ def test_top_k_filter_without_scores_names_the_scorer():
         GSNRTopKFilter(top_k=3, top_ratio=0.5)
 
 
+def test_one_process_on_cpu_scores_in_this_process_with_every_thread(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """`datasets` forks a worker even for num_proc=1, where torch must run on one thread; the op maps
+    in this process instead, and still reports an int to Data-Juicer outside its own map."""
+    import os
+
+    import torch
+    from data_juicer.core.data import NestedDataset
+
+    from gradfilter_ops.ops import GSNRScorerOp
+    from gradfilter_ops.scorer import GSNRScorer
+
+    calls = []
+    real = GSNRScorer.score_batch
+
+    def spy(self, batch, rank=None):
+        calls.append((os.getpid(), torch.get_num_threads()))
+        return real(self, batch, rank)
+
+    monkeypatch.setattr(GSNRScorer, "score_batch", spy)
+    op = GSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False, num_members=2, max_length=64,
+                      train_batch_size=4, num_proc=1)
+    assert op.runtime_np() == 1
+    out = op.run(NestedDataset(Dataset.from_list(seed_tasks(6))))
+    assert [s[fields.STATUS] for s in out[STATS]] == [fields.OK] * 6
+    assert calls and all(call == (os.getpid(), torch.get_num_threads()) for call in calls)
+
+
 def write_recipe(tmp_path: Path, name: str, dataset: Path, scorer_args: dict, np_: int = 1, **top_k) -> Path:
     recipe = {
         "project_name": name,

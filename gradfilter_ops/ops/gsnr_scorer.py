@@ -115,13 +115,25 @@ class GSNRScorerOp(Filter):
         self.scorer = GSNRScorer(GSNRConfig(**config))
         self.min_gsnr = min_gsnr
         self.max_gsnr = max_gsnr
+        self._mapping = False
+
+    def runtime_np(self):
+        """Processes for the stats map. `datasets` forks a worker even for `num_proc=1`, and a forked
+        worker must run torch on one thread (`GSNRScorer.__setstate__`); so on the CPU, one process
+        means mapping in this process (`None`), where torch keeps every thread: twice as fast on 2 cores."""
+        procs = super().runtime_np()
+        return None if self._mapping and procs == 1 and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
         if Fields.stats in dataset.column_names and all(_has_score(s) for s in dataset[Fields.stats]):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
         else:
             self.scorer.fit(dataset)
-        scored = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
+        self._mapping = True
+        try:
+            scored = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
+        finally:
+            self._mapping = False
         stats = scored[Fields.stats]
         self.scorer.summary = summarize([s[fields.STATUS] for s in stats], [s.get(fields.DROP) for s in stats])
         log_summary(self.scorer.summary)
