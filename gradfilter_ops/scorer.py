@@ -187,7 +187,6 @@ class GSNRScorer:
         if self.cache is not None and self.cache.has_all(keys):
             records = [self.cache.scores()[key] for key in keys]
         else:
-            self._check_online_rows(keys)
             records = self._compute([encoded[i] for i in ok], keys)
             if self.cache is not None:
                 self.cache.add_scores({k: r for k, r in zip(keys, records) if r[fields.STATUS] == fields.OK})
@@ -195,14 +194,6 @@ class GSNRScorer:
             for name, value in record.items():
                 out[name][i] = value
         return out
-
-    def _check_online_rows(self, keys: Sequence[str]) -> None:
-        if self.config.score_mode != "online":
-            return
-        unseen = sum(key not in self._online_rows for key in keys)
-        if unseen:
-            raise ValueError(f"score_mode: online scores only the rows `fit` trained on, and {unseen} row(s) of this "
-                             "batch were not among them; fit on the dataset you score, or use score_mode: snapshot.")
 
     def _compute(self, examples, keys: Sequence[str]) -> list[dict[str, Any]]:
         """Score fields of scoreable examples; a row the proxy fails on alone gets `scoring_error`."""
@@ -235,6 +226,10 @@ class GSNRScorer:
         return self.snapshots
 
     def _online_sq_norms(self, keys: Sequence[str]):
+        unseen = sum(key not in self._online_rows for key in keys)
+        if unseen:
+            raise ValueError(f"score_mode: online scores only the rows `fit` trained on, and {unseen} row(s) of this "
+                             "batch were not among them; fit on the dataset you score, or use score_mode: snapshot.")
         return self._snapshots().online_sq_norms()[:, :, [self._online_rows[key] for key in keys]]
 
     def _sq_norms(self, examples):
@@ -268,7 +263,7 @@ class GSNRScorer:
         if not self._fitted:
             self.fit(dataset)
         started = time.perf_counter()
-        scored = dataset.map(self.score_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
+        scored = dataset.map(self.score_batch, batched=True, batch_size=batch_size, num_proc=map_num_proc(num_proc),
                              desc="gsnr: per-example gradients")
         self.timings["score_s"] = time.perf_counter() - started
         self.summary = summarize(scored[fields.STATUS], scored[fields.DROP])
@@ -304,6 +299,13 @@ class GSNRScorer:
         if path is not None:
             written.append(atomic_write_json(Path(path), manifest))
         return written
+
+
+def map_num_proc(num_proc: Optional[int]) -> Optional[int]:
+    """`num_proc` for a `datasets` map of `score_batch`. `datasets` forks a worker even for
+    `num_proc=1`, and a forked worker must run torch on one thread (`__setstate__`), so one process
+    means this process (`None`), where torch keeps every thread."""
+    return None if num_proc == 1 else num_proc
 
 
 def summarize(statuses: Sequence[str], drops: Sequence[Optional[float]]) -> dict[str, Any]:

@@ -66,6 +66,24 @@ def test_scores_do_not_depend_on_batching_or_workers(scored, rows):
         assert again[fields.STATUS] == reference[fields.STATUS]
 
 
+def test_one_process_scores_in_this_process(scored, rows, monkeypatch):
+    """`datasets` forks a one-thread worker even for num_proc=1; `score` keeps that work here."""
+    import os
+
+    scorer, reference = scored
+    pids = []
+    real = GSNRScorer.score_batch
+
+    def spy(self, batch, rank=None):
+        pids.append(os.getpid())
+        return real(self, batch, rank)
+
+    monkeypatch.setattr(GSNRScorer, "score_batch", spy)
+    again = scorer.score(Dataset.from_list(rows), num_proc=1)
+    assert pids and set(pids) == {os.getpid()}
+    assert again[fields.GSNR] == reference[fields.GSNR]
+
+
 def test_saved_snapshots_reproduce_the_scores(scored, tiny_config, rows, tmp_path):
     scorer, reference = scored
     folder = scorer.snapshots.save(tmp_path / "adapters")

@@ -14,7 +14,7 @@ from .. import fields
 from ._options import reject_unknown_options
 from ..config import DEFAULT_PROXY, GSNRConfig, field_help
 from ..dropped import write_dropped_rows
-from ..scorer import GSNRScorer, log_summary, summarize
+from ..scorer import GSNRScorer, log_summary, map_num_proc, summarize
 
 OP_NAME = "gsnr_scorer"
 RANGE_PARAMS = {
@@ -118,11 +118,10 @@ class GSNRScorerOp(Filter):
         self._mapping = False
 
     def runtime_np(self):
-        """Processes for the stats map. `datasets` forks a worker even for `num_proc=1`, and a forked
-        worker must run torch on one thread (`GSNRScorer.__setstate__`); so on the CPU, one process
-        means mapping in this process (`None`), where torch keeps every thread: twice as fast on 2 cores."""
+        """Processes; for this op's own stats map on the CPU, one process is this process
+        (`scorer.map_num_proc`): twice as fast on 2 cores as the one-thread worker `datasets` forks."""
         procs = super().runtime_np()
-        return None if self._mapping and procs == 1 and not self.use_cuda() else procs
+        return map_num_proc(procs) if self._mapping and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
         if Fields.stats in dataset.column_names and all(_has_score(s) for s in dataset[Fields.stats]):
