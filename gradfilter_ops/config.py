@@ -95,6 +95,14 @@ class GSNRConfig:
     learning_rate: float = _help("AdamW learning rate (reading).", default=2e-4)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     train_batch_size: int = _help("Examples per optimizer step (reading).", default=16)
+    member_workers: int = _help(
+        "Members handled at once, each in a spawned worker process of its own on the same device: their "
+        "training, and snapshot mode's scoring passes. Members are independent, so the scores are the same. "
+        "On a GPU a small proxy's steps wait on the host launching kernels, and k workers keep the GPU "
+        "busier (docs/speed.md); on a CPU each worker takes its share of the cores. A script that scores at "
+        "import time needs an `if __name__ == \"__main__\":` guard (spawned processes import it).",
+        default=1,
+    )
 
     # --- gradient pass (phase 2) and G-SNR (phase 3) -------------------------------------------
     score_mode: str = _help(
@@ -120,7 +128,7 @@ class GSNRConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("score_mode", self.score_mode, SCORE_MODES)
-        for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size",
+        for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size", "member_workers",
                      "score_batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -163,7 +171,7 @@ class GSNRConfig:
 
 
 # Options that change how fast scores are computed, not what they are: left out of the cache key.
-NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size")
+NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size", "member_workers")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

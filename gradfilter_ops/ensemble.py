@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .cache import atomic_write_text
 from .config import GSNRConfig
 from .grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets, per_example_grad_sq_norms,
-                    response_loss_sums, shuffled_length_batches)
+                    response_loss_sums, shuffled_length_batches, to_device)
 from .prompts import Encoded
 
 MANIFEST = "ensemble.json"
@@ -141,7 +141,9 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
                    progress: bool = True, done: Optional[Snapshots] = None,
                    on_member: Optional[Callable[[Snapshots, int], None]] = None) -> Snapshots:
-    """Train `num_members` LoRA adapters, one after another, and keep their early and late snapshots.
+    """Train `num_members` LoRA adapters and keep their early and late snapshots.
+
+    Members train one after another, or `config.member_workers` at a time in worker processes.
 
     Member m seeds its adapter init and its data order with `config.seed + m`, so members are
     independent: those already in `done` (from an interrupted run) are not trained again, and the
@@ -163,18 +165,90 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
     steps_per_epoch = -(-len(examples) // config.train_batch_size)
     bar = tqdm(total=len(todo) * config.num_epochs * steps_per_epoch, desc="gsnr: training LoRA ensemble",
                disable=not progress, unit="step")
-    for member in todo:
-        norms = np.full((2, len(examples)), np.nan) if online else None
-        snapshots.states.update(_train_member(model, lora, examples, config, pad_id, member, snapshots.epochs, bar,
-                                              online_norms=norms))
+
+    def finished(member: int, states: dict, norms: Optional[np.ndarray]) -> None:
+        snapshots.states.update(states)
         if online:
             if np.isnan(norms).any():
                 raise RuntimeError(f"Member {member} left rows without an online norm; every epoch must see every row.")
             snapshots.online_norms[member] = norms
         if on_member is not None:
             on_member(snapshots, member)
+
+    workers = min(config.member_workers, len(todo)) if _can_spawn() else 1
+    if workers > 1:
+        for member, states, norms in _train_in_workers(model, lora, examples, config, pad_id, todo, snapshots.epochs,
+                                                       workers):
+            bar.update(config.num_epochs * steps_per_epoch)
+            finished(member, states, norms)
+    else:
+        for member in todo:
+            norms = np.full((2, len(examples)), np.nan) if online else None
+            finished(member, _train_member(model, lora, examples, config, pad_id, member, snapshots.epochs, bar,
+                                           online_norms=norms), norms)
     bar.close()
     return snapshots
+
+
+# -- members in worker processes ---------------------------------------------------------------------
+# Each worker gets the frozen proxy once (shared, not copied: CUDA IPC on a GPU, shared memory on a
+# CPU) and handles whole members; a member's result is the same as in the main process.
+_WORKER: dict = {}
+
+
+def _member_pool(workers: int, initializer: Callable, *initargs):
+    """`workers` spawned processes (a forked child cannot use CUDA), each with its share of the threads."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // workers)
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                               initargs=(threads, initializer, initargs))
+
+
+def _start_worker(threads: int, initializer: Callable, initargs: tuple) -> None:
+    torch.set_num_threads(threads)
+    initializer(*initargs)
+
+
+def _can_spawn() -> bool:
+    """A daemonic process (a worker of a multi-process map) may not start processes of its own."""
+    import multiprocessing
+
+    return not multiprocessing.current_process().daemon
+
+
+def _hold_for_training(model, lora, examples, config: GSNRConfig, pad_id: int) -> None:
+    _WORKER.update(model=model, lora=lora, examples=examples, config=config, pad_id=pad_id)
+
+
+def _worker_member(member: int, epochs: tuple[int, int]) -> tuple[int, dict, Optional[np.ndarray]]:
+    w = _WORKER
+    norms = np.full((2, len(w["examples"])), np.nan) if w["config"].score_mode == "online" else None
+    with tqdm(disable=True) as bar:
+        states = _train_member(w["model"], w["lora"], w["examples"], w["config"], w["pad_id"], member, epochs, bar,
+                               online_norms=norms)
+    return member, states, norms
+
+
+def _train_in_workers(model, lora, examples, config, pad_id, members, epochs, workers):
+    """Train `members` in `workers` processes; yields (member, states, norms) as each finishes."""
+    from concurrent.futures import as_completed
+
+    logger.info(f"gsnr: training {len(members)} members in {workers} worker processes")
+    with _member_pool(workers, _hold_for_training, model, lora, list(examples), config, pad_id) as pool:
+        futures = [pool.submit(_worker_member, member, epochs) for member in members]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _hold_for_scoring(model, snapshots: "Snapshots", config: GSNRConfig, pad_id: int) -> None:
+    _WORKER["scorer"] = EnsembleScorer(model, snapshots, config, pad_id)
+
+
+def _worker_sq_norms(examples: Sequence[Encoded], member: int) -> np.ndarray:
+    return _WORKER["scorer"].sq_norms(examples, progress=False, members=[member])[0]
 
 
 def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
@@ -191,7 +265,9 @@ def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
     torch.manual_seed(config.seed + member)  # this member's adapter init
     peft_model = get_peft_model(model, lora, adapter_name="member")
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # The fused kernel on CUDA: the same update in a couple of kernels instead of a few per parameter.
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
     order_rng = torch.Generator().manual_seed(config.seed + member)
     states = {}
     peft_model.train()
@@ -209,7 +285,7 @@ def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
             loss = sums.sum() / counts.sum().clamp_min(1)
             if record:
                 norms = backward_with_sq_norms(loss, counts, activations, params, config.grad_params)
-                recorded[epochs.index(epoch), torch.tensor(indices, device=device)] = norms
+                recorded[epochs.index(epoch), to_device(torch.tensor(indices), device)] = norms
             else:
                 loss.backward()
             optimizer.step()
@@ -230,19 +306,30 @@ def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
 
 
 class EnsembleScorer:
-    """Holds the proxy with every snapshot adapter loaded and computes per-example gradient norms."""
+    """Holds the proxy with every snapshot adapter loaded and computes per-example gradient norms.
 
-    def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int):
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    With `workers` > 1 (and more than one member), the members' passes run in that many worker
+    processes, each with the proxy and every adapter (adapters are small), a member per job.
+    """
 
+    def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
+                 workers: int = 1):
         self.config = config
         self.snapshots = snapshots
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        lora = LoraConfig(**{k: v for k, v in snapshots.lora.items() if k in LoraConfig.__dataclass_fields__})
+        workers = min(workers, snapshots.num_members) if _can_spawn() else 1
+        self.pool = _member_pool(workers, _hold_for_scoring, model, snapshots, config, pad_id) if workers > 1 else None
+        self.model = self.activations = None
+        if self.pool is None:
+            self._load_adapters(model)
+
+    def _load_adapters(self, model: torch.nn.Module) -> None:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+        lora = LoraConfig(**{k: v for k, v in self.snapshots.lora.items() if k in LoraConfig.__dataclass_fields__})
         self.names = {}
-        self.model = None
-        for (member, epoch), state in sorted(snapshots.states.items()):
+        for (member, epoch), state in sorted(self.snapshots.states.items()):
             name = adapter_name(member, epoch)
             if self.model is None:
                 self.model = get_peft_model(model, lora, adapter_name=name)
@@ -253,28 +340,39 @@ class EnsembleScorer:
         self.model.eval()
         self.activations = LoraActivations(self.model)
 
-    def sq_norms(self, examples: Sequence[Encoded], progress: bool = True) -> np.ndarray:
-        """Squared per-example gradient norms, shape [members, 2 (early, late), len(examples)]."""
-        out = np.zeros((self.snapshots.num_members, 2, len(examples)), dtype=np.float64)
+    def sq_norms(self, examples: Sequence[Encoded], progress: bool = True,
+                 members: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Squared per-example gradient norms, shape [members, 2 (early, late), len(examples)].
+
+        `members` (default: all, in order) picks whose norms to compute.
+        """
+        members = list(self.snapshots.members if members is None else members)
+        if self.pool is not None:
+            examples = list(examples)
+            futures = [self.pool.submit(_worker_sq_norms, examples, member) for member in members]
+            return np.stack([future.result() for future in futures])
+        # Filled on the device and copied to the host once, so the device never waits for the host.
+        out = torch.zeros((len(members), 2, len(examples)), dtype=torch.float32, device=self.device)
+        passes = {(members.index(m), self.snapshots.epochs.index(e)): name
+                  for (m, e), name in self.names.items() if m in members}
         buckets = length_buckets([len(e.input_ids) for e in examples], self.config.score_batch_size)
         with tqdm(total=len(examples), desc="gsnr: per-example gradients", unit="row", leave=False,
                   disable=not progress) as bar:
             for indices in buckets:
-                self._fill(examples, indices, out, bar)
-        return out
+                self._fill(examples, indices, passes, out, bar)
+        return out.double().cpu().numpy()
 
-    def _fill(self, examples: Sequence[Encoded], indices: list[int], out: np.ndarray, bar) -> None:
-        """Norms of one length bucket under every snapshot; halves the bucket when the GPU runs out of memory."""
+    def _fill(self, examples: Sequence[Encoded], indices: list[int], passes: dict, out: torch.Tensor, bar) -> None:
+        """Norms of one length bucket under every snapshot in `passes` ((member row, epoch row) -> adapter);
+        halves the bucket when the GPU runs out of memory."""
         try:
             batch = collate([examples[i] for i in indices], self.pad_id, self.device)
-            norms = {}
-            for key, name in self.names.items():
+            rows = to_device(torch.tensor(indices), self.device)
+            for (member_row, epoch_row), name in passes.items():
                 self.model.set_adapter(name)
-                norms[key] = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
-                                                       _autocast_dtype(self.device, self.config.precision))
-            # One copy to the host per bucket, not per pass, so the device never waits for the host.
-            for (member, epoch), values in zip(norms, torch.stack(list(norms.values())).double().cpu().numpy()):
-                out[member, self.snapshots.epochs.index(epoch), indices] = values
+                norms = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
+                                                  _autocast_dtype(self.device, self.config.precision))
+                out[member_row, epoch_row].index_copy_(0, rows, norms)
         except torch.cuda.OutOfMemoryError:
             if len(indices) == 1:
                 raise
@@ -282,12 +380,17 @@ class EnsembleScorer:
                 torch.cuda.empty_cache()
             logger.warning(f"gsnr: out of memory on a batch of {len(indices)} rows; retrying it in two halves.")
             half = len(indices) // 2
-            self._fill(examples, indices[:half], out, bar)
-            self._fill(examples, indices[half:], out, bar)
+            self._fill(examples, indices[:half], passes, out, bar)
+            self._fill(examples, indices[half:], passes, out, bar)
             return
         bar.update(len(indices))
 
     def close(self) -> None:
-        """Remove the hooks and the adapters, giving the proxy back as it was."""
-        self.activations.remove()
-        self.model.unload()
+        """Stop the workers, or remove the hooks and the adapters, giving the proxy back as it was."""
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        if self.model is not None:
+            self.activations.remove()
+            self.model.unload()
+            self.model = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,18 +22,46 @@ from .prompts import Encoded
 
 
 def collate(examples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Right-pad a batch; `loss_mask[b, t]` is True where token t of example b is a response token."""
+    """Right-pad a batch for `response_loss_sums`; one host-to-device copy, which never waits for the device.
+
+    Keys: `input_ids` and `attention_mask` [B, L]; `loss_mask[b, t]`, True where token t of example b
+    is a response token; `targets`, the flat positions `b * L + t` that predict a response token
+    (t + 1 is one); `target_rows`, the example of each; `counts`, the response tokens of each example.
+    The positions are worked out here on the host, so the device never has to report a count back
+    (boolean indexing would make the host wait for the device at every step).
+    """
     length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    input_ids = np.full((len(examples), length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(examples), length), dtype=np.int64)
+    targets, counts = [], np.zeros(len(examples), dtype=np.int64)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids[row, :n] = example.input_ids
         attention_mask[row, :n] = 1
-        loss_mask[row, example.num_prompt:n] = True
-    return {name: t.to(device) for name, t in
-            (("input_ids", input_ids), ("attention_mask", attention_mask), ("loss_mask", loss_mask))}
+        start = max(example.num_prompt, 1)  # token 0 is predicted by nothing
+        targets.append(np.arange(row * length + start - 1, row * length + n - 1))
+        counts[row] = n - start
+    targets = np.concatenate(targets)
+    target_rows = np.repeat(np.arange(len(examples)), counts)
+    packed = torch.from_numpy(np.concatenate([input_ids.ravel(), attention_mask.ravel(), targets, target_rows,
+                                              counts]))
+    device = torch.device(device)
+    packed = to_device(packed, device)
+    sizes = [input_ids.size, attention_mask.size, len(targets), len(target_rows), len(counts)]
+    ids, mask, targets, target_rows, counts = torch.split(packed, sizes)
+    ids, mask = ids.view(input_ids.shape), mask.view(attention_mask.shape)
+    loss_mask = torch.zeros(ids.numel(), dtype=torch.bool, device=device)
+    loss_mask[targets + 1] = True
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask.view(ids.shape),
+            "targets": targets, "target_rows": target_rows, "counts": counts}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device` without waiting for the work queued there (pinned on CUDA: a copy
+    from pageable memory first waits for the device to finish)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -61,16 +90,17 @@ def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     """Per-example sum of response-token cross-entropy, and the number of such tokens.
 
     The LM head runs only at positions that predict a response token, which saves most of its cost
-    and the memory of full-vocabulary logits.
+    and the memory of full-vocabulary logits. No attention mask is passed: the batch is right-padded
+    and attention is causal, so a real token never sees a pad, and the pads' outputs reach no loss
+    (their gradients are zero). That keeps the fast fused attention kernels usable.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets_mask = batch["loss_mask"][:, 1:]  # position t predicts token t + 1
-    rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1).expand_as(targets_mask)[targets_mask]
-    logits = base.get_output_embeddings()(hidden[:, :-1][targets_mask]).float()
-    token_loss = F.cross_entropy(logits, batch["input_ids"][:, 1:][targets_mask], reduction="none")
-    sums = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32).index_add_(0, rows, token_loss)
-    return sums, targets_mask.sum(dim=1)
+    hidden = base.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
+    targets = batch["targets"]
+    logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)).float()
+    token_loss = F.cross_entropy(logits, batch["input_ids"].reshape(-1).index_select(0, targets + 1), reduction="none")
+    sums = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    return sums.index_add_(0, batch["target_rows"], token_loss), batch["counts"]
 
 
 class LoraActivations:

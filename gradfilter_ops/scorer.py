@@ -131,7 +131,7 @@ class GSNRScorer:
         from .proxy import resolve_cache_dir
 
         self._load()
-        self._release_ensemble()
+        self.release()
         batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [_batch_of(list(dataset))]
         rows = [row for batch in batches for row in _rows(batch)]
         encoded = self.encode(rows)
@@ -162,7 +162,8 @@ class GSNRScorer:
                                         done=done, on_member=save)
         self.timings["train_s"] = time.perf_counter() - started
 
-    def _release_ensemble(self) -> None:
+    def release(self) -> None:
+        """Give back the proxy's adapters and stop `member_workers`' processes; the next batch loads them again."""
         if self._ensemble is not None:
             self._ensemble.close()
             self._ensemble = None
@@ -237,7 +238,8 @@ class GSNRScorer:
 
         self._snapshots()
         if self._ensemble is None:
-            self._ensemble = EnsembleScorer(self._model, self.snapshots, self.config, self.pad_id)
+            self._ensemble = EnsembleScorer(self._model, self.snapshots, self.config, self.pad_id,
+                                            workers=self.config.member_workers)
         return self._ensemble.sq_norms(examples)
 
     def _records(self, sq_norms) -> list[dict[str, Any]]:
@@ -263,8 +265,11 @@ class GSNRScorer:
         if not self._fitted:
             self.fit(dataset)
         started = time.perf_counter()
-        scored = dataset.map(self.score_batch, batched=True, batch_size=batch_size, num_proc=map_num_proc(num_proc),
-                             desc="gsnr: per-example gradients")
+        try:
+            scored = dataset.map(self.score_batch, batched=True, batch_size=batch_size,
+                                 num_proc=map_num_proc(num_proc), desc="gsnr: per-example gradients")
+        finally:
+            self.release()
         self.timings["score_s"] = time.perf_counter() - started
         self.summary = summarize(scored[fields.STATUS], scored[fields.DROP])
         log_summary(self.summary)

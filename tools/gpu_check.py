@@ -106,10 +106,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer proxy of width 32 instead of GPT-2 124M")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    parser.add_argument("--micro-rounds", type=int, default=3, help="interleaved rounds of the micro benchmark")
+    parser.add_argument("--micro-rounds", type=int, default=3,
+                        help="interleaved rounds of the micro benchmark; 0 skips it")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--score-mode", default="snapshot", choices=("snapshot", "online"),
                         help="online: the norms come with training and the score phase only reads them")
+    parser.add_argument("--score-batch-size", type=int, help="rows per scoring pass (default: GSNRConfig's)")
+    parser.add_argument("--member-workers", type=int, default=GSNRConfig.member_workers,
+                        help="processes that train and score members at once (GSNRConfig.member_workers)")
     return parser.parse_args(argv)
 
 
@@ -128,22 +132,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"gpu_check: {name}: {json.dumps(values)}", file=sys.stderr, flush=True)
 
     model = random_proxy(args.tiny).to(device)
-    config = GSNRConfig(hf_model="random GPT-2", device=device.type, score_mode=args.score_mode)
+    speed = {"score_batch_size": args.score_batch_size} if args.score_batch_size else {}
+    config = GSNRConfig(hf_model="random GPT-2", device=device.type, score_mode=args.score_mode,
+                        member_workers=args.member_workers, **speed)
     pad_id = model.config.eos_token_id
     examples = alpaca_like_examples(args.examples, model.config.vocab_size,
                                     min(config.max_length, model.config.n_positions), args.seed)
     lengths = np.array([len(e.input_ids) for e in examples])
     weights = bench_speed.matmul_weights(model)
     result.update(examples=len(examples), tiny=args.tiny, members=config.num_members, epochs=config.num_epochs,
-                  score_mode=config.score_mode,
+                  score_mode=config.score_mode, score_batch_size=config.score_batch_size,
+                  member_workers=config.member_workers,
                   weights={"decoder": weights[0], "lm_head": weights[1]},
                   tokens={"mean": float(lengths.mean()), "median": float(np.median(lengths)),
                           "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
                           "response_mean": float(np.mean([e.num_response for e in examples]))})
 
-    batch = bench_speed.pick_batch(examples[:4096], config.score_batch_size)
-    micro = bench_speed.compare_norm_passes(model, batch, pad_id, config, args.micro_rounds)
-    phase("micro", micro)
+    if args.micro_rounds > 0:
+        batch = bench_speed.pick_batch(examples[:4096], config.score_batch_size)
+        phase("micro", bench_speed.compare_norm_passes(model, batch, pad_id, config, args.micro_rounds))
 
     train_s, snapshots = bench_speed.timed(lambda: train_ensemble(model, examples, config, pad_id), device)
     phase("train", {"seconds": train_s,
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def score() -> np.ndarray:
         if config.score_mode == "online":
             return snapshots.online_sq_norms()
-        scorer = EnsembleScorer(model, snapshots, config, pad_id)
+        scorer = EnsembleScorer(model, snapshots, config, pad_id, workers=config.member_workers)
         try:
             return np.concatenate([scorer.sq_norms(examples[i: i + bench_speed.SCORE_CHUNK], progress=False)
                                    for i in range(0, len(examples), bench_speed.SCORE_CHUNK)], axis=2)

@@ -94,6 +94,7 @@ class GSNRScorerOp(Filter):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         train_batch_size: int = 16,
+        member_workers: int = 1,
         score_mode: str = "snapshot",
         score_batch_size: int = 16,
         grad_params: str = "AB",
@@ -133,6 +134,7 @@ class GSNRScorerOp(Filter):
             scored = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
         finally:
             self._mapping = False
+            self.scorer.release()
         stats = scored[Fields.stats]
         self.scorer.summary = summarize([s[fields.STATUS] for s in stats], [s.get(fields.DROP) for s in stats])
         log_summary(self.scorer.summary)
