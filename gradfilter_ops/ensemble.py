@@ -5,7 +5,9 @@ plain peft adapters (`adapter_config.json` + `adapter_model.safetensors` per mem
 they can be saved, shipped to other workers or machines, and loaded with `PeftModel.from_pretrained`.
 Scoring reads them and never trains. With `score_mode: online` the training steps of those two epochs
 also record every training row's squared gradient norm (`Snapshots.online_norms`), and no scoring
-pass is needed for those rows.
+pass is needed for those rows. With `member_workers` > 1, members are trained (and their snapshot
+passes run) in spawned worker processes that share the frozen proxy; members are independent, so
+the result is the same.
 """
 
 from __future__ import annotations
@@ -373,9 +375,12 @@ class EnsembleScorer:
                 norms = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
                                                   _autocast_dtype(self.device, self.config.precision))
                 out[member_row, epoch_row].index_copy_(0, rows, norms)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as error:
             if len(indices) == 1:
-                raise
+                raise RuntimeError(
+                    f"gsnr: out of device memory on a single row of {len(examples[indices[0]].input_ids)} tokens. "
+                    "Each of `member_workers` processes needs memory of its own; lower it, or `max_length`."
+                ) from error
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             logger.warning(f"gsnr: out of memory on a batch of {len(indices)} rows; retrying it in two halves.")

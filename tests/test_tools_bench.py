@@ -33,10 +33,10 @@ def positive(value) -> bool:
 def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, capsys):
     bench_speed, _ = tools
     out = tmp_path / "bench.json"
-    results = bench_speed.main(["--quick", "--proxy", str(tiny_gpt2_dir), "--sections", "norms,e2e,memory,online",
-                                "--json", str(out)])
+    results = bench_speed.main(["--quick", "--proxy", str(tiny_gpt2_dir), "--sections",
+                                "norms,e2e,memory,online,workers", "--json", str(out)])
     printed = capsys.readouterr().out
-    for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online"):
+    for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online", "== member workers"):
         assert header in printed
     assert json.loads(out.read_text()).keys() == results.keys()
 
@@ -62,6 +62,10 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
 
     online = results["online"]
     assert -1 <= online["spearman_gsnr"] <= 1 and 0 <= online["top10_overlap"] <= 1
+
+    workers = results["workers"]
+    assert workers["rows"] == 8 and workers["workers"] == 2
+    assert workers["max_rel_diff"] < 1e-3 and positive(workers["speedup"])  # two processes, the same norms
 
 
 def test_flop_accounting_matches_torch_flop_counter(tools, tiny_gpt2_dir):

@@ -54,11 +54,11 @@ from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
-SECTIONS = ("norms", "e2e", "memory", "online")
+SECTIONS = ("norms", "e2e", "memory", "online", "workers")
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
-             online_rows=8, online_members=2)
+             online_rows=8, online_members=2, workers_rows=8)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
            "rss_growth": 1.10}
 
@@ -538,6 +538,46 @@ def section_online(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- member workers: the members' processes side by side with one process ------------------------------
+def section_workers(args: argparse.Namespace) -> dict[str, Any]:
+    """`train_ensemble` (and snapshot scoring) with `member_workers` 1 vs `--workers`, same rows and config,
+    interleaved; the workers' spawn start-up counts. Their norms must equal one process's."""
+    model, tokenizer, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length,
+                        num_members=args.workers_members)
+    formatter = PromptFormatter(config, tokenizer)
+    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.workers_rows)) if e.ok]
+    pad_id = pad_id_of(tokenizer)
+
+    def run(workers: int) -> Callable[[], np.ndarray]:
+        def fit_and_score() -> np.ndarray:
+            this = replace(config, member_workers=workers)
+            snapshots = train_ensemble(model, examples, this, pad_id, progress=False)
+            scorer = EnsembleScorer(model, snapshots, this, pad_id, workers=workers)
+            try:
+                return scorer.sq_norms(examples, progress=False)
+            finally:
+                scorer.close()
+        return fit_and_score
+
+    names = {1: "1 process", args.workers: f"{args.workers} workers"}
+    seconds, results = interleaved({names[k]: run(k) for k in names}, args.rounds, device)
+    one, many = names[1], names[args.workers]
+    result = {
+        "rows": len(examples), "members": config.num_members, "workers": args.workers, "device": device.type,
+        "torch_threads": torch.get_num_threads(), "seconds": seconds,
+        "speedup": statistics.median(round_ratios(seconds[one], seconds[many])),
+        "max_rel_diff": float(np.max(np.abs(results[many] - results[one]) / np.abs(results[one]))),
+    }
+    say("== member workers: train + snapshot-score the ensemble in k processes vs one ==")
+    say(f"rows: {len(examples)}, M={config.num_members}, {args.proxy} on {device.type}, "
+        f"{result['torch_threads']} torch threads in all")
+    say("seconds: " + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in seconds.items()))
+    say(f"{args.workers} workers vs one process: speed-up {result['speedup']:.2f}x; norms equal to "
+        f"{result['max_rel_diff']:.1e}")
+    return result
+
+
 # -- command line ---------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -563,6 +603,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mem-members", type=int, default=1, help="memory: M (memory does not grow with M)")
     parser.add_argument("--online-rows", type=int, default=96, help="online: rows")
     parser.add_argument("--online-members", type=int, default=4, help="online: M")
+    parser.add_argument("--workers", type=int, default=2, help="workers: member_workers to compare with 1")
+    parser.add_argument("--workers-rows", type=int, default=32, help="workers: rows")
+    parser.add_argument("--workers-members", type=int, default=2, help="workers: M")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     if "--quick" in (sys.argv[1:] if argv is None else argv):
@@ -584,7 +627,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["tools/bench_speed.py", *(
         sys.argv[1:] if argv is None else argv)])}
     say(f"machine: {results['machine']}")
-    runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online}
+    runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online,
+               "workers": section_workers}
     for name in args.sections.split(","):
         before = load_avg()
         start = time.perf_counter()
