@@ -112,8 +112,11 @@ def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     assert result["flops"]["executed"] >= result["flops"]["arithmetic"] > 0
     assert positive(result["wall_s"]) and positive(result["examples_per_s"]) and 0 <= result["padding_share"] < 1
     assert 60 < result["tokens"]["mean"] < 220  # Alpaca-like lengths
+    # 64 rows in batches of 16: 4 steps per epoch, M x T = 8 epochs; 2M passes over the buckets
+    assert result["phases"]["train"]["steps"] == 4 * 4 * 2 and positive(result["phases"]["train"]["ms_per_step"])
+    assert result["phases"]["score"]["passes"] == 2 * 4 * 4 and positive(result["phases"]["score"]["ms_per_pass"])
 
     online = gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "1", "--score-mode", "online",
                              "--out", str(tmp_path / "online.json")])
-    assert online["phases"]["score"]["finite_share"] == 1.0
+    assert online["phases"]["score"]["finite_share"] == 1.0 and online["phases"]["score"]["passes"] == 0
     assert online["flops"]["arithmetic"] == pytest.approx(result["flops"]["arithmetic"] * 2 / 4)  # M T of M (T + 2)

@@ -15,7 +15,8 @@ It runs the scorer's own code on synthetic rows:
   chunk, as the op's map batches, then `gsnr_from_sq_norms`); with `--score-mode online` the norms
   are recorded during `train` and `score` only reads them.
 
-It reports the wall time of each phase, examples per second, FLOPs (bench_speed's accounting,
+It reports the wall time of each phase, the time per training step and per scoring pass (in each
+worker's own time with `--member-workers`), examples per second, FLOPs (bench_speed's accounting,
 arithmetic and as executed with padding), the achieved FLOP/s and its share of the GPU's dense bf16
 peak. The JSON at `--out` is rewritten after every phase, so a run cut short says how far it got.
 Needs torch (a CUDA build for the GPU), transformers, peft, numpy, loguru and tqdm; no Data-Juicer,
@@ -153,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         phase("micro", bench_speed.compare_norm_passes(model, batch, pad_id, config, args.micro_rounds))
 
     train_s, snapshots = bench_speed.timed(lambda: train_ensemble(model, examples, config, pad_id), device)
-    phase("train", {"seconds": train_s,
+    steps = len(bench_speed.training_batches(lengths.tolist(), config))  # all members and epochs
+    phase("train", {"seconds": train_s, "steps": steps,
+                    "ms_per_step": 1000 * train_s * min(config.member_workers, config.num_members) / steps,
                     "row_passes_per_s": len(examples) * config.num_epochs * config.num_members / train_s})
 
     def score() -> np.ndarray:
@@ -168,7 +171,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     score_s, sq_norms = bench_speed.timed(score, device)
     parts = gsnr_from_sq_norms(sq_norms, norm=config.norm, noise=config.noise, eps=config.eps)
-    phase("score", {"seconds": score_s, "finite_share": float(np.isfinite(parts.gsnr).mean()),
+    passes = 0 if config.score_mode == "online" else (
+        2 * config.num_members * len(bench_speed.scoring_batches(lengths.tolist(), config)))
+    phase("score", {"seconds": score_s, "passes": passes,
+                    "ms_per_pass": 1000 * score_s * min(config.member_workers, config.num_members) / passes
+                    if passes else None,
+                    "finite_share": float(np.isfinite(parts.gsnr).mean()),
                     "negative_drop_share": parts.negative_drop_share})
 
     wall = train_s + score_s
