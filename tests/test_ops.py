@@ -193,3 +193,13 @@ def test_readme_documents_every_option():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for f in dataclasses.fields(GSNRConfig):
         assert f"`{f.name}`" in readme, f.name
+
+
+def test_member_workers_through_dj_process_give_the_same_scores(tmp_path, first_run, data_file, scorer_args):
+    rows, _ = first_run
+    args = {**scorer_args, "member_workers": 2, "use_cache": False}  # no cache: the workers must do the work
+    workers, log = dj_process(write_recipe(tmp_path, "workers", data_file, args, top_ratio=0.25))
+    assert "training 2 members in 2 worker processes" in log
+    assert [r["id"] for r in workers] == [r["id"] for r in rows]
+    for a, b in zip(rows, workers):
+        assert b[STATS][fields.GSNR] == pytest.approx(a[STATS][fields.GSNR], rel=1e-3)
