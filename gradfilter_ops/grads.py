@@ -86,21 +86,40 @@ def shuffled_length_batches(lengths: Sequence[int], batch_size: int, generator: 
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+# Response positions per LM-head chunk. Past this many in a batch, the head and its cross-entropy run
+# chunk by chunk and are recomputed in the backward pass, so at most one chunk's full-vocabulary
+# logits (2048 x 50257 in fp32: 0.4 GB) are alive at a time; the price is one more head forward.
+HEAD_CHUNK = 2048
+
+
 def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sum of response-token cross-entropy, and the number of such tokens.
 
     The LM head runs only at positions that predict a response token, which saves most of its cost
-    and the memory of full-vocabulary logits. No attention mask is passed: the batch is right-padded
-    and attention is causal, so a real token never sees a pad, and the pads' outputs reach no loss
-    (their gradients are zero). That keeps the fast fused attention kernels usable.
+    and the memory of full-vocabulary logits (chunked past `HEAD_CHUNK` positions). No attention mask
+    is passed: the batch is right-padded and attention is causal, so a real token never sees a pad,
+    and the pads' outputs reach no loss (their gradients are zero). That keeps the fast fused
+    attention kernels usable.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
     targets = batch["targets"]
-    logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)).float()
-    token_loss = F.cross_entropy(logits, batch["input_ids"].reshape(-1).index_select(0, targets + 1), reduction="none")
+    head = base.get_output_embeddings()
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)
+    labels = batch["input_ids"].reshape(-1).index_select(0, targets + 1)
+    if len(targets) <= HEAD_CHUNK:
+        token_loss = _head_losses(head, rows, labels)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        token_loss = torch.cat([checkpoint(_head_losses, head, rows[i: i + HEAD_CHUNK], labels[i: i + HEAD_CHUNK],
+                                           use_reentrant=False) for i in range(0, len(targets), HEAD_CHUNK)])
     sums = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     return sums.index_add_(0, batch["target_rows"], token_loss), batch["counts"]
+
+
+def _head_losses(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
 class LoraActivations:

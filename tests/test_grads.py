@@ -40,6 +40,36 @@ def test_batched_norms_match_one_example_loop(setup, grad_params):
     torch.testing.assert_close(batched, looped, rtol=1e-4, atol=0)
 
 
+def test_chunked_lm_head_gives_the_same_losses_norms_and_gradients(setup, monkeypatch):
+    """Past `HEAD_CHUNK` response positions the head runs in recomputed chunks: nothing else may change."""
+    from gradfilter_ops import grads
+
+    model, examples, pad_id = setup
+    batch = collate(examples, pad_id)
+    assert len(batch["targets"]) > 3 * 50  # several chunks below, one of them partial
+
+    def run():
+        activations = LoraActivations(model)
+        try:
+            norms = per_example_grad_sq_norms(model, activations, batch)
+        finally:
+            activations.remove()
+        sums, _ = grads.response_loss_sums(model, batch)
+        sums.sum().backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        gradients = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return sums.detach(), norms, gradients
+
+    whole = run()
+    monkeypatch.setattr(grads, "HEAD_CHUNK", 50)
+    chunked = run()
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-4, atol=0)
+    for a, b in zip(chunked[2], whole[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_b_only_norm_is_part_of_the_full_norm(setup):
     model, examples, pad_id = setup
     both = per_example_grad_sq_norms_loop(model, examples[:3], pad_id, "AB")

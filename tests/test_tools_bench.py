@@ -34,9 +34,9 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
     bench_speed, _ = tools
     out = tmp_path / "bench.json"
     results = bench_speed.main(["--quick", "--proxy", str(tiny_gpt2_dir), "--sections",
-                                "norms,e2e,memory,online,workers", "--json", str(out)])
+                                "norms,e2e,memory,online,workers,head", "--json", str(out)])
     printed = capsys.readouterr().out
-    for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online", "== member workers"):
+    for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online", "== member workers", "== head"):
         assert header in printed
     assert json.loads(out.read_text()).keys() == results.keys()
 
@@ -66,6 +66,9 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
     workers = results["workers"]
     assert workers["rows"] == 8 and workers["workers"] == 2
     assert workers["max_rel_diff"] < 1e-3 and positive(workers["speedup"])  # two processes, the same norms
+
+    head = results["head"]
+    assert head["whole"]["targets"] == head["chunked"]["targets"] > 0 and head["max_rel_diff"] < 1e-4
 
 
 def test_flop_accounting_matches_torch_flop_counter(tools, tiny_gpt2_dir):

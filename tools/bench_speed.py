@@ -44,9 +44,9 @@ import torch
 
 from gradfilter_ops.config import GSNRConfig
 from gradfilter_ops.ensemble import EnsembleScorer, _autocast_dtype, lora_config, train_ensemble
-from gradfilter_ops.grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets,
-                                  per_example_grad_sq_norms,
-                                  per_example_grad_sq_norms_loop, response_loss_sums, shuffled_length_batches)
+from gradfilter_ops.grads import (HEAD_CHUNK, LoraActivations, backward_with_sq_norms, collate, length_buckets,
+                                  per_example_grad_sq_norms, per_example_grad_sq_norms_loop, response_loss_sums,
+                                  shuffled_length_batches)
 from gradfilter_ops.gsnr import gsnr_from_sq_norms
 from gradfilter_ops.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Encoded, PromptFormatter
 from gradfilter_ops.proxy import PRESETS, _preset_folder, load_proxy, resolve_cache_dir
@@ -54,11 +54,11 @@ from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
-SECTIONS = ("norms", "e2e", "memory", "online", "workers")
+SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head")
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
-             online_rows=8, online_members=2, workers_rows=8)
+             online_rows=8, online_members=2, workers_rows=8, head_rows=2)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
            "rss_growth": 1.10}
 
@@ -488,6 +488,59 @@ def section_memory(args: argparse.Namespace) -> dict[str, Any]:
     return {"small": small, "large": large, "growth": growth, "members": args.mem_members}
 
 
+# -- the chunked LM head: memory of one long scoring pass ---------------------------------------------------
+def head_child(args: argparse.Namespace) -> None:
+    """One per-example norm pass over `--head-rows` rows of `--max-length` random tokens (32 of prompt),
+    with the LM head chunked (`grads.HEAD_CHUNK`) or whole (`--head-child whole`); prints one JSON line."""
+    from peft import get_peft_model
+
+    from gradfilter_ops import grads
+
+    if args.head_child == "whole":
+        grads.HEAD_CHUNK = 1 << 62
+    model, _, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length)
+    rng = np.random.default_rng(0)
+    examples = [Encoded("ok", tuple(rng.integers(0, model.config.vocab_size, args.max_length).tolist()), 32)
+                for _ in range(args.head_rows)]
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, lora_config(replace(config, lora_init="random"), model)).eval()
+    activations = LoraActivations(peft_model)
+    batch = collate(examples, model.config.eos_token_id or 0, device)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds, norms = timed(lambda: per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
+                                                             _autocast_dtype(device, config.precision)), device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"head": args.head_child, "targets": len(batch["targets"]), "seconds": seconds,
+                      "loaded_mib": loaded / 1024, "peak_mib": peak / 1024, "norms": norms.tolist()}))
+
+
+def section_head(args: argparse.Namespace) -> dict[str, Any]:
+    """The same long pass with the LM head chunked and whole, in two fresh processes one after the other."""
+    def child(mode: str) -> dict[str, Any]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--head-child", mode, "--proxy", args.proxy,
+               "--head-rows", str(args.head_rows), "--precision", args.precision, "--device", args.device,
+               "--max-length", str(args.max_length), "--threads", str(args.threads)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"head child ({mode}) failed:\n{run.stderr[-3000:]}")
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    whole, chunked = child("whole"), child("chunked")
+    extra = {name: r["peak_mib"] - r["loaded_mib"] for name, r in (("whole", whole), ("chunked", chunked))}
+    diff = float(np.max(np.abs(np.subtract(chunked["norms"], whole["norms"])) / np.abs(whole["norms"])))
+    say(f"== head: one norm pass over {args.head_rows} rows of {args.max_length} tokens, LM head chunked "
+        f"({HEAD_CHUNK} positions) vs whole ==")
+    ratio = extra["chunked"] / extra["whole"] if extra["whole"] > 0 else float("nan")  # a tiny pass may add none
+    say(f"response positions: {whole['targets']}; peak RSS above the loaded proxy: whole {extra['whole']:.0f} MiB, "
+        f"chunked {extra['chunked']:.0f} MiB ({ratio:.2f}x)")
+    say(f"seconds: whole {whole['seconds']:.1f}, chunked {chunked['seconds']:.1f} "
+        f"({chunked['seconds'] / whole['seconds']:.2f}x); norms equal to {diff:.1e}")
+    return {"whole": {k: v for k, v in whole.items() if k != "norms"},
+            "chunked": {k: v for k, v in chunked.items() if k != "norms"}, "extra_mib": extra, "memory_ratio": ratio,
+            "max_rel_diff": diff}
+
+
 # -- online mode: agreement with snapshot mode -----------------------------------------------------------
 def snapshot_sq_norms(model: torch.nn.Module, examples: Sequence[Encoded], snapshots: Any, config: GSNRConfig,
                       pad_id: int) -> np.ndarray:
@@ -606,8 +659,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="workers: member_workers to compare with 1")
     parser.add_argument("--workers-rows", type=int, default=32, help="workers: rows")
     parser.add_argument("--workers-members", type=int, default=2, help="workers: M")
+    parser.add_argument("--head-rows", type=int, default=8, help="head: rows of --max-length random tokens")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--head-child", choices=("chunked", "whole"), help=argparse.SUPPRESS)
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
@@ -624,11 +679,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.memory_child:
         memory_child(args)
         return {}
+    if args.head_child:
+        head_child(args)
+        return {}
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["tools/bench_speed.py", *(
         sys.argv[1:] if argv is None else argv)])}
     say(f"machine: {results['machine']}")
     runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online,
-               "workers": section_workers}
+               "workers": section_workers, "head": section_head}
     for name in args.sections.split(","):
         before = load_avg()
         start = time.perf_counter()
