@@ -11,8 +11,9 @@ bad rows.
 from __future__ import annotations
 
 import string
+from array import array
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from . import fields
 from .config import GSNRConfig
@@ -33,12 +34,20 @@ PLAIN_CHAT_GENERATION_PROMPT = "### Assistant:\n"
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example ready for the proxy: `input_ids[num_prompt:]` carry the loss."""
+    """One example ready for the proxy: `input_ids[num_prompt:]` carry the loss.
+
+    `input_ids` (any sequence of ints when built) is kept as a compact `array('i')`: 4 bytes a token
+    instead of a tuple of Python ints, since `fit` holds every row's ids for the training epochs.
+    """
 
     status: str
-    input_ids: tuple[int, ...] = ()
+    input_ids: Sequence[int] = ()
     num_prompt: int = 0
     truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_ids, array):
+            object.__setattr__(self, "input_ids", array("i", self.input_ids))
 
     @property
     def ok(self) -> bool:
@@ -132,7 +141,7 @@ class PromptFormatter:
             # The first response token needs a context token to be predicted from.
             prompt_ids = [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
         prompt_ids, response_ids, truncated = truncate(prompt_ids, response_ids, self.config.max_length)
-        return Encoded(fields.OK, tuple(prompt_ids + response_ids), len(prompt_ids), truncated)
+        return Encoded(fields.OK, prompt_ids + response_ids, len(prompt_ids), truncated)
 
     def _ids(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]

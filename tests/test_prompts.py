@@ -86,7 +86,7 @@ def test_chat_template_puts_loss_on_last_assistant_turn(tokenizer):
 def test_bad_rows_get_reason_codes(tokenizer, sample, reason):
     encoded = formatter(tokenizer).encode(sample)
     assert encoded.status == reason
-    assert encoded.input_ids == ()
+    assert len(encoded.input_ids) == 0
 
 
 def test_truncation_cuts_prompt_from_the_left_first():
