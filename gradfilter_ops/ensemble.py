@@ -185,9 +185,7 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
             finished(member, states, norms)
     else:
         for member in todo:
-            norms = np.full((2, len(examples)), np.nan) if online else None
-            finished(member, _train_member(model, lora, examples, config, pad_id, member, snapshots.epochs, bar,
-                                           online_norms=norms), norms)
+            finished(member, *_train_one(model, lora, examples, config, pad_id, member, snapshots.epochs, bar))
     bar.close()
     return snapshots
 
@@ -227,11 +225,8 @@ def _hold_for_training(model, lora, examples, config: GSNRConfig, pad_id: int) -
 
 def _worker_member(member: int, epochs: tuple[int, int]) -> tuple[int, dict, Optional[np.ndarray]]:
     w = _WORKER
-    norms = np.full((2, len(w["examples"])), np.nan) if w["config"].score_mode == "online" else None
     with tqdm(disable=True) as bar:
-        states = _train_member(w["model"], w["lora"], w["examples"], w["config"], w["pad_id"], member, epochs, bar,
-                               online_norms=norms)
-    return member, states, norms
+        return member, *_train_one(w["model"], w["lora"], w["examples"], w["config"], w["pad_id"], member, epochs, bar)
 
 
 def _train_in_workers(model, lora, examples, config, pad_id, members, epochs, workers):
@@ -251,6 +246,12 @@ def _hold_for_scoring(model, snapshots: "Snapshots", config: GSNRConfig, pad_id:
 
 def _worker_sq_norms(examples: Sequence[Encoded], member: int) -> np.ndarray:
     return _WORKER["scorer"].sq_norms(examples, progress=False, members=[member])[0]
+
+
+def _train_one(model, lora, examples, config, pad_id, member, epochs, bar) -> tuple[dict, Optional[np.ndarray]]:
+    """One member's adapter states and, with `score_mode: online`, its [2, rows] online norms (else None)."""
+    norms = np.full((2, len(examples)), np.nan) if config.score_mode == "online" else None
+    return _train_member(model, lora, examples, config, pad_id, member, epochs, bar, online_norms=norms), norms
 
 
 def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,

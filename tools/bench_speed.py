@@ -464,17 +464,21 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"rows": len(scored), "loaded_mib": loaded / 1024, "peak_mib": peak / 1024}))
 
 
+def child_json(what: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Run this script in a fresh process with `argv`; its last stdout line is a JSON object."""
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def section_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Two fresh processes at once (each measures only itself): N rows and 4N rows."""
     def child(rows: int) -> dict[str, Any]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(rows), "--proxy", args.proxy,
-               "--data", str(args.data), "--mem-rows", str(args.mem_rows), "--mem-members", str(args.mem_members),
-               "--precision", args.precision, "--device", args.device, "--max-length", str(args.max_length),
-               "--threads", str(args.threads)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"memory child ({rows} rows) failed:\n{run.stderr[-3000:]}")
-        return json.loads(run.stdout.strip().splitlines()[-1])
+        return child_json(f"memory child ({rows} rows)", [
+            "--memory-child", str(rows), "--proxy", args.proxy, "--data", str(args.data), "--mem-rows",
+            str(args.mem_rows), "--mem-members", str(args.mem_members), "--precision", args.precision, "--device",
+            args.device, "--max-length", str(args.max_length), "--threads", str(args.threads)])
 
     n = args.mem_rows
     with ThreadPoolExecutor(2) as pool:
@@ -518,13 +522,10 @@ def head_child(args: argparse.Namespace) -> None:
 def section_head(args: argparse.Namespace) -> dict[str, Any]:
     """The same long pass with the LM head chunked and whole, in two fresh processes one after the other."""
     def child(mode: str) -> dict[str, Any]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--head-child", mode, "--proxy", args.proxy,
-               "--head-rows", str(args.head_rows), "--precision", args.precision, "--device", args.device,
-               "--max-length", str(args.max_length), "--threads", str(args.threads)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"head child ({mode}) failed:\n{run.stderr[-3000:]}")
-        return json.loads(run.stdout.strip().splitlines()[-1])
+        return child_json(f"head child ({mode})", [
+            "--head-child", mode, "--proxy", args.proxy, "--head-rows", str(args.head_rows), "--precision",
+            args.precision, "--device", args.device, "--max-length", str(args.max_length), "--threads",
+            str(args.threads)])
 
     whole, chunked = child("whole"), child("chunked")
     extra = {name: r["peak_mib"] - r["loaded_mib"] for name, r in (("whole", whole), ("chunked", chunked))}

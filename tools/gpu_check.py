@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 
 import bench_speed  # noqa: E402  (tools/, next to this file)
 from gradfilter_ops import fields  # noqa: E402
-from gradfilter_ops.config import GSNRConfig  # noqa: E402
+from gradfilter_ops.config import SCORE_MODES, GSNRConfig  # noqa: E402
 from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble  # noqa: E402
 from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
 from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
@@ -110,7 +110,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--micro-rounds", type=int, default=3,
                         help="interleaved rounds of the micro benchmark; 0 skips it")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
-    parser.add_argument("--score-mode", default="snapshot", choices=("snapshot", "online"),
+    parser.add_argument("--score-mode", default="snapshot", choices=SCORE_MODES,
                         help="online: the norms come with training and the score phase only reads them")
     parser.add_argument("--score-batch-size", type=int, help="rows per scoring pass (default: GSNRConfig's)")
     parser.add_argument("--member-workers", type=int, default=GSNRConfig.member_workers,
