@@ -104,6 +104,16 @@ class GSNRConfig:
         default=1,
     )
 
+    stack_members: Optional[int] = _help(
+        "Members run in one stacked forward pass: k members' training steps at once (each its own batch, "
+        "padded to the longest), and in snapshot scoring the 2k adapters of k members over copies of one "
+        "batch (k times the memory of a pass). The same arithmetic as one member at a time, so the same "
+        "scores (with a proxy that has dropout, other dropout draws in training). Default (null): every "
+        "member on CUDA, where a small proxy's steps wait on the host launching kernels, 1 on a CPU "
+        "(docs/speed.md). Used when `member_workers` is 1.",
+        default=None,
+    )
+
     # --- gradient pass (phase 2) and G-SNR (phase 3) -------------------------------------------
     score_mode: str = _help(
         "`snapshot` (the method: per-example norms from separate passes over the adapters saved after "
@@ -133,6 +143,9 @@ class GSNRConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.stack_members is not None and (isinstance(self.stack_members, bool)
+                                               or not isinstance(self.stack_members, int) or self.stack_members < 1):
+            raise ValueError(f"`stack_members` must be a positive integer or null (automatic), got {self.stack_members!r}.")
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2 (a prompt token and a response token), "
                              f"got {self.max_length}.")
@@ -171,7 +184,7 @@ class GSNRConfig:
 
 
 # Options that change how fast scores are computed, not what they are: left out of the cache key.
-NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size", "member_workers")
+NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size", "member_workers", "stack_members")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

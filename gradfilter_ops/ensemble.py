@@ -134,6 +134,16 @@ class Snapshots:
         return cls(epochs=epochs, states=states, lora=manifest["lora"], online_norms=online_norms)
 
 
+def stack_size(config: GSNRConfig, device: torch.device) -> int:
+    """Members per stacked step (`stack_members`; by default all of them on CUDA, one on a CPU); one
+    with `member_workers`, whose processes take a member each."""
+    if config.member_workers > 1:
+        return 1
+    if config.stack_members is None:
+        return config.num_members if device.type == "cuda" else 1
+    return min(config.stack_members, config.num_members)
+
+
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -145,7 +155,8 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
                    on_member: Optional[Callable[[Snapshots, int], None]] = None) -> Snapshots:
     """Train `num_members` LoRA adapters and keep their early and late snapshots.
 
-    Members train one after another, or `config.member_workers` at a time in worker processes.
+    Members train one after another, `stack_size` at a time in stacked steps (one forward for all of
+    them, `stacking.StackedLora`), or `config.member_workers` at a time in worker processes.
 
     Member m seeds its adapter init and its data order with `config.seed + m`, so members are
     independent: those already in `done` (from an interrupted run) are not trained again, and the
@@ -178,11 +189,18 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
             on_member(snapshots, member)
 
     workers = min(config.member_workers, len(todo)) if _can_spawn() else 1
+    stack = stack_size(config, next(model.parameters()).device)
     if workers > 1:
         for member, states, norms in _train_in_workers(model, lora, examples, config, pad_id, todo, snapshots.epochs,
                                                        workers):
             bar.update(config.num_epochs * steps_per_epoch)
             finished(member, states, norms)
+    elif stack > 1 and len(todo) > 1:
+        for start in range(0, len(todo), stack):
+            group = todo[start: start + stack]
+            for member, states, norms in _train_stacked(model, lora, examples, config, pad_id, group,
+                                                        snapshots.epochs, bar):
+                finished(member, states, norms)
     else:
         for member in todo:
             finished(member, *_train_one(model, lora, examples, config, pad_id, member, snapshots.epochs, bar))
@@ -261,51 +279,110 @@ def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
     With `online_norms` ([len(epochs), rows]), the steps of those epochs also write each row's
     squared gradient norm (over `config.grad_params`) at that step's weights into it.
     """
+    return _train_members(model, lora, examples, config, pad_id, [member], epochs, bar,
+                          None if online_norms is None else {member: online_norms})
+
+
+def _train_stacked(model, lora, examples, config, pad_id, members, epochs, bar):
+    """Train `members` together in stacked steps; yields (member, states, norms) for each, as `_train_one`."""
+    online = config.score_mode == "online"
+    norms = {m: np.full((2, len(examples)), np.nan) for m in members} if online else None
+    states = _train_members(model, lora, examples, config, pad_id, members, epochs, bar, norms)
+    for member in members:
+        yield member, {key: state for key, state in states.items() if key[0] == member}, norms[member] if norms else None
+
+
+def _train_members(model, lora, examples, config, pad_id, members: Sequence[int], epochs, bar,
+                   online_norms: Optional[dict[int, np.ndarray]] = None) -> dict:
+    """Train `members` on one proxy; returns each one's adapter state after each epoch in `epochs`.
+
+    One member trains with peft's own LoRA forward. Several train at once: each step stacks every
+    member's own batch of that step into one forward (`stacking.StackedLora`), padded to the longest,
+    and the loss is the sum of the members' token-mean losses, so each member's adapter gets exactly
+    the gradient of its own batch. Each member keeps its own init and data order (seed + member), so
+    a member's training is the same whichever members it is stacked with (with the proxy's dropout,
+    if it has any, up to the dropout draws). `online_norms[m]` ([len(epochs), rows]), when given, gets
+    member m's squared gradient norm of each row at the step that saw it, in the epochs `epochs`.
+    """
     from peft import get_peft_model, get_peft_model_state_dict
+
+    from .stacking import StackedLora, filler
 
     device = next(model.parameters()).device
     autocast_dtype = _autocast_dtype(device, config.precision)
-    torch.manual_seed(config.seed + member)  # this member's adapter init
-    peft_model = get_peft_model(model, lora, adapter_name="member")
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    # Adapter names that are no substring of one another (peft selects a state dict's keys by substring).
+    names = [f"member{m}_train" for m in members]
+    peft_model = None
+    for member, name in zip(members, names):
+        torch.manual_seed(config.seed + member)  # this member's adapter init
+        if peft_model is None:
+            peft_model = get_peft_model(model, lora, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, lora)
+    params = [p for n, p in peft_model.named_parameters() if any(f".{name}." in n for name in names)]
+    for p in params:
+        p.requires_grad_(True)  # peft leaves only the active adapter trainable
     # The fused kernel on CUDA: the same update in a couple of kernels instead of a few per parameter.
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
-    order_rng = torch.Generator().manual_seed(config.seed + member)
+    order_rngs = [torch.Generator().manual_seed(config.seed + member) for member in members]
+    stacked = StackedLora(peft_model, names) if len(members) > 1 else None
     states = {}
     peft_model.train()
-    activations = LoraActivations(peft_model) if online_norms is not None else None
-    recorded = torch.full((len(epochs), len(examples)), float("nan"), device=device) if online_norms is not None else None
+    activations = None
+    if online_norms is not None:
+        activations = stacked if stacked is not None else LoraActivations(peft_model)
+    k, rows = len(members), len(examples)
+    # [member, epoch row, example], flat, so each step writes its norms with one indexed copy.
+    recorded = torch.full((k * len(epochs) * rows,), float("nan"), device=device) if activations else None
     lengths = [len(e.input_ids) for e in examples]
-    for epoch in range(1, config.num_epochs + 1):
-        record = activations is not None and epoch in epochs
-        epoch_loss, steps = torch.zeros((), device=device), 0
-        for indices in shuffled_length_batches(lengths, config.train_batch_size, order_rng):
-            batch = collate([examples[i] for i in indices], pad_id, device)
-            with (activations.recording() if record else nullcontext()), \
-                    torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                sums, counts = response_loss_sums(peft_model, batch)
-            loss = sums.sum() / counts.sum().clamp_min(1)
-            if record:
-                norms = backward_with_sq_norms(loss, counts, activations, params, config.grad_params)
-                recorded[epochs.index(epoch), to_device(torch.tensor(indices), device)] = norms
-            else:
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            epoch_loss, steps = epoch_loss + loss.detach(), steps + 1  # read once per epoch: no host sync per step
-            bar.update()
-        bar.set_postfix(member=member, epoch=epoch, loss=f"{epoch_loss.item() / steps:.3f}")
-        if epoch in epochs:
-            state = get_peft_model_state_dict(peft_model, adapter_name="member")
-            states[(member, epoch)] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    pad_row = filler(pad_id)
+    with stacked if stacked is not None else nullcontext():
+        for epoch in range(1, config.num_epochs + 1):
+            record = activations is not None and epoch in epochs
+            epoch_loss, steps = torch.zeros((), device=device), 0
+            for step in zip(*(shuffled_length_batches(lengths, config.train_batch_size, rng) for rng in order_rngs)):
+                block = max(len(indices) for indices in step)
+                batch = collate([examples[i] if i is not None else pad_row for indices in step
+                                 for i in [*indices, *[None] * (block - len(indices))]], pad_id, device)
+                with (activations.recording() if record else nullcontext()), \
+                        torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                       enabled=autocast_dtype is not None):
+                    sums, counts = response_loss_sums(peft_model, batch)
+                loss = (sums.view(k, block).sum(1) / counts.view(k, block).sum(1).clamp_min(1)).sum()
+                if record:
+                    norms = backward_with_sq_norms(loss, counts, activations, params, config.grad_params, blocks=k)
+                    source, target = _online_positions(step, block, (epochs.index(epoch), len(epochs), rows))
+                    recorded[to_device(target, device)] = norms[to_device(source, device)]
+                else:
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                epoch_loss, steps = epoch_loss + loss.detach(), steps + 1  # read once per epoch: no host sync per step
+                bar.update(k)
+            bar.set_postfix(members=members, epoch=epoch, loss=f"{epoch_loss.item() / steps / k:.3f}")
+            if epoch in epochs:
+                for member, name in zip(members, names):
+                    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+                    states[(member, epoch)] = {key: v.detach().to("cpu", copy=True) for key, v in state.items()}
     # Give the proxy back as it came: no hooks, no adapter, eval mode.
     if activations is not None:
-        activations.remove()
-        online_norms[...] = recorded.double().cpu().numpy()
+        if stacked is None:
+            activations.remove()
+        recorded = recorded.view(k, len(epochs), rows).double().cpu().numpy()
+        for member, norms in zip(members, recorded):
+            online_norms[member][...] = norms
     peft_model.unload()
     model.eval()
     return states
+
+
+def _online_positions(step: Sequence[Sequence[int]], block: int, epoch: tuple[int, int, int]):
+    """Where a stacked step's norms go in the flat [member, epoch row, example] record: (sources, targets)."""
+    epoch_row, num_epochs, rows = epoch
+    source = [k * block + j for k, indices in enumerate(step) for j in range(len(indices))]
+    target = [(k * num_epochs + epoch_row) * rows + i for k, indices in enumerate(step) for i in indices]
+    return torch.tensor(source), torch.tensor(target)
 
 
 class EnsembleScorer:
@@ -342,6 +419,7 @@ class EnsembleScorer:
             self.names[(member, epoch)] = name
         self.model.eval()
         self.activations = LoraActivations(self.model)
+        self._stacks = {}
 
     def sq_norms(self, examples: Sequence[Encoded], progress: bool = True,
                  members: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -356,38 +434,62 @@ class EnsembleScorer:
             return np.stack([future.result() for future in futures])
         # Filled on the device and copied to the host once, so the device never waits for the host.
         out = torch.zeros((len(members), 2, len(examples)), dtype=torch.float32, device=self.device)
-        passes = {(members.index(m), self.snapshots.epochs.index(e)): name
-                  for (m, e), name in self.names.items() if m in members}
+        passes = [((members.index(m), self.snapshots.epochs.index(e)), name)
+                  for (m, e), name in sorted(self.names.items()) if m in members]
+        # The adapters of `stack_size` members per pass: each group is one forward over copies of a bucket.
+        stack = stack_size(self.config, self.device)
+        group = 2 * stack if stack > 1 else 1
+        groups = [passes[i: i + group] for i in range(0, len(passes), group)]
         buckets = length_buckets([len(e.input_ids) for e in examples], self.config.score_batch_size)
         with tqdm(total=len(examples), desc="gsnr: per-example gradients", unit="row", leave=False,
                   disable=not progress) as bar:
             for indices in buckets:
-                self._fill(examples, indices, passes, out, bar)
+                self._fill(examples, indices, groups, out, bar)
         return out.double().cpu().numpy()
 
-    def _fill(self, examples: Sequence[Encoded], indices: list[int], passes: dict, out: torch.Tensor, bar) -> None:
-        """Norms of one length bucket under every snapshot in `passes` ((member row, epoch row) -> adapter);
-        halves the bucket when the GPU runs out of memory."""
+    def _stacked(self, names: tuple[str, ...]):
+        from .stacking import StackedLora
+
+        if names not in self._stacks:
+            self._stacks[names] = StackedLora(self.model, names)
+        return self._stacks[names]
+
+    def _fill(self, examples: Sequence[Encoded], indices: list[int], groups: list, out: torch.Tensor, bar) -> None:
+        """Norms of one length bucket under every snapshot in `groups` (lists of ((member row, epoch row),
+        adapter), each run in one pass); halves the bucket when the GPU runs out of memory."""
+        autocast_dtype = _autocast_dtype(self.device, self.config.precision)
         try:
-            batch = collate([examples[i] for i in indices], self.pad_id, self.device)
             rows = to_device(torch.tensor(indices), self.device)
-            for (member_row, epoch_row), name in passes.items():
-                self.model.set_adapter(name)
-                norms = per_example_grad_sq_norms(self.model, self.activations, batch, self.config.grad_params,
-                                                  _autocast_dtype(self.device, self.config.precision))
-                out[member_row, epoch_row].index_copy_(0, rows, norms)
+            bucket = [examples[i] for i in indices]
+            batches = {}  # copies of the bucket -> collated batch
+            for group in groups:
+                if len(group) not in batches:
+                    batches[len(group)] = collate(bucket * len(group), self.pad_id, self.device)
+                if len(group) == 1:
+                    (slot, name), = group
+                    self.model.set_adapter(name)
+                    norms = per_example_grad_sq_norms(self.model, self.activations, batches[1],
+                                                      self.config.grad_params, autocast_dtype)
+                    out[slot].index_copy_(0, rows, norms)
+                    continue
+                with self._stacked(tuple(name for _, name in group)) as stacked:
+                    norms = per_example_grad_sq_norms(self.model, stacked, batches[len(group)],
+                                                      self.config.grad_params, autocast_dtype)
+                for (slot, _), block in zip(group, norms.view(len(group), len(indices))):
+                    out[slot].index_copy_(0, rows, block)
         except torch.cuda.OutOfMemoryError as error:
             if len(indices) == 1:
                 raise RuntimeError(
                     f"gsnr: out of device memory on a single row of {len(examples[indices[0]].input_ids)} tokens. "
-                    "Each of `member_workers` processes needs memory of its own; lower it, or `max_length`."
+                    "Each of `member_workers` processes needs memory of its own, and a stacked pass needs "
+                    "`stack_members` times that of one; lower them, or `max_length`."
                 ) from error
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             logger.warning(f"gsnr: out of memory on a batch of {len(indices)} rows; retrying it in two halves.")
             half = len(indices) // 2
-            self._fill(examples, indices[:half], passes, out, bar)
-            self._fill(examples, indices[half:], passes, out, bar)
+            self._fill(examples, indices[:half], groups, out, bar)
+            self._fill(examples, indices[half:], groups, out, bar)
             return
         bar.update(len(indices))
 

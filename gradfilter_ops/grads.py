@@ -175,20 +175,22 @@ def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivatio
 
 
 def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations: LoraActivations,
-                           params: Sequence[torch.Tensor], grad_params: str = "AB") -> torch.Tensor:
+                           params: Sequence[torch.Tensor], grad_params: str = "AB", blocks: int = 1) -> torch.Tensor:
     """The backward pass of a training step that also yields each example's own squared gradient norm.
 
     `loss` is the batch's token-mean loss `sum_i s_i / C` (s_i: example i's summed response loss,
-    c_i its response tokens, C their total), computed while `activations` recorded. Sets `.grad` of
-    `params` as `loss.backward()` would. The gradient at every LoRA output is, row by row, c_i / C
-    times that of example i's own mean loss s_i / c_i, so each row's squared norm is read off the
-    same backward pass and rescaled by (C / c_i)^2: "online" norms, at the weights of this step.
+    c_i its response tokens, C their total), computed while `activations` recorded; with `blocks` > 1
+    (stacked members) the sum of such losses over that many equal blocks of rows, C each block's own.
+    Sets `.grad` of `params` as `loss.backward()` would. The gradient at every LoRA output is, row by
+    row, c_i / C times that of example i's own mean loss s_i / c_i, so each row's squared norm is read
+    off the same backward pass and rescaled by (C / c_i)^2: "online" norms, at the weights of this step.
     """
     wanted = _wanted(activations, grad_params)
     grads = torch.autograd.grad(loss, [*params, *(out for _, out in wanted)])
     for param, grad in zip(params, grads):
         param.grad = grad
-    scale = (counts.sum() / counts.clamp_min(1)).float().pow(2)
+    totals = counts.view(blocks, -1).sum(dim=1).repeat_interleave(len(counts) // blocks)
+    scale = (totals / counts.clamp_min(1)).float().pow(2)
     return _sq_norms(wanted, grads[len(params):]) * scale
 
 

@@ -67,7 +67,8 @@ def test_chunked_lm_head_gives_the_same_losses_norms_and_gradients(setup, monkey
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-4, atol=0)
     for a, b in zip(chunked[2], whole[2]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        # Elements near zero carry the summation-order rounding of the whole tensor's scale.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_b_only_norm_is_part_of_the_full_norm(setup):

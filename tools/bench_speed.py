@@ -14,6 +14,11 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
   online  how far `score_mode: online`, which reads each row's norms off the training steps of the
           snapshot epochs, ranks like snapshot mode on the same members (Spearman, top-10% overlap),
           next to how far snapshot mode agrees with itself under other seeds.
+  workers `member_workers: k` vs one process, train + snapshot-score.
+  head    one long norm pass with the LM head chunked vs whole: peak memory.
+  stack   `stack_members: M` (all members in one forward) vs one member at a time, train +
+          snapshot-score: seconds, same norms, and the operations dispatched per member step and per
+          adapter pass (each one a kernel launch on a GPU, where a small proxy waits on the host).
 
     python tools/bench_speed.py --proxy smollm2-135m --sections norms --rounds 2
     python tools/bench_speed.py --quick --proxy path/to/tiny-gpt2 --json out.json   # seconds
@@ -54,11 +59,11 @@ from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
-SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head")
+SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack")
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
-             online_rows=8, online_members=2, workers_rows=8, head_rows=2)
+             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
            "rss_growth": 1.10}
 
@@ -140,13 +145,31 @@ def gsnr_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GS
 
 def training_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int]]:
     """The row batches `train_ensemble` trains on, all members and epochs (`grads.shuffled_length_batches`
-    with each member's generator, as `ensemble._train_member` calls it), to count their padding."""
-    batches = []
+    with each member's generator, as `ensemble._train_members` calls it), to count their padding."""
+    return [batch for member in member_batches(lengths, config) for batch in member]
+
+
+def member_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[list[int]]]:
+    """Each member's training batches, in step order over all epochs."""
+    out = []
     for member in range(config.num_members):
         rng = torch.Generator().manual_seed(config.seed + member)
-        for _ in range(config.num_epochs):
-            batches += shuffled_length_batches(lengths, config.train_batch_size, rng)
-    return batches
+        out.append([b for _ in range(config.num_epochs) for b in shuffled_length_batches(lengths, config.train_batch_size,
+                                                                                          rng)])
+    return out
+
+
+def training_tokens(lengths: Sequence[int], config: GSNRConfig, stack: int = 1) -> int:
+    """Token positions that training computes: each batch padded to its longest row, or with `stack`
+    members per step, every block of a stacked step padded to the step's longest row and largest batch."""
+    members = member_batches(lengths, config)
+    if stack == 1:
+        return padded_tokens(lengths, [b for batches in members for b in batches])
+    total = 0
+    for start in range(0, len(members), stack):
+        for step in zip(*members[start: start + stack]):
+            total += len(step) * max(map(len, step)) * max(lengths[i] for b in step for i in b)
+    return total
 
 
 def scoring_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int]]:
@@ -155,11 +178,12 @@ def scoring_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int
             for bucket in length_buckets(lengths[start: start + SCORE_CHUNK], config.score_batch_size)]
 
 
-def executed_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GSNRConfig) -> int:
-    """G-SNR's FLOPs as computed, padding included: M x T training passes and M x 2 scoring passes (none online)."""
+def executed_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GSNRConfig, stack: int = 1) -> int:
+    """G-SNR's FLOPs as computed, padding included: M x T training passes and M x 2 scoring passes (none online),
+    training with `stack` members per step."""
     lengths = [len(e.input_ids) for e in examples]
     response = sum(e.num_response for e in examples)
-    train = padded_tokens(lengths, training_batches(lengths, config))
+    train = training_tokens(lengths, config, stack)
     score = padded_tokens(lengths, scoring_batches(lengths, config))
     m = config.num_members
     return (2 * forward_flops(weights, train, m * config.num_epochs * response)
@@ -632,6 +656,80 @@ def section_workers(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- stacked members: all members in one forward vs one at a time ---------------------------------------
+def count_ops(fn: Callable[[], Any]) -> int:
+    """The aten operations `fn()` dispatches: on a GPU, each one is a kernel launch from the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.ops
+
+
+def section_stack(args: argparse.Namespace) -> dict[str, Any]:
+    """`train_ensemble` then snapshot scoring (`EnsembleScorer.sq_norms`) with `stack_members` 1 and M,
+    interleaved, same rows and config; plus the operations each dispatches per batch of rows."""
+    model, tokenizer, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length,
+                        num_members=args.stack_members)
+    formatter = PromptFormatter(config, tokenizer)
+    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.stack_rows)) if e.ok]
+    pad_id = pad_id_of(tokenizer)
+    stacks = {"one at a time": 1, "stacked": config.num_members}
+
+    def run(stack: int, rows: Sequence[Encoded]) -> Callable[[], dict[str, Any]]:
+        def fit_and_score() -> dict[str, Any]:
+            this = replace(config, stack_members=stack)
+            train_s, snapshots = timed(lambda: train_ensemble(model, rows, this, pad_id, progress=False), device)
+            scorer = EnsembleScorer(model, snapshots, this, pad_id)
+            try:
+                score_s, norms = timed(lambda: scorer.sq_norms(rows, progress=False), device)
+            finally:
+                scorer.close()
+            return {"train_s": train_s, "score_s": score_s, "norms": norms}
+        return fit_and_score
+
+    # Operations of one more batch of rows (trained M x T member steps, scored in 2M adapter passes): the
+    # count for two batches less the count for one, so the set-up (adapters, optimizer) cancels out.
+    size = min(config.train_batch_size, config.score_batch_size)
+    ops = {name: count_ops(run(stack, examples[: 2 * size])) - count_ops(run(stack, examples[:size]))
+           for name, stack in stacks.items()}
+    seconds, results = interleaved({name: run(stack, examples) for name, stack in stacks.items()}, args.rounds, device)
+    parts = {name: {part: results[name][part] for part in ("train_s", "score_s")} for name in stacks}  # first round
+    one, many = results["one at a time"]["norms"], results["stacked"]["norms"]
+    lengths = [len(e.input_ids) for e in examples]
+    result = {
+        "rows": len(examples), "members": config.num_members, "device": device.type, "seconds": seconds,
+        "parts": parts, "speedup": statistics.median(round_ratios(seconds["one at a time"], seconds["stacked"])),
+        "train_speedup": parts["one at a time"]["train_s"] / parts["stacked"]["train_s"],
+        "score_speedup": parts["one at a time"]["score_s"] / parts["stacked"]["score_s"],
+        "max_rel_diff": float(np.max(np.abs(many - one) / np.abs(one))),
+        "ops_per_batch": ops, "ops_ratio": ops["one at a time"] / ops["stacked"],
+        "train_tokens": {name: training_tokens(lengths, config, stack) for name, stack in stacks.items()},
+    }
+    say(f"== stacked members: all {config.num_members} members in one forward vs one at a time ==")
+    say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, {args.proxy} on {device.type}, "
+        f"{str(_autocast_dtype(device, config.precision) or torch.float32).replace('torch.', '')}")
+    for r in range(args.rounds):
+        say(f"round {r + 1}: " + "  ".join(f"{name} {s[r]:.2f} s" for name, s in seconds.items()))
+    say("first round, train / score: " + ", ".join(f"{name} {p['train_s']:.2f} s / {p['score_s']:.2f} s"
+                                                   for name, p in parts.items()))
+    say(f"stacked vs one at a time: speed-up {result['speedup']:.2f}x (training {result['train_speedup']:.2f}x, "
+        f"scoring {result['score_speedup']:.2f}x); norms equal to {result['max_rel_diff']:.1e}")
+    say(f"training token positions (padding included): one at a time {result['train_tokens']['one at a time']}, "
+        f"stacked {result['train_tokens']['stacked']}")
+    say(f"operations dispatched per batch of {size} rows (trained by every member, scored under every adapter): " +
+        ", ".join(f"{name} {n}" for name, n in ops.items()) + f" ({result['ops_ratio']:.2f}x fewer stacked)")
+    return result
+
+
 # -- command line ---------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -661,6 +759,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers-rows", type=int, default=32, help="workers: rows")
     parser.add_argument("--workers-members", type=int, default=2, help="workers: M")
     parser.add_argument("--head-rows", type=int, default=8, help="head: rows of --max-length random tokens")
+    parser.add_argument("--stack-rows", type=int, default=48, help="stack: rows")
+    parser.add_argument("--stack-members", type=int, default=GSNRConfig.num_members, help="stack: M")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--head-child", choices=("chunked", "whole"), help=argparse.SUPPRESS)
@@ -687,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.argv[1:] if argv is None else argv)])}
     say(f"machine: {results['machine']}")
     runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online,
-               "workers": section_workers, "head": section_head}
+               "workers": section_workers, "head": section_head, "stack": section_stack}
     for name in args.sections.split(","):
         before = load_avg()
         start = time.perf_counter()

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 import bench_speed  # noqa: E402  (tools/, next to this file)
 from gradfilter_ops import fields  # noqa: E402
 from gradfilter_ops.config import SCORE_MODES, GSNRConfig  # noqa: E402
-from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble  # noqa: E402
+from gradfilter_ops.ensemble import EnsembleScorer, stack_size, train_ensemble  # noqa: E402
 from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
 from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
 
@@ -113,6 +113,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--score-mode", default="snapshot", choices=SCORE_MODES,
                         help="online: the norms come with training and the score phase only reads them")
     parser.add_argument("--score-batch-size", type=int, help="rows per scoring pass (default: GSNRConfig's)")
+    parser.add_argument("--stack-members", type=int, default=GSNRConfig.stack_members,
+                        help="members per stacked forward (default: GSNRConfig's, all of them on CUDA)")
     parser.add_argument("--member-workers", type=int, default=GSNRConfig.member_workers,
                         help="processes that train and score members at once (GSNRConfig.member_workers)")
     return parser.parse_args(argv)
@@ -135,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = random_proxy(args.tiny).to(device)
     speed = {"score_batch_size": args.score_batch_size} if args.score_batch_size else {}
     config = GSNRConfig(hf_model="random GPT-2", device=device.type, score_mode=args.score_mode,
-                        member_workers=args.member_workers, **speed)
+                        member_workers=args.member_workers, stack_members=args.stack_members, **speed)
+    stack = stack_size(config, device)
     pad_id = model.config.eos_token_id
     examples = alpaca_like_examples(args.examples, model.config.vocab_size,
                                     min(config.max_length, model.config.n_positions), args.seed)
@@ -143,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     weights = bench_speed.matmul_weights(model)
     result.update(examples=len(examples), tiny=args.tiny, members=config.num_members, epochs=config.num_epochs,
                   score_mode=config.score_mode, score_batch_size=config.score_batch_size,
-                  member_workers=config.member_workers,
+                  member_workers=config.member_workers, stack_members=stack,
                   weights={"decoder": weights[0], "lm_head": weights[1]},
                   tokens={"mean": float(lengths.mean()), "median": float(np.median(lengths)),
                           "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
@@ -155,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     train_s, snapshots = bench_speed.timed(lambda: train_ensemble(model, examples, config, pad_id), device)
     steps = len(bench_speed.training_batches(lengths.tolist(), config))  # all members and epochs
-    phase("train", {"seconds": train_s, "steps": steps,
-                    "ms_per_step": 1000 * train_s * min(config.member_workers, config.num_members) / steps,
+    forward_steps = steps / stack  # a stacked step trains `stack` members
+    phase("train", {"seconds": train_s, "steps": steps, "forward_steps": forward_steps,
+                    "ms_per_step": 1000 * train_s * min(config.member_workers, config.num_members) / forward_steps,
                     "row_passes_per_s": len(examples) * config.num_epochs * config.num_members / train_s})
 
     def score() -> np.ndarray:
@@ -171,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     score_s, sq_norms = bench_speed.timed(score, device)
     parts = gsnr_from_sq_norms(sq_norms, norm=config.norm, noise=config.noise, eps=config.eps)
-    passes = 0 if config.score_mode == "online" else (
-        2 * config.num_members * len(bench_speed.scoring_batches(lengths.tolist(), config)))
+    passes = 0 if config.score_mode == "online" else (  # a stacked pass runs 2 x `stack` adapters
+        2 * config.num_members * len(bench_speed.scoring_batches(lengths.tolist(), config)) // (2 * stack if stack > 1 else 1))
     phase("score", {"seconds": score_s, "passes": passes,
                     "ms_per_pass": 1000 * score_s * min(config.member_workers, config.num_members) / passes
                     if passes else None,
@@ -181,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     wall = train_s + score_s
     flops = {"arithmetic": bench_speed.gsnr_flops(weights, examples, config),
-             "executed": bench_speed.executed_flops(weights, examples, config)}
+             "executed": bench_speed.executed_flops(weights, examples, config, stack)}
     peak = peak_flops(device, args.peak_tflops)
     result.update(
         status="done", wall_s=wall, examples_per_s=len(examples) / wall, flops=flops,

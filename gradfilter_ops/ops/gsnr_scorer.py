@@ -95,6 +95,7 @@ class GSNRScorerOp(Filter):
         weight_decay: float = 0.0,
         train_batch_size: int = 16,
         member_workers: int = 1,
+        stack_members: Optional[int] = None,
         score_mode: str = "snapshot",
         score_batch_size: int = 16,
         grad_params: str = "AB",

@@ -1,0 +1,106 @@
+"""Several LoRA adapters of one peft model in one forward pass: stacked members.
+
+A stacked batch holds K blocks of rows, block k for adapter k (`names[k]`). The frozen proxy's own
+layers run once over all K blocks, and every LoRA layer computes the K adapters' updates with two
+batched matmuls, `[K, rows, in] @ [K, in, r]` and `@ [K, r, out]`, instead of K separate passes of
+the whole model. The adapters stay peft's parameters (stacked afresh at each forward), so the
+gradients reach each adapter's own `A` and `B` as usual; adapters share no parameter and rows never
+mix, so the arithmetic is that of K separate passes. On a GPU, where a small proxy's step is bound by
+the host launching kernels, that is K times fewer launches (docs/speed.md).
+
+Training stacks the M members (each block: that member's own batch at this step); snapshot scoring
+stacks the 2M snapshot adapters over copies of one batch. While `recording()`, the LoRA inputs and
+outputs are kept as `grads.LoraActivations` keeps them, one row per stacked row, so the per-example
+norms of `grads` apply unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import fields
+from .prompts import Encoded
+
+
+def filler(pad_id: int) -> Encoded:
+    """A row for a stacked block that is short of examples (the members' batches at one step can differ in
+    size): one token and no response, so it adds nothing to any loss or gradient."""
+    return Encoded(fields.OK, [pad_id], num_prompt=1)
+
+
+class StackedLora:
+    """While entered, every LoRA layer of `model` runs the adapters `names` on their blocks of rows
+    (and their weights require grad)."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import Linear
+
+        self.names = list(names)
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        if not self.layers:
+            raise ValueError("StackedLora needs a peft model with LoRA layers.")
+        for layer in self.layers:
+            missing = [n for n in self.names if n not in layer.lora_A]
+            if not isinstance(layer, Linear) or missing or any(n in layer.lora_variant for n in self.names):
+                raise ValueError(f"Stacked members support plain LoRA on linear layers only; {type(layer).__name__} "
+                                 f"(adapters missing: {missing}) is not. Set `stack_members: 1`.")
+        self.records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._recording = False
+
+    def __enter__(self) -> "StackedLora":
+        # The per-example norms need the graph through every stacked adapter, whichever one peft made active.
+        weights = [d[n].weight for layer in self.layers for d in (layer.lora_A, layer.lora_B) for n in self.names]
+        self._requires_grad = [(w, w.requires_grad) for w in weights]
+        for weight in weights:
+            weight.requires_grad_(True)
+        for layer in self.layers:
+            layer.forward = self._forward_of(layer)  # an instance attribute: shadows the class's forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            del layer.forward
+        for weight, requires_grad in self._requires_grad:
+            weight.requires_grad_(requires_grad)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.records = []
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def _forward_of(self, layer):
+        names = self.names
+        dropout = max(getattr(layer.lora_dropout[n], "p", 0.0) for n in names)
+        scaling = [float(layer.scaling[n]) for n in names]
+        same_scaling = len(set(scaling)) == 1
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            result = layer.base_layer(x, *args, **kwargs)
+            a = torch.stack([layer.lora_A[n].weight for n in names])  # [K, r, in]
+            b = torch.stack([layer.lora_B[n].weight for n in names])  # [K, out, r]
+            x = layer._cast_input_dtype(x, a.dtype)
+            if dropout and layer.training:
+                x = F.dropout(x, dropout, training=True)
+            k, rank, out = len(names), a.shape[1], b.shape[1]
+            hidden = torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2)).view(*x.shape[:-1], rank)
+            update = torch.bmm(hidden.view(k, -1, rank), b.transpose(1, 2)).view(*x.shape[:-1], out)
+            if self._recording:
+                self.records.append(("A", x, hidden))
+                self.records.append(("B", hidden, update))
+            if same_scaling:
+                scaled = update * scaling[0]
+            else:
+                scale = torch.tensor(scaling, device=update.device, dtype=update.dtype).view(k, 1, 1)
+                scaled = (update.view(k, -1, out) * scale).view_as(update)
+            return (result + scaled).to(result.dtype)
+
+        return forward
