@@ -348,7 +348,7 @@ def _train_members(model, lora, examples, config, pad_id, members: Sequence[int]
                 with (activations.recording() if record else nullcontext()), \
                         torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                        enabled=autocast_dtype is not None):
-                    sums, counts = response_loss_sums(peft_model, batch)
+                    sums, counts = response_loss_sums(peft_model, batch, blocks=k)
                 loss = (sums.view(k, block).sum(1) / counts.view(k, block).sum(1).clamp_min(1)).sum()
                 if record:
                     norms = backward_with_sq_norms(loss, counts, activations, params, config.grad_params, blocks=k)
@@ -474,7 +474,7 @@ class EnsembleScorer:
                     continue
                 with self._stacked(tuple(name for _, name in group)) as stacked:
                     norms = per_example_grad_sq_norms(self.model, stacked, batches[len(group)],
-                                                      self.config.grad_params, autocast_dtype)
+                                                      self.config.grad_params, autocast_dtype, blocks=len(group))
                 for (slot, _), block in zip(group, norms.view(len(group), len(indices))):
                     out[slot].index_copy_(0, rows, block)
         except torch.cuda.OutOfMemoryError as error:

@@ -92,11 +92,13 @@ def shuffled_length_batches(lengths: Sequence[int], batch_size: int, generator: 
 HEAD_CHUNK = 2048
 
 
-def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sum of response-token cross-entropy, and the number of such tokens.
 
     The LM head runs only at positions that predict a response token, which saves most of its cost
-    and the memory of full-vocabulary logits (chunked past `HEAD_CHUNK` positions). No attention mask
+    and the memory of full-vocabulary logits (chunked past `HEAD_CHUNK` positions per block, for a
+    batch of `blocks` stacked members: a stacked pass may take the memory of that many passes). No attention mask
     is passed: the batch is right-padded and attention is causal, so a real token never sees a pad,
     and the pads' outputs reach no loss (their gradients are zero). That keeps the fast fused
     attention kernels usable.
@@ -107,13 +109,14 @@ def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     head = base.get_output_embeddings()
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)
     labels = batch["input_ids"].reshape(-1).index_select(0, targets + 1)
-    if len(targets) <= HEAD_CHUNK:
+    chunk = HEAD_CHUNK * blocks
+    if len(targets) <= chunk:
         token_loss = _head_losses(head, rows, labels)
     else:
         from torch.utils.checkpoint import checkpoint
 
-        token_loss = torch.cat([checkpoint(_head_losses, head, rows[i: i + HEAD_CHUNK], labels[i: i + HEAD_CHUNK],
-                                           use_reentrant=False) for i in range(0, len(targets), HEAD_CHUNK)])
+        token_loss = torch.cat([checkpoint(_head_losses, head, rows[i: i + chunk], labels[i: i + chunk],
+                                           use_reentrant=False) for i in range(0, len(targets), chunk)])
     sums = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     return sums.index_add_(0, batch["target_rows"], token_loss), batch["counts"]
 
@@ -159,15 +162,16 @@ class LoraActivations:
 
 def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivations,
                               batch: dict[str, torch.Tensor], grad_params: str = "AB",
-                              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                              autocast_dtype: torch.dtype | None = None, blocks: int = 1) -> torch.Tensor:
     """Squared L2 norm of each example's gradient of its mean response loss, over the active adapter.
 
-    `grad_params="B"` restricts the norm to the `B` matrices. Returns a float32 tensor of shape [B].
+    `grad_params="B"` restricts the norm to the `B` matrices; `blocks`, as in `response_loss_sums`.
+    Returns a float32 tensor of shape [B].
     """
     device_type = batch["input_ids"].device.type
     with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                                  enabled=autocast_dtype is not None):
-        sums, counts = response_loss_sums(model, batch)
+        sums, counts = response_loss_sums(model, batch, blocks)
         losses = sums / counts.clamp_min(1)
     wanted = _wanted(activations, grad_params)
     output_grads = torch.autograd.grad(losses.sum(), [out for _, out in wanted])

@@ -1,5 +1,7 @@
 """`stack_members`: several members in one forward pass give the ensemble and the norms of one at a time."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -90,34 +92,17 @@ def test_stacked_snapshot_norms_equal_one_pass_per_adapter(proxy, tiny_config):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_stacking_runs_the_proxy_once_for_all_adapters(proxy, tiny_config):
+def test_stacking_runs_the_proxy_once_for_all_adapters(proxy, tiny_config, monkeypatch):
     """What stacking is for: far fewer operations per row (on a GPU each costs a kernel launch)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
-            return func(*args, **(kwargs or {}))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_speed import ops_per_batch
 
     model, tokenizer = proxy
-    config = tiny_config(num_members=4)
-    examples = encoded(config, tokenizer, 4)
-    snapshots = train_ensemble(model, examples, config, tokenizer.eos_token_id, progress=False)
-    ops = {}
-    for stack in (1, 4):
-        scorer = EnsembleScorer(model, snapshots, tiny_config(num_members=4, stack_members=stack),
-                                tokenizer.eos_token_id)
-        try:
-            scorer.sq_norms(examples, progress=False)  # warm-up
-            Count.ops = 0
-            with Count():
-                scorer.sq_norms(examples, progress=False)
-            ops[stack] = Count.ops
-        finally:
-            scorer.close()
-    assert ops[4] < ops[1] / 3, ops
+    examples = encoded(tiny_config(), tokenizer, 8)
+    ops = {stack: ops_per_batch(model, examples, tiny_config(num_members=4, stack_members=stack),
+                                tokenizer.eos_token_id, 4) for stack in (1, 4)}
+    assert ops[4]["train"] < ops[1]["train"] / 2, ops
+    assert ops[4]["score"] < ops[1]["score"] / 4, ops
 
 
 def test_stack_members_must_be_positive_or_null(tiny_config):

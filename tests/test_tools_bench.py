@@ -34,9 +34,10 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
     bench_speed, _ = tools
     out = tmp_path / "bench.json"
     results = bench_speed.main(["--quick", "--proxy", str(tiny_gpt2_dir), "--sections",
-                                "norms,e2e,memory,online,workers,head", "--json", str(out)])
+                                "norms,e2e,memory,online,workers,head,stack", "--json", str(out)])
     printed = capsys.readouterr().out
-    for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online", "== member workers", "== head"):
+    for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online", "== member workers", "== head",
+                   "== stacked members"):
         assert header in printed
     assert json.loads(out.read_text()).keys() == results.keys()
 
@@ -69,6 +70,10 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
 
     head = results["head"]
     assert head["whole"]["targets"] == head["chunked"]["targets"] > 0 and head["max_rel_diff"] < 1e-4
+
+    stack = results["stack"]
+    assert stack["rows"] == 8 and positive(stack["speedup"]) and stack["max_rel_diff"] < 0.1  # GPT-2's dropout
+    assert stack["ops_ratio"]["train"] > 2 and stack["ops_ratio"]["score"] > 4  # M = 4 members in one forward
 
 
 def test_flop_accounting_matches_torch_flop_counter(tools, tiny_gpt2_dir):
@@ -118,6 +123,14 @@ def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     # 64 rows in batches of 16: 4 steps per epoch, M x T = 8 epochs; 2M passes over the buckets
     assert result["phases"]["train"]["steps"] == 4 * 4 * 2 and positive(result["phases"]["train"]["ms_per_step"])
     assert result["phases"]["score"]["passes"] == 2 * 4 * 4 and positive(result["phases"]["score"]["ms_per_pass"])
+
+    stacked = gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "0", "--stack-members", "4",
+                              "--count-ops", "--out", str(tmp_path / "stacked.json")])
+    assert stacked["stack_members"] == 4 and set(stacked["phases"]) == {"ops", "train", "score"}
+    assert stacked["phases"]["train"]["forward_steps"] == 4 * 2  # one stacked step trains the 4 members
+    assert stacked["phases"]["score"]["passes"] == 4  # one pass per bucket runs all 8 adapters
+    assert stacked["phases"]["ops"]["train"] > stacked["phases"]["ops"]["score"] > 0
+    assert stacked["phases"]["score"]["finite_share"] == 1.0
 
     online = gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "1", "--score-mode", "online",
                              "--out", str(tmp_path / "online.json")])

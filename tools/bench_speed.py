@@ -673,6 +673,25 @@ def count_ops(fn: Callable[[], Any]) -> int:
     return Count.ops
 
 
+def ops_per_batch(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
+                  size: int) -> dict[str, int]:
+    """Operations dispatched for one more batch of `size` rows: `train` (every member's training steps over
+    it, all epochs) and `score` (its snapshot passes under every adapter). Each is the count for two
+    batches less the count for one, so the set-up (adapters, optimizer, hooks) cancels out."""
+    config = replace(config, train_batch_size=size, score_batch_size=size)
+    one, two = examples[:size], examples[: 2 * size]
+    train = count_ops(lambda: train_ensemble(model, two, config, pad_id, progress=False))
+    snapshots = train_ensemble(model, one, config, pad_id, progress=False)
+    train -= count_ops(lambda: train_ensemble(model, one, config, pad_id, progress=False))
+    scorer = EnsembleScorer(model, snapshots, config, pad_id)
+    try:
+        score = count_ops(lambda: scorer.sq_norms(two, progress=False))
+        score -= count_ops(lambda: scorer.sq_norms(one, progress=False))
+    finally:
+        scorer.close()
+    return {"train": train, "score": score}
+
+
 def section_stack(args: argparse.Namespace) -> dict[str, Any]:
     """`train_ensemble` then snapshot scoring (`EnsembleScorer.sq_norms`) with `stack_members` 1 and M,
     interleaved, same rows and config; plus the operations each dispatches per batch of rows."""
@@ -696,10 +715,8 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
             return {"train_s": train_s, "score_s": score_s, "norms": norms}
         return fit_and_score
 
-    # Operations of one more batch of rows (trained M x T member steps, scored in 2M adapter passes): the
-    # count for two batches less the count for one, so the set-up (adapters, optimizer) cancels out.
-    size = min(config.train_batch_size, config.score_batch_size)
-    ops = {name: count_ops(run(stack, examples[: 2 * size])) - count_ops(run(stack, examples[:size]))
+    size = min(config.train_batch_size, config.score_batch_size, len(examples) // 2)
+    ops = {name: ops_per_batch(model, examples, replace(config, stack_members=stack), pad_id, size)
            for name, stack in stacks.items()}
     seconds, results = interleaved({name: run(stack, examples) for name, stack in stacks.items()}, args.rounds, device)
     parts = {name: {part: results[name][part] for part in ("train_s", "score_s")} for name in stacks}  # first round
@@ -711,7 +728,8 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
         "train_speedup": parts["one at a time"]["train_s"] / parts["stacked"]["train_s"],
         "score_speedup": parts["one at a time"]["score_s"] / parts["stacked"]["score_s"],
         "max_rel_diff": float(np.max(np.abs(many - one) / np.abs(one))),
-        "ops_per_batch": ops, "ops_ratio": ops["one at a time"] / ops["stacked"],
+        "ops_per_batch": ops, "ops_ratio": {part: ops["one at a time"][part] / ops["stacked"][part]
+                                            for part in ("train", "score")},
         "train_tokens": {name: training_tokens(lengths, config, stack) for name, stack in stacks.items()},
     }
     say(f"== stacked members: all {config.num_members} members in one forward vs one at a time ==")
@@ -725,8 +743,9 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
         f"scoring {result['score_speedup']:.2f}x); norms equal to {result['max_rel_diff']:.1e}")
     say(f"training token positions (padding included): one at a time {result['train_tokens']['one at a time']}, "
         f"stacked {result['train_tokens']['stacked']}")
-    say(f"operations dispatched per batch of {size} rows (trained by every member, scored under every adapter): " +
-        ", ".join(f"{name} {n}" for name, n in ops.items()) + f" ({result['ops_ratio']:.2f}x fewer stacked)")
+    say(f"operations dispatched per batch of {size} rows, trained by every member / scored under every adapter: " +
+        ", ".join(f"{name} {n['train']} / {n['score']}" for name, n in ops.items()) +
+        f" ({result['ops_ratio']['train']:.2f}x / {result['ops_ratio']['score']:.2f}x fewer stacked)")
     return result
 
 

@@ -13,7 +13,10 @@ It runs the scorer's own code on synthetic rows:
 - phases: `micro` (bench_speed's sections 1 and 2 on one batch: batched norms vs a one-example loop
   and vs a training step), `train` (`train_ensemble`), `score` (`EnsembleScorer.sq_norms` per 256-row
   chunk, as the op's map batches, then `gsnr_from_sq_norms`); with `--score-mode online` the norms
-  are recorded during `train` and `score` only reads them.
+  are recorded during `train` and `score` only reads them; with `--count-ops`, first `ops` (the
+  operations, each a kernel launch, that one more batch costs in training and in scoring);
+- `--stack-members` (default: all members on CUDA, `GSNRConfig.stack_members`) stacks members in
+  one forward; `--stack-members 1` trains and scores them one at a time.
 
 It reports the wall time of each phase, the time per training step and per scoring pass (in each
 worker's own time with `--member-workers`), examples per second, FLOPs (bench_speed's accounting,
@@ -113,6 +116,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--score-mode", default="snapshot", choices=SCORE_MODES,
                         help="online: the norms come with training and the score phase only reads them")
     parser.add_argument("--score-batch-size", type=int, help="rows per scoring pass (default: GSNRConfig's)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="phase `ops`: operations dispatched (kernel launches) per batch trained and scored")
     parser.add_argument("--stack-members", type=int, default=GSNRConfig.stack_members,
                         help="members per stacked forward (default: GSNRConfig's, all of them on CUDA)")
     parser.add_argument("--member-workers", type=int, default=GSNRConfig.member_workers,
@@ -155,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.micro_rounds > 0:
         batch = bench_speed.pick_batch(examples[:4096], config.score_batch_size)
         phase("micro", bench_speed.compare_norm_passes(model, batch, pad_id, config, args.micro_rounds))
+
+    if args.count_ops:
+        phase("ops", {"batch_rows": config.train_batch_size, **bench_speed.ops_per_batch(
+            model, examples, config, pad_id, min(config.train_batch_size, config.score_batch_size))})
 
     train_s, snapshots = bench_speed.timed(lambda: train_ensemble(model, examples, config, pad_id), device)
     steps = len(bench_speed.training_batches(lengths.tolist(), config))  # all members and epochs
