@@ -107,10 +107,11 @@ class GSNRConfig:
     stack_members: Optional[int] = _help(
         "Members run in one stacked forward pass: k members' training steps at once (each its own batch, "
         "padded to the longest), and in snapshot scoring the 2k adapters of k members over copies of one "
-        "batch (k times the memory of a pass). The same arithmetic as one member at a time, so the same "
-        "scores (with a proxy that has dropout, other dropout draws in training). Default (null): every "
-        "member on CUDA, where a small proxy's steps wait on the host launching kernels, 1 on a CPU "
-        "(docs/speed.md). Used when `member_workers` is 1.",
+        "batch; a stacked step or pass needs about k (2k) times the memory of one. The same arithmetic as one "
+        "member at a time, so the same scores (with a proxy that has dropout, other dropout draws in "
+        "training). Default (null): every member on CUDA, where a small proxy's steps wait on the host "
+        "launching kernels, 1 on a CPU, where stacking is slower (docs/speed.md). Used when `member_workers` "
+        "is 1.",
         default=None,
     )
 

@@ -198,6 +198,7 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
     elif stack > 1 and len(todo) > 1:
         for start in range(0, len(todo), stack):
             group = todo[start: start + stack]
+            logger.info(f"gsnr: training members {group} together, stacked in one forward pass")
             for member, states, norms in _train_stacked(model, lora, examples, config, pad_id, group,
                                                         snapshots.epochs, bar):
                 finished(member, states, norms)

@@ -125,14 +125,30 @@ def _head_losses(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
-class LoraActivations:
-    """Records the inputs and outputs of every LoRA `A`/`B` linear that runs while `recording()`."""
+class LoraRecorder:
+    """Keeps `(kind, input, output)` of every LoRA `A`/`B` matmul that runs while `recording()`."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._active = False
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.records = []
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+
+
+class LoraActivations(LoraRecorder):
+    """Records the inputs and outputs of every LoRA `A`/`B` linear (forward hooks on peft's layers)."""
 
     def __init__(self, model: torch.nn.Module):
         from peft.tuners.lora import LoraLayer
 
-        self.records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        self._active = False
+        super().__init__()
         self._handles = []
         for module in model.modules():
             if isinstance(module, LoraLayer):
@@ -146,21 +162,12 @@ class LoraActivations:
                 self.records.append((kind, inputs[0], output))
         return hook
 
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        self.records = []
-        self._active = True
-        try:
-            yield
-        finally:
-            self._active = False
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivations,
+def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraRecorder,
                               batch: dict[str, torch.Tensor], grad_params: str = "AB",
                               autocast_dtype: torch.dtype | None = None, blocks: int = 1) -> torch.Tensor:
     """Squared L2 norm of each example's gradient of its mean response loss, over the active adapter.
@@ -178,7 +185,7 @@ def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraActivatio
     return _sq_norms(wanted, output_grads)
 
 
-def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations: LoraActivations,
+def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations: LoraRecorder,
                            params: Sequence[torch.Tensor], grad_params: str = "AB", blocks: int = 1) -> torch.Tensor:
     """The backward pass of a training step that also yields each example's own squared gradient norm.
 
@@ -198,7 +205,7 @@ def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations
     return _sq_norms(wanted, grads[len(params):]) * scale
 
 
-def _wanted(activations: LoraActivations, grad_params: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _wanted(activations: LoraRecorder, grad_params: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     wanted = [(inp, out) for kind, inp, out in activations.records if kind in grad_params]
     if not wanted:
         raise RuntimeError("No LoRA layer ran in the forward pass; is an adapter active?")

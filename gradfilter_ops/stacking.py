@@ -10,19 +10,19 @@ the host launching kernels, that is K times fewer launches (docs/speed.md).
 
 Training stacks the M members (each block: that member's own batch at this step); snapshot scoring
 stacks the 2M snapshot adapters over copies of one batch. While `recording()`, the LoRA inputs and
-outputs are kept as `grads.LoraActivations` keeps them, one row per stacked row, so the per-example
-norms of `grads` apply unchanged.
+outputs are kept as `grads.LoraActivations` keeps them (both are `grads.LoraRecorder`s), one row per
+stacked row, so the per-example norms of `grads` apply unchanged.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import fields
+from .grads import LoraRecorder
 from .prompts import Encoded
 
 
@@ -32,7 +32,7 @@ def filler(pad_id: int) -> Encoded:
     return Encoded(fields.OK, [pad_id], num_prompt=1)
 
 
-class StackedLora:
+class StackedLora(LoraRecorder):
     """While entered, every LoRA layer of `model` runs the adapters `names` on their blocks of rows
     (and their weights require grad)."""
 
@@ -49,8 +49,7 @@ class StackedLora:
             if not isinstance(layer, Linear) or missing or any(n in layer.lora_variant for n in self.names):
                 raise ValueError(f"Stacked members support plain LoRA on linear layers only; {type(layer).__name__} "
                                  f"(adapters missing: {missing}) is not. Set `stack_members: 1`.")
-        self.records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        self._recording = False
+        super().__init__()
 
     def __enter__(self) -> "StackedLora":
         # The per-example norms need the graph through every stacked adapter, whichever one peft made active.
@@ -68,15 +67,6 @@ class StackedLora:
         for weight, requires_grad in self._requires_grad:
             weight.requires_grad_(requires_grad)
 
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        self.records = []
-        self._recording = True
-        try:
-            yield
-        finally:
-            self._recording = False
-
     def _forward_of(self, layer):
         names = self.names
         dropout = max(getattr(layer.lora_dropout[n], "p", 0.0) for n in names)
@@ -93,7 +83,7 @@ class StackedLora:
             k, rank, out = len(names), a.shape[1], b.shape[1]
             hidden = torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2)).view(*x.shape[:-1], rank)
             update = torch.bmm(hidden.view(k, -1, rank), b.transpose(1, 2)).view(*x.shape[:-1], out)
-            if self._recording:
+            if self._active:
                 self.records.append(("A", x, hidden))
                 self.records.append(("B", hidden, update))
             if same_scaling:

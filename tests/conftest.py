@@ -63,3 +63,21 @@ def tiny_config(tiny_gpt2_dir, tmp_path):
         return GSNRConfig(**values)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def dropout_free_proxy(tiny_gpt2_dir):
+    """`(model, tokenizer)`: the tiny proxy, frozen, without GPT-2's dropout (0.1). Online norms are taken in
+    training mode and stacked members draw other dropout masks, so with dropout neither would equal the
+    reference it is checked against."""
+    import torch
+
+    from gradfilter_ops.proxy import load_proxy
+
+    model, tokenizer = load_proxy(str(tiny_gpt2_dir))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer

@@ -6,25 +6,9 @@ from datasets import Dataset
 
 from gradfilter_ops import GSNRScorer, fields
 from gradfilter_ops.ensemble import EnsembleScorer, Snapshots, train_ensemble
-from gradfilter_ops.proxy import load_proxy
 from gradfilter_ops.prompts import PromptFormatter
 
 from helpers import seed_tasks
-
-
-@pytest.fixture(scope="module")
-def proxy(tiny_gpt2_dir):
-    """The tiny proxy without its dropout (GPT-2's 0.1): online norms are taken in training mode, where
-    dropout would make them differ from the eval-mode snapshot passes."""
-    import torch
-
-    model, tokenizer = load_proxy(str(tiny_gpt2_dir))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model, tokenizer
 
 
 def encoded(config, tokenizer, n):
@@ -40,10 +24,10 @@ def snapshot_norms(model, snapshots, config, examples, pad_id):
         scorer.close()
 
 
-def test_online_norms_are_the_norms_at_each_steps_weights(proxy, tiny_config):
+def test_online_norms_are_the_norms_at_each_steps_weights(dropout_free_proxy, tiny_config):
     """With one optimizer step per epoch, the late epoch's step runs at the weights saved after the
     early epoch, so its online norms must equal snapshot mode's early norms exactly."""
-    model, tokenizer = proxy
+    model, tokenizer = dropout_free_proxy
     config = tiny_config(score_mode="online", train_batch_size=64)
     examples = encoded(config, tokenizer, 12)
     snapshots = train_ensemble(model, examples, config, tokenizer.eos_token_id, progress=False)
@@ -54,8 +38,8 @@ def test_online_norms_are_the_norms_at_each_steps_weights(proxy, tiny_config):
     assert not np.allclose(online[:, 1], from_snapshots[:, 1], rtol=1e-2)  # the late snapshot is one step on
 
 
-def test_online_recording_does_not_change_the_training(proxy, tiny_config):
-    model, tokenizer = proxy
+def test_online_recording_does_not_change_the_training(dropout_free_proxy, tiny_config):
+    model, tokenizer = dropout_free_proxy
     examples = encoded(tiny_config(), tokenizer, 10)
     plain = train_ensemble(model, examples, tiny_config(), tokenizer.eos_token_id, progress=False)
     online = train_ensemble(model, examples, tiny_config(score_mode="online"), tokenizer.eos_token_id, progress=False)

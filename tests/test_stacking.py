@@ -9,21 +9,8 @@ import torch
 from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble
 from gradfilter_ops.grads import shuffled_length_batches
 from gradfilter_ops.prompts import PromptFormatter
-from gradfilter_ops.proxy import load_proxy
 
 from helpers import seed_tasks
-
-
-@pytest.fixture(scope="module")
-def proxy(tiny_gpt2_dir):
-    """The tiny proxy without GPT-2's dropout: stacked training draws other dropout masks, nothing else."""
-    model, tokenizer = load_proxy(str(tiny_gpt2_dir))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model, tokenizer
 
 
 def encoded(config, tokenizer, n):
@@ -40,8 +27,8 @@ def assert_same_states(a, b):
 
 
 @pytest.mark.parametrize("score_mode", ["snapshot", "online"])
-def test_stacked_training_equals_one_member_at_a_time(proxy, tiny_config, score_mode):
-    model, tokenizer = proxy
+def test_stacked_training_equals_one_member_at_a_time(dropout_free_proxy, tiny_config, score_mode):
+    model, tokenizer = dropout_free_proxy
     config = tiny_config(num_members=3, score_mode=score_mode, stack_members=1)
     examples = encoded(config, tokenizer, 10)  # batches of 4, 4 and 2 rows
     # The members' short batch falls on different steps, so stacked steps carry filler rows.
@@ -61,8 +48,8 @@ def test_stacked_training_equals_one_member_at_a_time(proxy, tiny_config, score_
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_stacks_of_two_members_with_one_left_over(proxy, tiny_config):
-    model, tokenizer = proxy
+def test_stacks_of_two_members_with_one_left_over(dropout_free_proxy, tiny_config):
+    model, tokenizer = dropout_free_proxy
     examples = encoded(tiny_config(), tokenizer, 8)
     one_by_one = train_ensemble(model, examples, tiny_config(num_members=3, stack_members=1), tokenizer.eos_token_id,
                                 progress=False)
@@ -71,8 +58,8 @@ def test_stacks_of_two_members_with_one_left_over(proxy, tiny_config):
     assert_same_states(one_by_one, in_twos)
 
 
-def test_stacked_snapshot_norms_equal_one_pass_per_adapter(proxy, tiny_config):
-    model, tokenizer = proxy
+def test_stacked_snapshot_norms_equal_one_pass_per_adapter(dropout_free_proxy, tiny_config):
+    model, tokenizer = dropout_free_proxy
     config = tiny_config(num_members=3)
     examples = encoded(config, tokenizer, 9)
     snapshots = train_ensemble(model, examples, config, tokenizer.eos_token_id, progress=False)
@@ -92,12 +79,12 @@ def test_stacked_snapshot_norms_equal_one_pass_per_adapter(proxy, tiny_config):
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def test_stacking_runs_the_proxy_once_for_all_adapters(proxy, tiny_config, monkeypatch):
+def test_stacking_runs_the_proxy_once_for_all_adapters(dropout_free_proxy, tiny_config, monkeypatch):
     """What stacking is for: far fewer operations per row (on a GPU each costs a kernel launch)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     from bench_speed import ops_per_batch
 
-    model, tokenizer = proxy
+    model, tokenizer = dropout_free_proxy
     examples = encoded(tiny_config(), tokenizer, 8)
     ops = {stack: ops_per_batch(model, examples, tiny_config(num_members=4, stack_members=stack),
                                 tokenizer.eos_token_id, 4) for stack in (1, 4)}

@@ -264,6 +264,16 @@ def pad_id_of(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def proxy_and_rows(args: argparse.Namespace, rows: int, **options: Any):
+    """The frozen proxy, its device, a config (the arguments' precision and max length, plus `options`),
+    the first `rows` scoreable rows of `--data` encoded with it, and the pad id."""
+    model, tokenizer, device = frozen_proxy(args)
+    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length, **options)
+    formatter = PromptFormatter(config, tokenizer)
+    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, rows)) if e.ok]
+    return model, device, config, examples, pad_id_of(tokenizer)
+
+
 # -- 1 and 2: the per-example norm pass ----------------------------------------------------------------
 def pick_batch(examples: Sequence[Encoded], batch_size: int) -> list[Encoded]:
     """The length bucket (as the scorer forms them) whose median length is nearest the pool's median."""
@@ -581,12 +591,8 @@ def section_online(args: argparse.Namespace) -> dict[str, Any]:
     """`score_mode: online` vs `snapshot` from one training run (online recording does not change the
     training, so both read the same members); as the yardstick, snapshot mode vs snapshot mode of an
     ensemble whose members have other seeds (seed + M ... seed + 2M - 1)."""
-    model, tokenizer, device = frozen_proxy(args)
-    config = GSNRConfig(hf_model=args.proxy, num_members=args.online_members, precision=args.precision,
-                        max_length=args.max_length, score_mode="online")
-    formatter = PromptFormatter(config, tokenizer)
-    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.online_rows)) if e.ok]
-    pad_id = pad_id_of(tokenizer)
+    model, device, config, examples, pad_id = proxy_and_rows(args, args.online_rows, num_members=args.online_members,
+                                                             score_mode="online")
     start = time.perf_counter()
     snapshots = train_ensemble(model, examples, config, pad_id, progress=False)
     other = replace(config, seed=config.seed + config.num_members, score_mode="snapshot")
@@ -620,12 +626,7 @@ def section_online(args: argparse.Namespace) -> dict[str, Any]:
 def section_workers(args: argparse.Namespace) -> dict[str, Any]:
     """`train_ensemble` (and snapshot scoring) with `member_workers` 1 vs `--workers`, same rows and config,
     interleaved; the workers' spawn start-up counts. Their norms must equal one process's."""
-    model, tokenizer, device = frozen_proxy(args)
-    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length,
-                        num_members=args.workers_members)
-    formatter = PromptFormatter(config, tokenizer)
-    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.workers_rows)) if e.ok]
-    pad_id = pad_id_of(tokenizer)
+    model, device, config, examples, pad_id = proxy_and_rows(args, args.workers_rows, num_members=args.workers_members)
 
     def run(workers: int) -> Callable[[], np.ndarray]:
         def fit_and_score() -> np.ndarray:
@@ -695,12 +696,7 @@ def ops_per_batch(model: torch.nn.Module, examples: Sequence[Encoded], config: G
 def section_stack(args: argparse.Namespace) -> dict[str, Any]:
     """`train_ensemble` then snapshot scoring (`EnsembleScorer.sq_norms`) with `stack_members` 1 and M,
     interleaved, same rows and config; plus the operations each dispatches per batch of rows."""
-    model, tokenizer, device = frozen_proxy(args)
-    config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length,
-                        num_members=args.stack_members)
-    formatter = PromptFormatter(config, tokenizer)
-    examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.stack_rows)) if e.ok]
-    pad_id = pad_id_of(tokenizer)
+    model, device, config, examples, pad_id = proxy_and_rows(args, args.stack_rows, num_members=args.stack_members)
     stacks = {"one at a time": 1, "stacked": config.num_members}
 
     def run(stack: int, rows: Sequence[Encoded]) -> Callable[[], dict[str, Any]]:
@@ -717,7 +713,7 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
 
     size = min(config.train_batch_size, config.score_batch_size, len(examples) // 2)
     ops = {name: ops_per_batch(model, examples, replace(config, stack_members=stack), pad_id, size)
-           for name, stack in stacks.items()}
+           for name, stack in stacks.items()} if args.stack_ops else None
     seconds, results = interleaved({name: run(stack, examples) for name, stack in stacks.items()}, args.rounds, device)
     parts = {name: {part: results[name][part] for part in ("train_s", "score_s")} for name in stacks}  # first round
     one, many = results["one at a time"]["norms"], results["stacked"]["norms"]
@@ -729,7 +725,7 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
         "score_speedup": parts["one at a time"]["score_s"] / parts["stacked"]["score_s"],
         "max_rel_diff": float(np.max(np.abs(many - one) / np.abs(one))),
         "ops_per_batch": ops, "ops_ratio": {part: ops["one at a time"][part] / ops["stacked"][part]
-                                            for part in ("train", "score")},
+                                            for part in ("train", "score")} if ops else None,
         "train_tokens": {name: training_tokens(lengths, config, stack) for name, stack in stacks.items()},
     }
     say(f"== stacked members: all {config.num_members} members in one forward vs one at a time ==")
@@ -743,6 +739,8 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
         f"scoring {result['score_speedup']:.2f}x); norms equal to {result['max_rel_diff']:.1e}")
     say(f"training token positions (padding included): one at a time {result['train_tokens']['one at a time']}, "
         f"stacked {result['train_tokens']['stacked']}")
+    if not ops:
+        return result
     say(f"operations dispatched per batch of {size} rows, trained by every member / scored under every adapter: " +
         ", ".join(f"{name} {n['train']} / {n['score']}" for name, n in ops.items()) +
         f" ({result['ops_ratio']['train']:.2f}x / {result['ops_ratio']['score']:.2f}x fewer stacked)")
@@ -780,6 +778,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-rows", type=int, default=8, help="head: rows of --max-length random tokens")
     parser.add_argument("--stack-rows", type=int, default=48, help="stack: rows")
     parser.add_argument("--stack-members", type=int, default=GSNRConfig.num_members, help="stack: M")
+    parser.add_argument("--stack-ops", type=int, default=1, choices=(0, 1),
+                        help="stack: also count the operations per batch (1), which trains 2 x 3 more times")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--head-child", choices=("chunked", "whole"), help=argparse.SUPPRESS)
