@@ -3,7 +3,9 @@
 Training produces `Snapshots`: each member's adapter after the early and the late epoch. They are
 plain peft adapters (`adapter_config.json` + `adapter_model.safetensors` per member and epoch), so
 they can be saved, shipped to other workers or machines, and loaded with `PeftModel.from_pretrained`.
-Scoring reads them and never trains. With `score_mode: online` the training steps of those two epochs
+Scoring reads them and never trains. With `stack_members` > 1 (the CUDA default), several members
+train, and are scored, in one stacked forward pass (`stacking.StackedLora`), with the same arithmetic.
+With `score_mode: online` the training steps of those two epochs
 also record every training row's squared gradient norm (`Snapshots.online_norms`), and no scoring
 pass is needed for those rows. With `member_workers` > 1, members are trained (and their snapshot
 passes run) in spawned worker processes that share the frozen proxy; members are independent, so
@@ -390,7 +392,9 @@ class EnsembleScorer:
     """Holds the proxy with every snapshot adapter loaded and computes per-example gradient norms.
 
     With `workers` > 1 (and more than one member), the members' passes run in that many worker
-    processes, each with the proxy and every adapter (adapters are small), a member per job.
+    processes, each with the proxy and every adapter (adapters are small), a member per job. With
+    `stack_size` > 1 the 2 x `stack_size` adapters of that many members run in one stacked pass over
+    copies of each length bucket (`stacking.StackedLora`).
     """
 
     def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
@@ -501,5 +505,6 @@ class EnsembleScorer:
             self.pool = None
         if self.model is not None:
             self.activations.remove()
+            self._stacks.clear()
             self.model.unload()
             self.model = None
