@@ -486,8 +486,8 @@ class EnsembleScorer:
             if len(indices) == 1:
                 raise RuntimeError(
                     f"gsnr: out of device memory on a single row of {len(examples[indices[0]].input_ids)} tokens. "
-                    "Each of `member_workers` processes needs memory of its own, and a stacked pass needs "
-                    "`stack_members` times that of one; lower them, or `max_length`."
+                    "Each of `member_workers` processes needs memory of its own, and a stacked pass about "
+                    "2 x `stack_members` times that of one adapter's; lower them, or `max_length`."
                 ) from error
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

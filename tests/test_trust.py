@@ -114,20 +114,24 @@ def test_training_resumes_from_finished_members(tiny_config, monkeypatch, score_
     assert resumed[fields.GSNR] == clean[fields.GSNR]
 
 
-def test_out_of_memory_halves_the_batch(tiny_config, monkeypatch):
-    _, reference = scored(tiny_config())
+@pytest.mark.parametrize("stack", [1, 2])
+def test_out_of_memory_halves_the_batch(tiny_config, monkeypatch, stack):
+    _, reference = scored(tiny_config(stack_members=stack))
     real = ensemble.per_example_grad_sq_norms
-    sizes = []
+    sizes, stacked = [], set()
 
-    def small_gpu(model, activations, batch, *args):
-        sizes.append(batch["input_ids"].shape[0])
-        if batch["input_ids"].shape[0] > 1:
+    def small_gpu(model, activations, batch, *args, blocks=1):
+        rows = batch["input_ids"].shape[0] // blocks  # a stacked pass holds `blocks` copies of the bucket
+        sizes.append(rows)
+        stacked.add(blocks)
+        if rows > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, activations, batch, *args)
+        return real(model, activations, batch, *args, blocks=blocks)
 
     monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", small_gpu)
-    _, halved = scored(tiny_config())
+    _, halved = scored(tiny_config(stack_members=stack))
     assert 4 in sizes and 2 in sizes and 1 in sizes
+    assert stacked == {1 if stack == 1 else 2 * stack}  # the 2 x 2 adapters of 2 members in one pass
     np.testing.assert_allclose(halved[fields.EARLY], reference[fields.EARLY], rtol=1e-4)
     assert halved[fields.STATUS] == reference[fields.STATUS]
 
