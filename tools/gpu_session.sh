@@ -15,6 +15,8 @@ mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
+"$python" -c "import platform, torch, transformers, peft; print('python', platform.python_version(), 'torch', \
+torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" >> "$out/gpu.txt" 2>&1
 run() {  # name, seconds, gpu_check arguments...
     local name=$1 limit=$2
     shift 2
