@@ -20,6 +20,7 @@ LORA_INITS = ("zero_b", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCORE_MODES = ("snapshot", "online")
+NULLABLE = ("stack_members",)  # integer options whose null means "chosen automatically"
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -140,13 +141,13 @@ class GSNRConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("score_mode", self.score_mode, SCORE_MODES)
         for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size", "member_workers",
-                     "score_batch_size", "max_length"):
+                     "score_batch_size", "max_length", "stack_members"):
             value = getattr(self, name)
+            if name in NULLABLE and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.stack_members is not None and (isinstance(self.stack_members, bool)
-                                               or not isinstance(self.stack_members, int) or self.stack_members < 1):
-            raise ValueError(f"`stack_members` must be a positive integer or null (automatic), got {self.stack_members!r}.")
+                null = " or null (automatic)" if name in NULLABLE else ""
+                raise ValueError(f"`{name}` must be a positive integer{null}, got {value!r}.")
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2 (a prompt token and a response token), "
                              f"got {self.max_length}.")

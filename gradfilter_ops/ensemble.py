@@ -146,6 +146,12 @@ def stack_size(config: GSNRConfig, device: torch.device) -> int:
     return min(config.stack_members, config.num_members)
 
 
+def adapters_per_pass(config: GSNRConfig, device: torch.device) -> int:
+    """Snapshot adapters in one scoring pass: the early and late ones of `stack_size` members, or one."""
+    stack = stack_size(config, device)
+    return 2 * stack if stack > 1 else 1
+
+
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -441,9 +447,8 @@ class EnsembleScorer:
         out = torch.zeros((len(members), 2, len(examples)), dtype=torch.float32, device=self.device)
         passes = [((members.index(m), self.snapshots.epochs.index(e)), name)
                   for (m, e), name in sorted(self.names.items()) if m in members]
-        # The adapters of `stack_size` members per pass: each group is one forward over copies of a bucket.
-        stack = stack_size(self.config, self.device)
-        group = 2 * stack if stack > 1 else 1
+        # Each group is one forward, stacked over copies of a bucket when it holds several adapters.
+        group = adapters_per_pass(self.config, self.device)
         groups = [passes[i: i + group] for i in range(0, len(passes), group)]
         buckets = length_buckets([len(e.input_ids) for e in examples], self.config.score_batch_size)
         with tqdm(total=len(examples), desc="gsnr: per-example gradients", unit="row", leave=False,

@@ -17,8 +17,8 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
   workers `member_workers: k` vs one process, train + snapshot-score.
   head    one long norm pass with the LM head chunked vs whole: peak memory.
   stack   `stack_members: M` (all members in one forward) vs one member at a time, train +
-          snapshot-score: seconds, same norms, and the operations dispatched per member step and per
-          adapter pass (each one a kernel launch on a GPU, where a small proxy waits on the host).
+          snapshot-score: seconds, same norms, and the operations dispatched per batch of rows trained
+          and scored (each one a kernel launch on a GPU, where a small proxy waits on the host).
 
     python tools/bench_speed.py --proxy smollm2-135m --sections norms --rounds 2
     python tools/bench_speed.py --quick --proxy path/to/tiny-gpt2 --json out.json   # seconds
@@ -163,8 +163,6 @@ def training_tokens(lengths: Sequence[int], config: GSNRConfig, stack: int = 1) 
     """Token positions that training computes: each batch padded to its longest row, or with `stack`
     members per step, every block of a stacked step padded to the step's longest row and largest batch."""
     members = member_batches(lengths, config)
-    if stack == 1:
-        return padded_tokens(lengths, [b for batches in members for b in batches])
     total = 0
     for start in range(0, len(members), stack):
         for step in zip(*members[start: start + stack]):

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 import bench_speed  # noqa: E402  (tools/, next to this file)
 from gradfilter_ops import fields  # noqa: E402
 from gradfilter_ops.config import SCORE_MODES, GSNRConfig  # noqa: E402
-from gradfilter_ops.ensemble import EnsembleScorer, stack_size, train_ensemble  # noqa: E402
+from gradfilter_ops.ensemble import EnsembleScorer, adapters_per_pass, stack_size, train_ensemble  # noqa: E402
 from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
 from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
 
@@ -162,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         phase("micro", bench_speed.compare_norm_passes(model, batch, pad_id, config, args.micro_rounds))
 
     if args.count_ops:
-        phase("ops", {"batch_rows": config.train_batch_size, **bench_speed.ops_per_batch(
-            model, examples, config, pad_id, min(config.train_batch_size, config.score_batch_size))})
+        rows = min(config.train_batch_size, config.score_batch_size)
+        phase("ops", {"batch_rows": rows, **bench_speed.ops_per_batch(model, examples, config, pad_id, rows)})
 
     train_s, snapshots = bench_speed.timed(lambda: train_ensemble(model, examples, config, pad_id), device)
     steps = len(bench_speed.training_batches(lengths.tolist(), config))  # all members and epochs
@@ -184,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     score_s, sq_norms = bench_speed.timed(score, device)
     parts = gsnr_from_sq_norms(sq_norms, norm=config.norm, noise=config.noise, eps=config.eps)
-    passes = 0 if config.score_mode == "online" else (  # a stacked pass runs 2 x `stack` adapters
-        2 * config.num_members * len(bench_speed.scoring_batches(lengths.tolist(), config)) // (2 * stack if stack > 1 else 1))
+    passes = 0 if config.score_mode == "online" else (
+        2 * config.num_members * len(bench_speed.scoring_batches(lengths.tolist(), config))
+        // adapters_per_pass(config, device))
     phase("score", {"seconds": score_s, "passes": passes,
                     "ms_per_pass": 1000 * score_s * min(config.member_workers, config.num_members) / passes
                     if passes else None,
