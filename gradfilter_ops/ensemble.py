@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,22 @@ class Snapshots:
         if missing:
             raise ValueError(f"Members {missing} were trained without online norms (score_mode: snapshot).")
         return np.stack([self.online_norms[m] for m in self.members])
+
+    @classmethod
+    def merge(cls, parts: Sequence["Snapshots"]) -> "Snapshots":
+        """One ensemble from members trained apart, with the same epochs and LoRA config."""
+        first = parts[0]
+        if any((p.epochs, p.lora) != (first.epochs, first.lora) for p in parts):
+            raise ValueError("Snapshots.merge: the parts were trained with other epochs or another LoRA config.")
+        seen = Counter(member for part in parts for member in part.members)
+        shared = sorted(member for member, times in seen.items() if times > 1)
+        if shared:
+            raise ValueError(f"Snapshots.merge: members {shared} are in more than one part.")
+        merged = cls(epochs=first.epochs, states={}, lora=first.lora)
+        for part in parts:
+            merged.states.update(part.states)
+            merged.online_norms.update(part.online_norms)
+        return merged
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write one peft adapter folder per member and epoch (`member<m>_epoch<e>/`); returns the folder."""
@@ -160,7 +177,8 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
                    progress: bool = True, done: Optional[Snapshots] = None,
-                   on_member: Optional[Callable[[Snapshots, int], None]] = None) -> Snapshots:
+                   on_member: Optional[Callable[[Snapshots, int], None]] = None,
+                   members: Optional[Sequence[int]] = None) -> Snapshots:
     """Train `num_members` LoRA adapters and keep their early and late snapshots.
 
     Members train one after another, `stack_size` at a time in stacked steps (one forward for all of
@@ -169,6 +187,7 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
     Member m seeds its adapter init and its data order with `config.seed + m`, so members are
     independent: those already in `done` (from an interrupted run) are not trained again, and the
     result is the same. `on_member(snapshots, m)` is called as each member finishes (to persist it).
+    `members` trains only those members (a share of the ensemble trained elsewhere, e.g. in a Ray task).
     The loss is the token-level mean cross-entropy over the batch's response tokens. With
     `score_mode: online`, each member also records every row's squared gradient norm during the
     early and the late epoch (`Snapshots.online_norms`, rows in the order of `examples`).
@@ -182,7 +201,13 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
         reusable = [m for m in done.members if m < config.num_members and (not online or m in done.online_norms)]
         snapshots.states.update({key: state for key, state in done.states.items() if key[0] in reusable})
         snapshots.online_norms.update({m: done.online_norms[m] for m in reusable if m in done.online_norms})
-    todo = [m for m in range(config.num_members) if m not in snapshots.members]
+    wanted = range(config.num_members) if members is None else members
+    outside = [m for m in wanted if not 0 <= m < config.num_members]
+    if outside:
+        raise ValueError(f"Members {outside} are outside the ensemble of num_members={config.num_members}.")
+    snapshots.states = {key: state for key, state in snapshots.states.items() if key[0] in wanted}
+    snapshots.online_norms = {m: norms for m, norms in snapshots.online_norms.items() if m in wanted}
+    todo = [m for m in wanted if m not in snapshots.members]
     steps_per_epoch = -(-len(examples) // config.train_batch_size)
     bar = tqdm(total=len(todo) * config.num_epochs * steps_per_epoch, desc="gsnr: training LoRA ensemble",
                disable=not progress, unit="step")

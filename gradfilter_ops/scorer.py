@@ -63,6 +63,9 @@ class GSNRScorer:
         self._online_rows: dict[str, int] = {}  # score_mode online: row key -> column of the online norms
         self._model = self._tokenizer = self._formatter = self._ensemble = None
         self._device = None
+        # A copy unpickled in another process is a worker of `datasets`' forked map, which must run
+        # torch on one thread; `distributed` ships copies to Ray workers, which keep their CPUs.
+        self._one_thread_when_unpickled = True
 
     # -- state that is rebuilt in each worker process instead of being pickled ------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -72,7 +75,7 @@ class GSNRScorer:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.pop("_pickled_by", None) != os.getpid():
+        if state.pop("_pickled_by", None) != os.getpid() and state.get("_one_thread_when_unpickled", True):
             import torch
 
             # A worker of a multi-process map: parallelism comes from the processes, and a forked
@@ -122,10 +125,11 @@ class GSNRScorer:
         return digest(self._formatter.source(row))
 
     # -- phase 1 --------------------------------------------------------------------------------
-    def fit(self, dataset: Any, batch_size: int = 1000) -> None:
+    def fit(self, dataset: Any, batch_size: int = 1000, members: Optional[Sequence[int]] = None) -> None:
         """Train the ensemble on every scoreable row of `dataset` (a `datasets.Dataset` or a list of dicts).
 
         Rows are sorted by content hash first, so the ensemble does not depend on the row order.
+        `members` trains only those members: a share of the ensemble, joined with `absorb`.
         """
         from .ensemble import MANIFEST, Snapshots, train_ensemble
         from .proxy import resolve_cache_dir
@@ -159,8 +163,31 @@ class GSNRScorer:
         save = (lambda snapshots, member: snapshots.save_member(self.cache.ensemble_dir, member)) if self.cache else None
         started = time.perf_counter()
         self.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id,
-                                        done=done, on_member=save)
+                                        done=done, on_member=save, members=members)
         self.timings["train_s"] = time.perf_counter() - started
+
+    def absorb(self, other: "GSNRScorer") -> None:
+        """Join the members that `other` trained (`fit(..., members=...)`) on the same rows with the same options."""
+        from .ensemble import Snapshots
+
+        if (other.fingerprint, other.counts, other._online_rows) != (self.fingerprint, self.counts, self._online_rows):
+            raise ValueError("absorb: the other scorer was fitted with other options, another proxy or other rows.")
+        if other.snapshots is not None:
+            self.snapshots = (other.snapshots if self.snapshots is None
+                              else Snapshots.merge([self.snapshots, other.snapshots]))
+        if "train_s" in other.timings:
+            self.timings["train_s"] = max(self.timings.get("train_s", 0.0), other.timings["train_s"])
+
+    def portable(self) -> "GSNRScorer":
+        """Read into memory what scoring takes from the cache (the trained adapters, the cached scores), so
+        that a pickled copy scores where `cache_dir` cannot be seen (a Ray actor on another node)."""
+        from .ensemble import MANIFEST
+
+        if self.cache is not None:
+            self.cache.scores()
+            if self.snapshots is None and (self.cache.ensemble_dir / MANIFEST).exists():
+                self._snapshots()
+        return self
 
     def release(self) -> None:
         """Give back the proxy's adapters and stop `member_workers`' processes; the next batch loads them again."""

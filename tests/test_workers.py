@@ -73,3 +73,30 @@ def test_scorer_with_member_workers_gives_the_same_scores(tiny_config):
         scores[workers] = np.array(scored[fields.GSNR], dtype=float)
     assert np.isfinite(scores[1]).all()
     np.testing.assert_allclose(scores[2], scores[1], rtol=1e-3)
+
+
+def test_members_fitted_apart_and_absorbed_score_as_one_fit(tiny_config):
+    """What `distributed.fit_dataset` does in Ray tasks: each fit trains a share of the members."""
+    from datasets import Dataset
+
+    from gradfilter_ops import GSNRScorer
+    from gradfilter_ops.ensemble import Snapshots
+
+    rows = seed_tasks(10)
+    config = tiny_config(num_members=3)
+    whole = GSNRScorer(config).score(Dataset.from_list(rows))
+    first, second = GSNRScorer(config), GSNRScorer(config)
+    first.fit(rows, members=[0, 2])
+    second.fit(rows, members=[1])
+    assert first.snapshots.members == [0, 2] and second.snapshots.members == [1]
+    first.absorb(second)
+    joined = first.score(Dataset.from_list(rows))
+    np.testing.assert_allclose(joined["gsnr_late"], whole["gsnr_late"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"members \[1\] are in more than one part"):
+        Snapshots.merge([first.snapshots, second.snapshots])
+    other_rows = GSNRScorer(config)
+    other_rows.fit(rows[:5], members=[1])
+    with pytest.raises(ValueError, match="other rows"):
+        first.absorb(other_rows)
+    with pytest.raises(ValueError, match="outside the ensemble"):
+        GSNRScorer(config).fit(rows, members=[3])

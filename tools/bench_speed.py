@@ -16,6 +16,8 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
           next to how far snapshot mode agrees with itself under other seeds.
   workers `member_workers: k` vs one process, train + snapshot-score.
   head    one long norm pass with the LM head chunked vs whole: peak memory.
+  ray     `distributed.score_dataset` on a local Ray cluster (one training task, one scoring actor)
+          vs `GSNRScorer.score` in this process: what Ray costs on one machine; same scores.
   stack   `stack_members: M` (all members in one forward) vs one member at a time, train +
           snapshot-score: seconds, same norms, and the operations dispatched per batch of rows trained
           and scored (each one a kernel launch on a GPU, where a small proxy waits on the host).
@@ -59,11 +61,11 @@ from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
-SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack")
+SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack", "ray")
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
-             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8)
+             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
            "rss_growth": 1.10}
 
@@ -655,6 +657,53 @@ def section_workers(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- Ray: the distributed path on one machine vs this process ------------------------------------------
+def section_ray(args: argparse.Namespace) -> dict[str, Any]:
+    """`GSNRScorer.score` on a `datasets.Dataset` vs `distributed.score_dataset` on a local Ray cluster
+    of this machine (one training task and one scoring actor, each with every CPU), same rows and config,
+    interleaved. Each variant loads the proxy itself (Ray: once in the task, once in the actor); the
+    cluster's start-up is timed apart."""
+    import ray
+    from datasets import Dataset
+
+    from gradfilter_ops import GSNRScorer, fields
+    from gradfilter_ops.distributed import score_dataset
+
+    rows = read_rows(args.data, args.ray_rows)
+    config = GSNRConfig(hf_model=args.proxy, use_cache=False, device=args.device, precision=args.precision,
+                        max_length=args.max_length, num_members=args.ray_members)
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    startup = time.perf_counter() - started
+    late = [fields.EARLY, fields.LATE]
+
+    def here() -> np.ndarray:
+        scored = GSNRScorer(config).score(Dataset.from_list(rows), num_proc=1)
+        return np.array([[row[name] for name in late] for row in scored], dtype=float)
+
+    def on_ray() -> np.ndarray:
+        scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows)).dataset.take_all()
+        return np.array([[row[name] for name in late] for row in scored], dtype=float)
+
+    try:
+        seconds, results = interleaved({"this process": here, "Ray": on_ray}, args.rounds, torch.device("cpu"))
+    finally:
+        ray.shutdown()
+    result = {"rows": len(rows), "members": config.num_members, "max_length": config.max_length,
+              "ray_startup_s": startup, "seconds": seconds,
+              "ray_overhead": statistics.median(round_ratios(seconds["Ray"], seconds["this process"])),
+              "max_rel_diff": float(np.nanmax(np.abs(results["Ray"] - results["this process"])
+                                              / np.abs(results["this process"])))}
+    say("== Ray: distributed.score_dataset on a local cluster vs GSNRScorer.score in this process ==")
+    say(f"rows: {len(rows)}, M={config.num_members}, max_length={config.max_length}, {args.proxy}; "
+        f"Ray start-up {startup:.1f} s (not counted)")
+    say("seconds: " + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in seconds.items()))
+    say(f"Ray vs this process: {result['ray_overhead']:.2f}x the wall time; early and late norms equal to "
+        f"{result['max_rel_diff']:.1e}")
+    return result
+
+
 # -- stacked members: all members in one forward vs one at a time ---------------------------------------
 def count_ops(fn: Callable[[], Any]) -> int:
     """The aten operations `fn()` dispatches: on a GPU, each one is a kernel launch from the host."""
@@ -778,6 +827,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stack-members", type=int, default=GSNRConfig.num_members, help="stack: M")
     parser.add_argument("--stack-ops", type=int, default=1, choices=(0, 1),
                         help="stack: also count the operations per batch (1), which trains 2 x 3 more times")
+    parser.add_argument("--ray-rows", type=int, default=32, help="ray: rows")
+    parser.add_argument("--ray-members", type=int, default=GSNRConfig.num_members, help="ray: M")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--head-child", choices=("chunked", "whole"), help=argparse.SUPPRESS)
@@ -804,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.argv[1:] if argv is None else argv)])}
     say(f"machine: {results['machine']}")
     runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online,
-               "workers": section_workers, "head": section_head, "stack": section_stack}
+               "workers": section_workers, "head": section_head, "stack": section_stack, "ray": section_ray}
     for name in args.sections.split(","):
         before = load_avg()
         start = time.perf_counter()

@@ -3,5 +3,6 @@
 
 from .gsnr_scorer import GSNRScorerOp
 from .gsnr_top_k_filter import GSNRTopKFilter
+from .ray_ops import RayGSNRScorerOp, RayGSNRTopKFilter
 
-__all__ = ["GSNRScorerOp", "GSNRTopKFilter"]
+__all__ = ["GSNRScorerOp", "GSNRTopKFilter", "RayGSNRScorerOp", "RayGSNRTopKFilter"]

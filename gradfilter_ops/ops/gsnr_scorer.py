@@ -17,6 +17,8 @@ from ..dropped import write_dropped_rows
 from ..scorer import GSNRScorer, log_summary, map_num_proc, summarize
 
 OP_NAME = "gsnr_scorer"
+DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
+MANIFEST_FILE = "gsnr_manifest.json"
 RANGE_PARAMS = {
     "min_gsnr": "Keep rows with gsnr >= min_gsnr (optional; by default every row is kept).",
     "max_gsnr": "Keep rows with gsnr <= max_gsnr (optional).",
@@ -25,6 +27,21 @@ RANGE_PARAMS = {
 
 def _has_score(stats: Optional[dict]) -> bool:
     return bool(stats) and stats.get(fields.STATUS) is not None
+
+
+def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:
+    return gsnr is not None and (min_gsnr is None or gsnr >= min_gsnr) and (max_gsnr is None or gsnr <= max_gsnr)
+
+
+def range_drops(scores: list, statuses: list, min_gsnr: Optional[float], max_gsnr: Optional[float]) -> dict[int, str]:
+    """Row index -> reason, for the rows outside [min_gsnr, max_gsnr]; a row without a score keeps its status."""
+    return {i: fields.OUTSIDE_RANGE if status == fields.OK else status
+            for i, (gsnr, status) in enumerate(zip(scores, statuses)) if not in_range(gsnr, min_gsnr, max_gsnr)}
+
+
+def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:
+    logger.info(f"{op_name}: kept {rows - len(reasons)} of {rows} rows in the gsnr range; dropped by reason: "
+                f"{dict(Counter(reasons.values()))}.")
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -65,6 +82,7 @@ class GSNRScorerOp(Filter):
 
     _accelerator = "cuda"
     _batched_op = True
+    _supported_exec_modes = ("default",)  # it trains on the whole dataset first; on Ray: `ray_gsnr_scorer`
 
     def __init__(
         self,
@@ -140,20 +158,18 @@ class GSNRScorerOp(Filter):
         self.scorer.summary = summarize([s[fields.STATUS] for s in stats], [s.get(fields.DROP) for s in stats])
         log_summary(self.scorer.summary)
         if self.work_dir:
-            self.scorer.write_manifest(os.path.join(self.work_dir, "gsnr_manifest.json"))
+            self.scorer.write_manifest(os.path.join(self.work_dir, MANIFEST_FILE))
         if not reduce or (self.min_gsnr is None and self.max_gsnr is None):
             return scored
-        keep = list(self.process_batched({Fields.stats: stats}))
-        dropped = [i for i, k in enumerate(keep) if not k]
-        reasons = [fields.OUTSIDE_RANGE if stats[i][fields.STATUS] == fields.OK else stats[i][fields.STATUS]
-                   for i in dropped]
-        logger.info(f"{OP_NAME}: kept {len(keep) - len(dropped)} of {len(keep)} rows in the gsnr range; dropped "
-                    f"by reason: {dict(Counter(reasons))}.")
+        reasons = range_drops([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats], self.min_gsnr,
+                              self.max_gsnr)
+        log_range_drops(OP_NAME, len(stats), reasons)
+        dropped = sorted(reasons)
         if dropped and self.work_dir:
-            path = write_dropped_rows(os.path.join(self.work_dir, "gsnr_scorer_dropped.jsonl"),
-                                      scored.select(dropped), reasons)
+            path = write_dropped_rows(os.path.join(self.work_dir, DROPPED_FILE), scored.select(dropped),
+                                      [reasons[i] for i in dropped])
             logger.info(f"{OP_NAME}: wrote the dropped rows to {path}.")
-        return scored.select([i for i, k in enumerate(keep) if k])
+        return scored.select([i for i in range(len(stats)) if i not in reasons])
 
     def compute_stats_batched(self, samples, rank=None):
         all_stats = samples[Fields.stats]
@@ -170,9 +186,7 @@ class GSNRScorerOp(Filter):
     def process_batched(self, samples):
         if self.min_gsnr is None and self.max_gsnr is None:
             return [True] * len(samples[Fields.stats])
-        return [stats[fields.GSNR] is not None and self.get_keep_boolean(stats[fields.GSNR], self.min_gsnr,
-                                                                          self.max_gsnr)
-                for stats in samples[Fields.stats]]
+        return [in_range(stats[fields.GSNR], self.min_gsnr, self.max_gsnr) for stats in samples[Fields.stats]]
 
 
 GSNRScorerOp.__init__.__doc__ = "Initialization method.\n\n" + "\n".join(

@@ -13,9 +13,39 @@ from loguru import logger
 from .. import fields
 from ._options import reject_unknown_options
 from ..dropped import write_dropped_rows
-from ..selection import QUOTAS, select, validate_budget
+from ..selection import QUOTAS, Selection, select, validate_budget
 
 OP_NAME = "gsnr_top_k_filter"
+
+
+def check_selection_options(top_k: Optional[int], top_ratio: Optional[float], max_tokens: Optional[int],
+                            group_by: Optional[str], group_quota: str, min_per_group: int) -> None:
+    validate_budget(top_k, top_ratio, max_tokens)
+    if group_quota not in QUOTAS:
+        raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
+    if group_by is not None and max_tokens is not None:
+        raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
+    if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
+        raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
+
+
+def log_selection(op_name: str, selection: Selection, rows: int, groups: Optional[list[str]],
+                  group_by: Optional[str]) -> None:
+    logger.info(f"{op_name}: kept {len(selection.keep)} of {rows} rows; dropped by reason: "
+                f"{dict(Counter(selection.reasons[i] for i in sorted(selection.reasons)))}.")
+    if groups is not None:
+        kept = Counter(groups[i] for i in selection.keep)
+        logger.info(f"{op_name}: kept per {group_by}: "
+                    f"{ {g: f'{kept[g]}/{n}' for g, n in sorted(Counter(groups).items())} }.")
+
+
+def dropped_path_of(op) -> Optional[str]:
+    """Where a top-k op writes its dropped rows: `dropped_path`, else `<work_dir>/gsnr_dropped.jsonl`."""
+    if not op.keep_dropped:
+        return None
+    if op.dropped_path is not None:
+        return op.dropped_path
+    return os.path.join(op.work_dir, "gsnr_dropped.jsonl") if op.work_dir else None
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -70,13 +100,7 @@ class GSNRTopKFilter(Selector):
         """
         reject_unknown_options(OP_NAME, kwargs, Selector)
         super().__init__(*args, **kwargs)
-        validate_budget(top_k, top_ratio, max_tokens)
-        if group_quota not in QUOTAS:
-            raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
-        if group_by is not None and max_tokens is not None:
-            raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
-        if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
-            raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
+        check_selection_options(top_k, top_ratio, max_tokens, group_by, group_quota, min_per_group)
         self.budget = {"top_k": top_k, "top_ratio": top_ratio, "max_tokens": max_tokens}
         self.group_by = group_by
         self.group_quota = group_quota
@@ -103,21 +127,9 @@ class GSNRTopKFilter(Selector):
                            tokens=[s.get(fields.TOKENS) or 0 for s in stats], groups=groups,
                            group_quota=self.group_quota, min_per_group=self.min_per_group, **self.budget)
         dropped = sorted(selection.reasons)
-        logger.info(f"{OP_NAME}: kept {len(selection.keep)} of {len(stats)} rows; dropped by reason: "
-                    f"{dict(Counter(selection.reasons[i] for i in dropped))}.")
-        if groups is not None:
-            kept = Counter(groups[i] for i in selection.keep)
-            logger.info(f"{OP_NAME}: kept per {self.group_by}: "
-                        f"{ {g: f'{kept[g]}/{n}' for g, n in sorted(Counter(groups).items())} }.")
-        path = self._dropped_path()
+        log_selection(OP_NAME, selection, len(stats), groups, self.group_by)
+        path = dropped_path_of(self)
         if dropped and path is not None:
             write_dropped_rows(path, dataset.select(dropped), [selection.reasons[i] for i in dropped])
             logger.info(f"{OP_NAME}: wrote the {len(dropped)} dropped rows to {path}.")
         return dataset.select(selection.keep)
-
-    def _dropped_path(self) -> Optional[str]:
-        if not self.keep_dropped:
-            return None
-        if self.dropped_path is not None:
-            return self.dropped_path
-        return os.path.join(self.work_dir, "gsnr_dropped.jsonl") if self.work_dir else None

@@ -1,0 +1,138 @@
+"""The ops for Data-Juicer's Ray executor (`executor_type: ray`): `ray_gsnr_scorer` and
+`ray_gsnr_top_k_filter`, thin adapters over `gradfilter_ops.distributed`.
+
+Data-Juicer's Ray executor maps a Filter block by block, but G-SNR trains on the whole dataset
+before it scores a row, and the top k are chosen over all rows. So, as Data-Juicer does for its
+`ray_*_deduplicator` ops, these are separate ops that take the whole `ray.data.Dataset`. They take
+the same options as `gsnr_scorer` and `gsnr_top_k_filter`, and the scorer two more:
+
+- `train_tasks`: Ray tasks the ensemble's members are split over (a GPU each on a GPU cluster);
+- `num_proc`: Ray actors scoring the rows (each holds the proxy; default 1).
+
+`num_cpus` / `num_gpus` set each task's and actor's share (default: one GPU each when the cluster has
+GPUs, else a node's CPUs shared out among them).
+"""
+
+from __future__ import annotations
+
+import os
+
+from data_juicer.ops.base_op import OPERATORS, Pipeline
+from data_juicer.utils.constant import Fields
+from loguru import logger
+
+from .. import fields
+from ..config import GSNRConfig, field_help
+from ..scorer import GSNRScorer
+from ._options import bind_options, options_of, reject_unknown_options
+from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, RANGE_PARAMS, GSNRScorerOp, log_range_drops, range_drops
+from .gsnr_top_k_filter import GSNRTopKFilter, check_selection_options, dropped_path_of, log_selection
+
+SCORER_NAME = "ray_gsnr_scorer"
+TOP_K_NAME = "ray_gsnr_top_k_filter"
+RAY_PARAMS = {
+    "train_tasks": "Ray tasks the ensemble's members are split over, each on a GPU of its own when the cluster has "
+                   "GPUs (members are independent: the same scores). `num_proc` is the number of scoring actors.",
+}
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return value
+
+
+@OPERATORS.register_module(SCORER_NAME)
+class RayGSNRScorerOp(Pipeline):
+    """`gsnr_scorer` on Data-Juicer's Ray executor: trains the LoRA ensemble on the whole dataset in
+    `train_tasks` Ray tasks, then scores every row with `num_proc` Ray actors, and writes the same
+    stats into `__dj__stats__`. Rows that already carry a score keep it; rows outside
+    `min_gsnr` / `max_gsnr` go with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`.
+
+    Recipe step (with `executor_type: ray`):
+
+        - ray_gsnr_scorer:
+            hf_model: openai-community/gpt2
+            train_tasks: 4      # members on 4 GPUs at once
+            num_proc: 8         # 8 scoring actors
+    """
+
+    _accelerator = "cuda"
+    _supported_exec_modes = ("ray",)
+
+    @options_of(GSNRScorerOp.__init__, train_tasks=1)
+    def __init__(self, *args, **kwargs):
+        options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
+        self.train_tasks = _positive("train_tasks", options.pop("train_tasks"))
+        self.min_gsnr, self.max_gsnr = options.pop("min_gsnr"), options.pop("max_gsnr")
+        self.actors = _positive("num_proc", kwargs.get("num_proc") or 1)
+        self.resources = {name: kwargs.get(name) for name in ("num_cpus", "num_gpus")}
+        kwargs.setdefault("batch_size", 256)  # rows per actor call; bucketed by length inside
+        reject_unknown_options(SCORER_NAME, kwargs, Pipeline)
+        super().__init__(*args, **kwargs)
+        config = GSNRConfig(**options)
+        if config.member_workers > 1:
+            raise ValueError(f"{SCORER_NAME}: members run in Ray tasks (`train_tasks`); leave `member_workers` at 1.")
+        self.scorer = GSNRScorer(config)
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        from ..distributed import keep_rows, read_fields, score_dataset, write_dropped
+
+        scored = score_dataset(self.scorer, dataset, stats_column=Fields.stats, concurrency=self.actors,
+                               batch_size=self.batch_size, train_tasks=self.train_tasks, **self.resources)
+        self.scorer = scored.scorer
+        if self.work_dir:
+            self.scorer.write_manifest(os.path.join(self.work_dir, MANIFEST_FILE))
+        if self.min_gsnr is None and self.max_gsnr is None:
+            return scored.dataset
+        values = read_fields(scored.dataset, [fields.GSNR, fields.STATUS], stats_column=Fields.stats)
+        reasons = range_drops(values[fields.GSNR], values[fields.STATUS], self.min_gsnr, self.max_gsnr)
+        log_range_drops(SCORER_NAME, len(values[fields.STATUS]), reasons)
+        if reasons and self.work_dir:
+            path = write_dropped(os.path.join(self.work_dir, DROPPED_FILE), scored.dataset, reasons)
+            logger.info(f"{SCORER_NAME}: wrote the dropped rows to {path}.")
+        return keep_rows(scored.dataset, [i for i in range(len(values[fields.STATUS])) if i not in reasons])
+
+
+@OPERATORS.register_module(TOP_K_NAME)
+class RayGSNRTopKFilter(Pipeline):
+    """`gsnr_top_k_filter` on Data-Juicer's Ray executor: the same budgets, groups, reasons and
+    dropped-rows file, over the whole `ray.data.Dataset`. Put `ray_gsnr_scorer` before it.
+
+    Recipe step (with `executor_type: ray`):
+
+        - ray_gsnr_top_k_filter:
+            top_ratio: 0.1
+    """
+
+    _supported_exec_modes = ("ray",)
+
+    @options_of(GSNRTopKFilter.__init__)
+    def __init__(self, *args, **kwargs):
+        options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
+        reject_unknown_options(TOP_K_NAME, kwargs, Pipeline)
+        super().__init__(*args, **kwargs)
+        self.keep_dropped, self.dropped_path = options.pop("keep_dropped"), options.pop("dropped_path")
+        check_selection_options(**options)
+        self.options = options
+
+    def run(self, dataset, *, exporter=None, tracer=None):
+        from ..distributed import MissingScores, select_dataset
+
+        try:
+            selected = select_dataset(dataset, stats_column=Fields.stats, dropped_path=dropped_path_of(self),
+                                      **self.options)
+        except MissingScores as error:
+            raise ValueError(f"{TOP_K_NAME} needs the G-SNR stats of every row: put a `{SCORER_NAME}` step before it "
+                             f"in the recipe ({error}).") from error
+        log_selection(TOP_K_NAME, selected.selection, selected.rows, selected.groups, self.options["group_by"])
+        if selected.dropped_path is not None:
+            logger.info(f"{TOP_K_NAME}: wrote the {len(selected.selection.reasons)} dropped rows to "
+                        f"{selected.dropped_path}.")
+        return selected.dataset
+
+
+RayGSNRScorerOp.__init__.__doc__ = "Initialization method.\n\n" + "\n".join(
+    f":param {name}: {text}" for name, text in {**field_help(), **RANGE_PARAMS, **RAY_PARAMS}.items()
+)
+RayGSNRTopKFilter.__init__.__doc__ = GSNRTopKFilter.__init__.__doc__

@@ -1,0 +1,146 @@
+"""G-SNR on Ray Data (`gradfilter_ops.distributed`) and the Ray ops, on a real local Ray cluster."""
+
+import json
+import math
+
+import pytest
+from datasets import Dataset
+
+from gradfilter_ops import GSNRScorer, fields
+from gradfilter_ops.selection import select
+
+from helpers import seed_tasks
+
+ray = pytest.importorskip("ray")
+STATS = "__dj__stats__"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def bad_rows() -> list[dict]:
+    return [{"id": "bad_empty", "instruction": "Say something.", "input": "", "output": " "},
+            {"id": "bad_missing", "instruction": "Say something.", "input": None}]
+
+
+def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_config):
+    from gradfilter_ops.distributed import score_dataset
+
+    rows = seed_tasks(16) + bad_rows()
+    config = tiny_config(num_members=3)
+    expected = GSNRScorer(config).score(Dataset.from_list(rows))
+    scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows, override_num_blocks=3), train_tasks=2,
+                           batch_size=8)
+    got = {row["id"]: row for row in scored.dataset.take_all()}
+    assert len(got) == len(rows)
+    for row in expected:
+        twin = got[row["id"]]
+        assert twin[fields.STATUS] == row[fields.STATUS]
+        assert twin[fields.TOKENS] == row[fields.TOKENS]
+        if row[fields.STATUS] == fields.OK:
+            assert twin[fields.EARLY] == pytest.approx(row[fields.EARLY], rel=1e-4)
+            assert twin[fields.LATE] == pytest.approx(row[fields.LATE], rel=1e-4)
+        else:
+            assert twin[fields.GSNR] is None
+    assert scored.scorer.snapshots.members == [0, 1, 2]  # three members, trained in two tasks
+    assert scored.scorer.summary["statuses"] == {"ok": 16, "empty_response": 1, "missing_field": 1}
+
+
+def stats_rows(n: int) -> list[dict]:
+    """Rows as Data-Juicer's Ray executor holds them: stats of another op, and G-SNR stats with ties."""
+    rows = []
+    for i in range(n):
+        status = fields.OK if i % 7 else fields.EMPTY_RESPONSE
+        gsnr = float((i * 5) % 9) if status == fields.OK else None
+        rows.append({"id": f"r{i}", "source": "a" if i % 3 else "b",
+                     STATS: {"text_len": 10 + i, fields.GSNR: gsnr, fields.STATUS: status, fields.TOKENS: 20 + i}})
+    return rows
+
+
+@pytest.mark.parametrize("budget", [{"top_k": 7}, {"top_ratio": 0.5, "group_by": "source", "min_per_group": 3},
+                                    {"max_tokens": 200}])
+def test_ray_selection_over_blocks_equals_the_selection_over_the_rows(tmp_path, budget):
+    from gradfilter_ops.distributed import select_dataset
+
+    rows = stats_rows(30)
+    stats = [r[STATS] for r in rows]
+    local = {k: v for k, v in budget.items() if k != "group_by"}
+    expected = select([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats],
+                      tokens=[s[fields.TOKENS] for s in stats],
+                      groups=[r["source"] for r in rows] if "group_by" in budget else None, **local)
+    selected = select_dataset(ray.data.from_items(rows, override_num_blocks=4), stats_column=STATS,
+                              dropped_path=tmp_path / "dropped.jsonl", **budget)
+    assert [r["id"] for r in selected.dataset.take_all()] == [rows[i]["id"] for i in expected.keep]
+    dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").open()]
+    assert {r["id"]: r["gsnr_drop_reason"] for r in dropped} == {rows[i]["id"]: why for i, why in expected.reasons.items()}
+    assert all(r[STATS]["text_len"] == int(r["id"][1:]) + 10 for r in dropped)  # rows as they came
+
+
+def test_ray_selection_without_scores_says_so():
+    from gradfilter_ops.distributed import MissingScores, select_dataset
+
+    rows = [{"id": "x", STATS: {"text_len": 3}}]
+    with pytest.raises(MissingScores, match="1 of 1 rows have no G-SNR stats"):
+        select_dataset(ray.data.from_items(rows), stats_column=STATS, top_k=1)
+
+
+def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
+    """An unfitted scorer refuses to score a scoreable row, so this passes only if the scored rows are skipped."""
+    from gradfilter_ops.distributed import add_scores
+
+    import pyarrow as pa
+
+    scored = {fields.GSNR: 2.5, fields.EARLY: 1.0, fields.LATE: 0.5, fields.DROP: 0.5, fields.NOISE: 0.2,
+              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.NUM_TOKENS: 4, fields.TOKENS: 9}
+    rows = [{**seed_tasks(1)[0], STATS: {"text_len": 5, **scored}}] + \
+        [{**row, STATS: {"text_len": 6}} for row in bad_rows()]
+    out = add_scores(pa.Table.from_pylist(rows), GSNRScorer(tiny_config()), STATS).to_pylist()
+    assert out[0][STATS] == {"text_len": 5, **scored}
+    assert [r[STATS][fields.STATUS] for r in out[1:]] == [fields.EMPTY_RESPONSE, fields.MISSING_FIELD]
+    assert [r[STATS]["text_len"] for r in out] == [5, 6, 6] and out[1][STATS][fields.GSNR] is None
+
+
+def test_ray_scorer_op_range_drops_rows_with_their_reasons(tmp_path, tiny_gpt2_dir):
+    from gradfilter_ops.ops import RayGSNRScorerOp
+
+    rows = stats_rows(14)
+    op = RayGSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False, min_gsnr=4.0,
+                         work_dir=str(tmp_path))
+    kept = op.run(ray.data.from_items(rows, override_num_blocks=3)).take_all()
+    inside = [r["id"] for r in rows if r[STATS][fields.GSNR] is not None and r[STATS][fields.GSNR] >= 4.0]
+    assert [r["id"] for r in kept] == inside
+    dropped = {json.loads(line)["id"]: json.loads(line)["gsnr_drop_reason"]
+               for line in (tmp_path / "gsnr_scorer_dropped.jsonl").open()}
+    assert sorted(dropped) == sorted(r["id"] for r in rows if r["id"] not in inside)
+    assert dropped["r0"] == fields.EMPTY_RESPONSE and dropped["r2"] == fields.OUTSIDE_RANGE
+    assert json.loads((tmp_path / "gsnr_manifest.json").read_text())["summary"]["rows"] == 14
+
+
+def test_default_ops_refuse_the_ray_executor_and_ray_ops_take_their_options():
+    import inspect
+
+    from data_juicer.core.preflight import PipelineRuntimeError, post_instantiation_check
+    from jsonargparse import Namespace
+
+    from gradfilter_ops.ops import GSNRScorerOp, GSNRTopKFilter, RayGSNRScorerOp, RayGSNRTopKFilter
+
+    with pytest.raises(PipelineRuntimeError, match="does not support executor mode 'ray'"):
+        post_instantiation_check([GSNRScorerOp(hf_model="x")], None, Namespace(executor_type="ray"))
+    post_instantiation_check([RayGSNRScorerOp(hf_model="x"), RayGSNRTopKFilter(top_k=1)], None,
+                             Namespace(executor_type="ray"))
+    scorer = inspect.signature(RayGSNRScorerOp.__init__).parameters
+    assert set(inspect.signature(GSNRScorerOp.__init__).parameters) | {"train_tasks"} == set(scorer)
+    assert set(inspect.signature(GSNRTopKFilter.__init__).parameters) == \
+        set(inspect.signature(RayGSNRTopKFilter.__init__).parameters)
+    assert ":param train_tasks:" in RayGSNRScorerOp.__init__.__doc__
+    with pytest.raises(ValueError, match="unknown option"):
+        RayGSNRScorerOp(hf_model="x", num_member=2)
+    with pytest.raises(ValueError, match="leave `member_workers` at 1"):
+        RayGSNRScorerOp(hf_model="x", member_workers=2)
+    with pytest.raises(ValueError, match="exactly one"):
+        RayGSNRTopKFilter(top_k=2, top_ratio=0.5)
+    assert math.isclose(RayGSNRTopKFilter(top_ratio=0.5).options["top_ratio"], 0.5)
