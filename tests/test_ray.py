@@ -30,7 +30,7 @@ def bad_rows() -> list[dict]:
 def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_config):
     from gradfilter_ops.distributed import score_dataset
 
-    rows = seed_tasks(16) + bad_rows()
+    rows = seed_tasks(10) + bad_rows()
     config = tiny_config(num_members=3)
     expected = GSNRScorer(config).score(Dataset.from_list(rows))
     scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows, override_num_blocks=3), train_tasks=2,
@@ -47,7 +47,7 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
         else:
             assert twin[fields.GSNR] is None
     assert scored.scorer.snapshots.members == [0, 1, 2]  # three members, trained in two tasks
-    assert scored.scorer.summary["statuses"] == {"ok": 16, "empty_response": 1, "missing_field": 1}
+    assert scored.scorer.summary["statuses"] == {"ok": 10, "empty_response": 1, "missing_field": 1}
 
 
 def stats_rows(n: int) -> list[dict]:

@@ -75,23 +75,19 @@ def test_scorer_with_member_workers_gives_the_same_scores(tiny_config):
     np.testing.assert_allclose(scores[2], scores[1], rtol=1e-3)
 
 
-def test_members_fitted_apart_and_absorbed_score_as_one_fit(tiny_config):
-    """What `distributed.fit_dataset` does in Ray tasks: each fit trains a share of the members."""
-    from datasets import Dataset
-
+def test_members_fitted_apart_join_into_one_ensemble(tiny_config):
+    """What `distributed.fit_dataset` does in Ray tasks (tests/test_ray.py checks the scores)."""
     from gradfilter_ops import GSNRScorer
     from gradfilter_ops.ensemble import Snapshots
 
-    rows = seed_tasks(10)
+    rows = seed_tasks(8)
     config = tiny_config(num_members=3)
-    whole = GSNRScorer(config).score(Dataset.from_list(rows))
     first, second = GSNRScorer(config), GSNRScorer(config)
     first.fit(rows, members=[0, 2])
     second.fit(rows, members=[1])
     assert first.snapshots.members == [0, 2] and second.snapshots.members == [1]
     first.absorb(second)
-    joined = first.score(Dataset.from_list(rows))
-    np.testing.assert_allclose(joined["gsnr_late"], whole["gsnr_late"], rtol=1e-6)
+    assert first.snapshots.members == [0, 1, 2]
     with pytest.raises(ValueError, match=r"members \[1\] are in more than one part"):
         Snapshots.merge([first.snapshots, second.snapshots])
     other_rows = GSNRScorer(config)

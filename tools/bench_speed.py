@@ -65,7 +65,7 @@ SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack", "ray
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
-             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8)
+             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8, ray_members=2)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
            "rss_growth": 1.10}
 
@@ -101,6 +101,11 @@ def interleaved(variants: dict[str, Callable[[], Any]], rounds: int,
 
 def round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
     return [a / b for a, b in zip(numerator, denominator)]
+
+
+def max_rel_diff(values: np.ndarray, reference: np.ndarray) -> float:
+    """Largest relative difference, over the entries that are numbers in both."""
+    return float(np.nanmax(np.abs(values - reference) / np.abs(reference)))
 
 
 def padded_tokens(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> int:
@@ -232,6 +237,13 @@ def verdict(value: float, target: float, higher_is_better: bool) -> str:
 
 def say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def say_side_by_side(title: str, setup: str, seconds: dict[str, list[float]], verdict: str) -> None:
+    say(f"== {title} ==")
+    say(setup)
+    say("seconds: " + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in seconds.items()))
+    say(verdict)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -646,14 +658,13 @@ def section_workers(args: argparse.Namespace) -> dict[str, Any]:
         "rows": len(examples), "members": config.num_members, "workers": args.workers, "device": device.type,
         "torch_threads": torch.get_num_threads(), "seconds": seconds,
         "speedup": statistics.median(round_ratios(seconds[one], seconds[many])),
-        "max_rel_diff": float(np.max(np.abs(results[many] - results[one]) / np.abs(results[one]))),
+        "max_rel_diff": max_rel_diff(results[many], results[one]),
     }
-    say("== member workers: train + snapshot-score the ensemble in k processes vs one ==")
-    say(f"rows: {len(examples)}, M={config.num_members}, {args.proxy} on {device.type}, "
-        f"{result['torch_threads']} torch threads in all")
-    say("seconds: " + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in seconds.items()))
-    say(f"{args.workers} workers vs one process: speed-up {result['speedup']:.2f}x; norms equal to "
-        f"{result['max_rel_diff']:.1e}")
+    say_side_by_side("member workers: train + snapshot-score the ensemble in k processes vs one",
+                     f"rows: {len(examples)}, M={config.num_members}, {args.proxy} on {device.type}, "
+                     f"{result['torch_threads']} torch threads in all", seconds,
+                     f"{args.workers} workers vs one process: speed-up {result['speedup']:.2f}x; norms equal to "
+                     f"{result['max_rel_diff']:.1e}")
     return result
 
 
@@ -693,14 +704,12 @@ def section_ray(args: argparse.Namespace) -> dict[str, Any]:
     result = {"rows": len(rows), "members": config.num_members, "max_length": config.max_length,
               "ray_startup_s": startup, "seconds": seconds,
               "ray_overhead": statistics.median(round_ratios(seconds["Ray"], seconds["this process"])),
-              "max_rel_diff": float(np.nanmax(np.abs(results["Ray"] - results["this process"])
-                                              / np.abs(results["this process"])))}
-    say("== Ray: distributed.score_dataset on a local cluster vs GSNRScorer.score in this process ==")
-    say(f"rows: {len(rows)}, M={config.num_members}, max_length={config.max_length}, {args.proxy}; "
-        f"Ray start-up {startup:.1f} s (not counted)")
-    say("seconds: " + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in seconds.items()))
-    say(f"Ray vs this process: {result['ray_overhead']:.2f}x the wall time; early and late norms equal to "
-        f"{result['max_rel_diff']:.1e}")
+              "max_rel_diff": max_rel_diff(results["Ray"], results["this process"])}
+    say_side_by_side("Ray: distributed.score_dataset on a local cluster vs GSNRScorer.score in this process",
+                     f"rows: {len(rows)}, M={config.num_members}, max_length={config.max_length}, {args.proxy}; "
+                     f"Ray start-up {startup:.1f} s (not counted)", seconds,
+                     f"Ray vs this process: {result['ray_overhead']:.2f}x the wall time; early and late norms "
+                     f"equal to {result['max_rel_diff']:.1e}")
     return result
 
 

@@ -70,7 +70,8 @@ class GSNRScorerOp(Filter):
     trained ensembles and scores are kept in `cache_dir`: re-running on the same rows does no proxy
     work, and a killed run resumes. A failing batch is retried row by row and a row the proxy fails
     on gets `scoring_error`; nothing is skipped silently. `<work_dir>/gsnr_manifest.json` records
-    versions, options, seeds, fingerprints and timings.
+    versions, options, seeds, fingerprints and timings. On Data-Juicer's Ray executor, use
+    `ray_gsnr_scorer` (same options).
 
     Recipe step:
 

@@ -63,7 +63,8 @@ class GSNRTopKFilter(Selector):
     Every dropped row gets a reason: `below_top_k_cutoff`, `over_token_budget`, `group_quota_full`,
     or its `gsnr_status` when it has no score. The log counts them, and the dropped rows are written
     with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`),
-    so every input row ends up either in the output or in that file.
+    so every input row ends up either in the output or in that file. On Data-Juicer's Ray executor,
+    use `ray_gsnr_top_k_filter` (same options).
 
     Recipe step:
 
