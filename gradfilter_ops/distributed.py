@@ -147,7 +147,10 @@ def _fit_share(scorer: GSNRScorer, refs: list, exclude: Sequence[str], members: 
     for block in ray.get(refs):
         rows.extend(block.drop_columns([c for c in exclude if c in block.column_names]).to_pylist())
     scorer.fit(rows, members=members)
-    return _shipped(scorer.portable())
+    scorer.portable()
+    if scorer.snapshots is not None:  # read back from the cache, it may hold the other tasks' members too
+        scorer.snapshots = scorer.snapshots.only(members)
+    return _shipped(scorer)
 
 
 def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: Sequence[str] = (),

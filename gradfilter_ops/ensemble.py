@@ -100,6 +100,11 @@ class Snapshots:
             merged.online_norms.update(part.online_norms)
         return merged
 
+    def only(self, members: Sequence[int]) -> "Snapshots":
+        """These members' adapters (and online norms) alone."""
+        return Snapshots(epochs=self.epochs, states={k: v for k, v in self.states.items() if k[0] in members},
+                         lora=self.lora, online_norms={m: v for m, v in self.online_norms.items() if m in members})
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write one peft adapter folder per member and epoch (`member<m>_epoch<e>/`); returns the folder."""
         directory = Path(directory)

@@ -31,23 +31,25 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
     from gradfilter_ops.distributed import score_dataset
 
     rows = seed_tasks(10) + bad_rows()
-    config = tiny_config(num_members=3)
-    expected = GSNRScorer(config).score(Dataset.from_list(rows))
-    scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows, override_num_blocks=3), train_tasks=2,
-                           batch_size=8)
-    got = {row["id"]: row for row in scored.dataset.take_all()}
-    assert len(got) == len(rows)
-    for row in expected:
-        twin = got[row["id"]]
-        assert twin[fields.STATUS] == row[fields.STATUS]
-        assert twin[fields.TOKENS] == row[fields.TOKENS]
-        if row[fields.STATUS] == fields.OK:
-            assert twin[fields.EARLY] == pytest.approx(row[fields.EARLY], rel=1e-4)
-            assert twin[fields.LATE] == pytest.approx(row[fields.LATE], rel=1e-4)
-        else:
-            assert twin[fields.GSNR] is None
-    assert scored.scorer.snapshots.members == [0, 1, 2]  # three members, trained in two tasks
-    assert scored.scorer.summary["statuses"] == {"ok": 10, "empty_response": 1, "missing_field": 1}
+    expected = GSNRScorer(tiny_config(num_members=3)).score(Dataset.from_list(rows))
+    on_ray = tiny_config(num_members=3, use_cache=True)
+    # The second run finds every member in the cache; each task must keep only its own.
+    for run in ("trained", "cached"):
+        scored = score_dataset(GSNRScorer(on_ray), ray.data.from_items(rows, override_num_blocks=3), train_tasks=2,
+                               batch_size=8)
+        got = {row["id"]: row for row in scored.dataset.take_all()}
+        assert len(got) == len(rows), run
+        for row in expected:
+            twin = got[row["id"]]
+            assert twin[fields.STATUS] == row[fields.STATUS]
+            assert twin[fields.TOKENS] == row[fields.TOKENS]
+            if row[fields.STATUS] == fields.OK:
+                assert twin[fields.EARLY] == pytest.approx(row[fields.EARLY], rel=1e-4), run
+                assert twin[fields.LATE] == pytest.approx(row[fields.LATE], rel=1e-4), run
+            else:
+                assert twin[fields.GSNR] is None
+        assert scored.scorer.snapshots.members == [0, 1, 2]  # three members, trained in two tasks
+        assert scored.scorer.summary["statuses"] == {"ok": 10, "empty_response": 1, "missing_field": 1}
 
 
 def stats_rows(n: int) -> list[dict]:
