@@ -24,6 +24,7 @@ Data-Juicer calls `__dj__stats__`), where a row that already has a `gsnr_status`
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -93,8 +94,11 @@ def _use_assigned_cpus() -> None:
 
 
 def _shipped(scorer: GSNRScorer) -> GSNRScorer:
-    scorer._one_thread_when_unpickled = False  # a Ray worker is no forked map worker: it keeps its CPUs
-    return scorer
+    """A copy (without the loaded proxy) to send to Ray workers, which, unlike `datasets`' forked map
+    workers, keep their CPUs for torch."""
+    shipped = copy.copy(scorer)
+    shipped._one_thread_when_unpickled = False
+    return shipped
 
 
 # -- reading score fields block by block ----------------------------------------------------------
@@ -172,6 +176,8 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
     fit = ray.remote(_fit_share).options(num_cpus=cpus, num_gpus=gpus)
     started = time.perf_counter()
     fitted = ray.get([fit.remote(_shipped(scorer), refs, list(exclude), share) for share in shares])
+    for part in fitted:
+        part._one_thread_when_unpickled = True  # back on the driver: a plain scorer again
     for other in fitted[1:]:
         fitted[0].absorb(other)
     fitted[0].timings["train_s"] = time.perf_counter() - started
@@ -250,14 +256,15 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
     if stats_column and all(status is not None for status in statuses):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
-        fitted = _shipped(scorer)
+        fitted = scorer
     else:
         fitted = fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude, num_cpus=num_cpus,
                              num_gpus=num_gpus)
     gpus = _gpus_per_worker(scorer.config.device) if num_gpus is None else num_gpus
     cpus = num_cpus if num_cpus is not None else (1 if gpus else max(1, _node_cpus() // concurrency))
     started = time.perf_counter()
-    scored = dataset.map_batches(_ScoreBlocks, fn_constructor_kwargs={"scorer": fitted, "stats_column": stats_column},
+    scored = dataset.map_batches(_ScoreBlocks,
+                                 fn_constructor_kwargs={"scorer": _shipped(fitted), "stats_column": stats_column},
                                  batch_size=batch_size, batch_format="pyarrow",
                                  compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
                                  num_gpus=gpus).materialize()

@@ -35,8 +35,10 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
     on_ray = tiny_config(num_members=3, use_cache=True)
     # The second run finds every member in the cache; each task must keep only its own.
     for run in ("trained", "cached"):
-        scored = score_dataset(GSNRScorer(on_ray), ray.data.from_items(rows, override_num_blocks=3), train_tasks=2,
-                               batch_size=8)
+        mine = GSNRScorer(on_ray)
+        scored = score_dataset(mine, ray.data.from_items(rows, override_num_blocks=3), train_tasks=2, batch_size=8)
+        # Only the copies sent to Ray workers keep every thread; these stay safe for `datasets`' forked maps.
+        assert mine._one_thread_when_unpickled and scored.scorer._one_thread_when_unpickled
         got = {row["id"]: row for row in scored.dataset.take_all()}
         assert len(got) == len(rows), run
         for row in expected:
@@ -78,7 +80,8 @@ def test_ray_selection_over_blocks_equals_the_selection_over_the_rows(tmp_path, 
                               dropped_path=tmp_path / "dropped.jsonl", **budget)
     assert [r["id"] for r in selected.dataset.take_all()] == [rows[i]["id"] for i in expected.keep]
     dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").open()]
-    assert {r["id"]: r["gsnr_drop_reason"] for r in dropped} == {rows[i]["id"]: why for i, why in expected.reasons.items()}
+    reasons = {rows[i]["id"]: why for i, why in expected.reasons.items()}
+    assert {r["id"]: r["gsnr_drop_reason"] for r in dropped} == reasons
     assert all(r[STATS]["text_len"] == int(r["id"][1:]) + 10 for r in dropped)  # rows as they came
 
 
