@@ -142,12 +142,7 @@ class GSNRConfig:
         _choice("score_mode", self.score_mode, SCORE_MODES)
         for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size", "member_workers",
                      "score_batch_size", "max_length", "stack_members"):
-            value = getattr(self, name)
-            if name in NULLABLE and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                null = " or null (automatic)" if name in NULLABLE else ""
-                raise ValueError(f"`{name}` must be a positive integer{null}, got {value!r}.")
+            require_positive_int(name, getattr(self, name), nullable=name in NULLABLE)
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2 (a prompt token and a response token), "
                              f"got {self.max_length}.")
@@ -187,6 +182,16 @@ class GSNRConfig:
 
 # Options that change how fast scores are computed, not what they are: left out of the cache key.
 NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size", "member_workers", "stack_members")
+
+
+def require_positive_int(name: str, value: Any, nullable: bool = False) -> Any:
+    """`value`, if it is a positive integer (or None when `nullable`); else a ValueError naming `name`."""
+    if nullable and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        null = " or null (automatic)" if nullable else ""
+        raise ValueError(f"`{name}` must be a positive integer{null}, got {value!r}.")
+    return value
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

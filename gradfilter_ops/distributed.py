@@ -35,6 +35,7 @@ from loguru import logger
 
 from . import fields
 from .cache import atomic_write
+from .config import require_positive_int
 from .dropped import DROP_REASON
 from .scorer import GSNRScorer, log_summary, summarize
 from .selection import Selection, select, validate_budget
@@ -81,6 +82,14 @@ def _node_cpus() -> int:
     import ray
 
     return max(int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"])
+
+
+def _resources(device: str, num_cpus: Optional[float], num_gpus: Optional[float], workers: int) -> tuple[float, float]:
+    """(CPUs, GPUs) of each of `workers` tasks or actors: as given, else one GPU each when the cluster
+    has GPUs (and `device` allows), else a node's CPUs shared out among them."""
+    gpus = _gpus_per_worker(device) if num_gpus is None else num_gpus
+    cpus = num_cpus if num_cpus is not None else (1 if gpus else max(1, _node_cpus() // workers))
+    return cpus, gpus
 
 
 def _use_assigned_cpus() -> None:
@@ -168,8 +177,7 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
     if config.member_workers > 1:
         raise ValueError("On Ray the members are split over `train_tasks` Ray tasks; leave member_workers at 1.")
     tasks = max(1, min(train_tasks, config.num_members))
-    gpus = _gpus_per_worker(config.device) if num_gpus is None else num_gpus
-    cpus = num_cpus if num_cpus is not None else (1 if gpus else max(1, _node_cpus() // tasks))
+    cpus, gpus = _resources(config.device, num_cpus, num_gpus, tasks)
     shares = [[int(m) for m in share] for share in np.array_split(np.arange(config.num_members), tasks)]
     refs = dataset.to_arrow_refs()
     logger.info(f"gsnr: training members {shares} in {tasks} Ray task(s), {cpus} CPU(s) and {gpus} GPU(s) each.")
@@ -244,10 +252,8 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     """
     import ray
 
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"`concurrency` must be a positive integer, got {concurrency!r}.")
-    if isinstance(train_tasks, bool) or not isinstance(train_tasks, int) or train_tasks < 1:
-        raise ValueError(f"`train_tasks` must be a positive integer, got {train_tasks!r}.")
+    require_positive_int("concurrency", concurrency)
+    require_positive_int("train_tasks", train_tasks)
     dataset = dataset.materialize()
     statuses = read_fields(dataset, [fields.STATUS], stats_column)[fields.STATUS]
     if not statuses:
@@ -260,8 +266,7 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     else:
         fitted = fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude, num_cpus=num_cpus,
                              num_gpus=num_gpus)
-    gpus = _gpus_per_worker(scorer.config.device) if num_gpus is None else num_gpus
-    cpus = num_cpus if num_cpus is not None else (1 if gpus else max(1, _node_cpus() // concurrency))
+    cpus, gpus = _resources(scorer.config.device, num_cpus, num_gpus, concurrency)
     started = time.perf_counter()
     scored = dataset.map_batches(_ScoreBlocks,
                                  fn_constructor_kwargs={"scorer": _shipped(fitted), "stats_column": stats_column},
@@ -297,41 +302,36 @@ def _local(indices: Sequence[int], offsets: Sequence[int]) -> list[list[int]]:
     return out
 
 
-def keep_rows(dataset, keep: Sequence[int]):
-    """The rows of a materialized `dataset` at the (sorted) indices `keep`, cut block by block."""
-    import ray
-
-    refs = dataset.to_arrow_refs()
-    take = ray.remote(_take)
-    offsets = _offsets(refs)
-    return ray.data.from_arrow_refs([take.remote(ref, local) for ref, local in zip(refs, _local(keep, offsets))])
-
-
 def _offsets(refs) -> list[int]:
     import ray
 
     count = ray.remote(_num_rows)
-    sizes = ray.get([count.remote(ref) for ref in refs])
     offsets = [0]
-    for size in sizes:
+    for size in ray.get([count.remote(ref) for ref in refs]):
         offsets.append(offsets[-1] + size)
     return offsets
 
 
-def write_dropped(path: str | Path, dataset, reasons: dict[int, str]) -> Path:
-    """The rows at `reasons`' indices, each with its `gsnr_drop_reason`, as JSON lines (a block in memory at a time)."""
+def split_rows(dataset, reasons: dict[int, str], dropped_path: Optional[str | Path] = None):
+    """The rows of a materialized `dataset` that `reasons` (row index -> why) leaves out, cut block by
+    block; the others, each with its `gsnr_drop_reason`, go to `dropped_path` as JSON lines (one
+    block in memory at a time) when it is given. Returns (kept dataset, the path written or None)."""
     import ray
 
     refs = dataset.to_arrow_refs()
+    offsets = _offsets(refs)
     take = ray.remote(_take)
+    keep = [i for i in range(offsets[-1]) if i not in reasons]
+    kept = ray.data.from_arrow_refs([take.remote(ref, local) for ref, local in zip(refs, _local(keep, offsets))])
+    if not dropped_path or not reasons:
+        return kept, None
     dropped = sorted(reasons)
-    local = _local(dropped, _offsets(refs))
-    path = Path(path)
+    path = Path(dropped_path)
 
     def write(tmp: str) -> None:
         at = iter(dropped)
         with open(tmp, "w", encoding="utf-8") as f:
-            for ref, indices in zip(refs, local):
+            for ref, indices in zip(refs, _local(dropped, offsets)):
                 if not indices:
                     continue
                 for row in ray.get(take.remote(ref, indices)).to_pylist():
@@ -339,7 +339,7 @@ def write_dropped(path: str | Path, dataset, reasons: dict[int, str]) -> Path:
                     f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
     atomic_write(path, write)
-    return path
+    return kept, path
 
 
 def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
@@ -363,5 +363,5 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
     selection = select(_joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in _joined(parts, fields.TOKENS)],
                        groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,
                        top_ratio=top_ratio, max_tokens=max_tokens)
-    written = write_dropped(dropped_path, dataset, selection.reasons) if dropped_path and selection.reasons else None
-    return Selected(keep_rows(dataset, selection.keep), selection, len(statuses), groups, written)
+    kept, written = split_rows(dataset, selection.reasons, dropped_path)
+    return Selected(kept, selection, len(statuses), groups, written)

@@ -15,6 +15,7 @@ from typing import Hashable, Optional, Sequence
 from loguru import logger
 
 from . import fields
+from .config import require_positive_int
 
 QUOTAS = ("proportional", "equal")
 
@@ -27,8 +28,7 @@ def validate_budget(top_k: Optional[int] = None, top_ratio: Optional[float] = No
     if len(given) != 1:
         raise ValueError(f"Set exactly one of `top_k`, `top_ratio` and `max_tokens`, got {given or 'none'}.")
     for name, value in (("top_k", top_k), ("max_tokens", max_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        require_positive_int(name, value, nullable=True)
     if top_ratio is not None and not (isinstance(top_ratio, (int, float)) and 0 < top_ratio <= 1):
         raise ValueError(f"`top_ratio` must be in (0, 1], got {top_ratio!r}.")
 

@@ -687,15 +687,15 @@ def section_ray(args: argparse.Namespace) -> dict[str, Any]:
     ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     startup = time.perf_counter() - started
-    late = [fields.EARLY, fields.LATE]
+    norms = [fields.EARLY, fields.LATE]
 
     def here() -> np.ndarray:
         scored = GSNRScorer(config).score(Dataset.from_list(rows), num_proc=1)
-        return np.array([[row[name] for name in late] for row in scored], dtype=float)
+        return np.array([[row[name] for name in norms] for row in scored], dtype=float)
 
     def on_ray() -> np.ndarray:
         scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows)).dataset.take_all()
-        return np.array([[row[name] for name in late] for row in scored], dtype=float)
+        return np.array([[row[name] for name in norms] for row in scored], dtype=float)
 
     try:
         seconds, results = interleaved({"this process": here, "Ray": on_ray}, args.rounds, torch.device("cpu"))

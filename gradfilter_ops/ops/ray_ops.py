@@ -22,7 +22,7 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
-from ..config import GSNRConfig, field_help
+from ..config import GSNRConfig, field_help, require_positive_int
 from ..scorer import GSNRScorer
 from ._options import bind_options, options_of, reject_unknown_options
 from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, RANGE_PARAMS, GSNRScorerOp, log_range_drops, range_drops
@@ -34,12 +34,6 @@ RAY_PARAMS = {
     "train_tasks": "Ray tasks the ensemble's members are split over, each on a GPU of its own when the cluster has "
                    "GPUs (members are independent: the same scores). `num_proc` is the number of scoring actors.",
 }
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
 
 
 @OPERATORS.register_module(SCORER_NAME)
@@ -63,9 +57,9 @@ class RayGSNRScorerOp(Pipeline):
     @options_of(GSNRScorerOp.__init__, train_tasks=1)
     def __init__(self, *args, **kwargs):
         options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
-        self.train_tasks = _positive("train_tasks", options.pop("train_tasks"))
+        self.train_tasks = require_positive_int("train_tasks", options.pop("train_tasks"))
         self.min_gsnr, self.max_gsnr = options.pop("min_gsnr"), options.pop("max_gsnr")
-        self.actors = _positive("num_proc", kwargs.get("num_proc") or 1)
+        self.actors = require_positive_int("num_proc", kwargs.get("num_proc") or 1)
         self.resources = {name: kwargs.get(name) for name in ("num_cpus", "num_gpus")}
         kwargs.setdefault("batch_size", 256)  # rows per actor call; bucketed by length inside
         reject_unknown_options(SCORER_NAME, kwargs, Pipeline)
@@ -76,7 +70,7 @@ class RayGSNRScorerOp(Pipeline):
         self.scorer = GSNRScorer(config)
 
     def run(self, dataset, *, exporter=None, tracer=None):
-        from ..distributed import keep_rows, read_fields, score_dataset, write_dropped
+        from ..distributed import read_fields, score_dataset, split_rows
 
         scored = score_dataset(self.scorer, dataset, stats_column=Fields.stats, concurrency=self.actors,
                                batch_size=self.batch_size, train_tasks=self.train_tasks, **self.resources)
@@ -88,10 +82,11 @@ class RayGSNRScorerOp(Pipeline):
         values = read_fields(scored.dataset, [fields.GSNR, fields.STATUS], stats_column=Fields.stats)
         reasons = range_drops(values[fields.GSNR], values[fields.STATUS], self.min_gsnr, self.max_gsnr)
         log_range_drops(SCORER_NAME, len(values[fields.STATUS]), reasons)
-        if reasons and self.work_dir:
-            path = write_dropped(os.path.join(self.work_dir, DROPPED_FILE), scored.dataset, reasons)
+        kept, path = split_rows(scored.dataset, reasons,
+                                os.path.join(self.work_dir, DROPPED_FILE) if self.work_dir else None)
+        if path is not None:
             logger.info(f"{SCORER_NAME}: wrote the dropped rows to {path}.")
-        return keep_rows(scored.dataset, [i for i in range(len(values[fields.STATUS])) if i not in reasons])
+        return kept
 
 
 @OPERATORS.register_module(TOP_K_NAME)
