@@ -48,8 +48,8 @@ class GSNRConfig:
     )
     device: str = _help("`auto` (CUDA when available), `cpu` or `cuda`.", default="auto")
     precision: str = _help(
-        "Forward-pass precision: `auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32`, or `bf16` autocast "
-        "(also on CPUs with bf16 units, about 1.5x faster there). Gradient norms accumulate in fp32.",
+        "Forward-pass precision: `auto` (bf16 autocast where the GPU or CPU computes bf16 natively, else "
+        "fp32; the manifest records what it chose and why), `fp32`, or `bf16`. Gradient norms accumulate in fp32.",
         default="auto",
     )
     seed: int = _help("Base seed; member m uses seed + m for its adapter init and data order.", default=42)

@@ -33,6 +33,7 @@ from .cache import atomic_write_text
 from .config import GSNRConfig
 from .grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets, per_example_grad_sq_norms,
                     response_loss_sums, shuffled_length_batches, to_device)
+from .precision import resolve as resolve_precision
 from .prompts import Encoded
 
 MANIFEST = "ensemble.json"
@@ -172,12 +173,6 @@ def adapters_per_pass(config: GSNRConfig, device: torch.device) -> int:
     """Snapshot adapters in one scoring pass: the early and late ones of `stack_size` members, or one."""
     stack = stack_size(config, device)
     return 2 * stack if stack > 1 else 1
-
-
-def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
@@ -348,7 +343,7 @@ def _train_members(model, lora, examples, config, pad_id, members: Sequence[int]
     from .stacking import StackedLora, filler
 
     device = next(model.parameters()).device
-    autocast_dtype = _autocast_dtype(device, config.precision)
+    autocast_dtype = resolve_precision(config.precision, device).autocast_dtype
     # Adapter names that are no substring of one another (peft selects a state dict's keys by substring).
     names = [f"member{m}_train" for m in members]
     peft_model = None
@@ -497,7 +492,7 @@ class EnsembleScorer:
     def _fill(self, examples: Sequence[Encoded], indices: list[int], groups: list, out: torch.Tensor, bar) -> None:
         """Norms of one length bucket under every snapshot in `groups` (lists of ((member row, epoch row),
         adapter), each run in one pass); halves the bucket when the GPU runs out of memory."""
-        autocast_dtype = _autocast_dtype(self.device, self.config.precision)
+        autocast_dtype = resolve_precision(self.config.precision, self.device).autocast_dtype
         try:
             rows = to_device(torch.tensor(indices), self.device)
             bucket = [examples[i] for i in indices]

@@ -63,6 +63,7 @@ class GSNRScorer:
         self._online_rows: dict[str, int] = {}  # score_mode online: row key -> column of the online norms
         self._model = self._tokenizer = self._formatter = self._ensemble = None
         self._device = None
+        self.precision = None  # a `precision.Precision`, resolved for the device when the proxy loads
         # A copy unpickled in another process is a worker of `datasets`' forked map, which must run
         # torch on one thread; `distributed` ships copies to Ray workers, which keep their CPUs.
         self._one_thread_when_unpickled = True
@@ -98,17 +99,21 @@ class GSNRScorer:
             return
         from . import __version__
         from .prompts import PromptFormatter
+        from .precision import resolve as resolve_precision
         from .proxy import load_proxy, proxy_fingerprint
 
         started = time.perf_counter()
         self._device = self._resolve_device(rank)
+        self.precision = resolve_precision(self.config.precision, self._device)
+        logger.info(f"gsnr: precision {self.precision.name} on {self._device.type} ({self.precision.reason}).")
         model, tokenizer = load_proxy(self.config.hf_model, cache_dir=self.config.cache_dir)
         for param in model.parameters():
             param.requires_grad_(False)
         if self.fingerprint is None:
             options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS}
             self.fingerprint = digest({"proxy": proxy_fingerprint(self.config.hf_model, model), "options": options,
-                                       "device": self._device.type, "version": __version__})
+                                       "device": self._device.type, "precision": self.precision.name,
+                                       "version": __version__})
         self._model, self._tokenizer = model.to(self._device), tokenizer
         self._formatter = PromptFormatter(self.config, tokenizer)
         self.timings.setdefault("load_s", time.perf_counter() - started)
@@ -316,6 +321,7 @@ class GSNRScorer:
         return {
             "versions": versions,
             "config": self.config.to_dict(),
+            "precision": self.precision.to_dict() if self.precision is not None else None,
             "member_seeds": [self.config.seed + m for m in range(self.config.num_members)],
             "scorer_fingerprint": self.fingerprint,
             "cache_entry": str(self.cache.dir) if self.cache else None,

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from gradfilter_ops.config import GSNRConfig
-from gradfilter_ops.ensemble import EnsembleScorer, _autocast_dtype, lora_config, train_ensemble
+from gradfilter_ops.ensemble import EnsembleScorer, lora_config, train_ensemble
+from gradfilter_ops.precision import resolve as resolve_precision
 from gradfilter_ops.grads import (HEAD_CHUNK, LoraActivations, backward_with_sq_norms, collate, length_buckets,
                                   per_example_grad_sq_norms, per_example_grad_sq_norms_loop, response_loss_sums,
                                   shuffled_length_batches)
@@ -309,7 +310,7 @@ def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad
     from peft import get_peft_model
 
     device = next(model.parameters()).device
-    autocast = _autocast_dtype(device, config.precision)
+    autocast = resolve_precision(config.precision, device).autocast_dtype
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora_config(replace(config, lora_init="random"), model)).eval()
     activations = LoraActivations(peft_model)
@@ -559,7 +560,7 @@ def head_child(args: argparse.Namespace) -> None:
     batch = collate(examples, model.config.eos_token_id or 0, device)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds, norms = timed(lambda: per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
-                                                             _autocast_dtype(device, config.precision)), device)
+                                                             resolve_precision(config.precision, device).autocast_dtype), device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"head": args.head_child, "targets": len(batch["targets"]), "seconds": seconds,
                       "loaded_mib": loaded / 1024, "peak_mib": peak / 1024, "norms": norms.tolist()}))
@@ -786,7 +787,7 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
     }
     say(f"== stacked members: all {config.num_members} members in one forward vs one at a time ==")
     say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, {args.proxy} on {device.type}, "
-        f"{str(_autocast_dtype(device, config.precision) or torch.float32).replace('torch.', '')}")
+        f"{str(resolve_precision(config.precision, device).autocast_dtype or torch.float32).replace('torch.', '')}")
     for r in range(args.rounds):
         say(f"round {r + 1}: " + "  ".join(f"{name} {s[r]:.2f} s" for name, s in seconds.items()))
     say("first round, train / score: " + ", ".join(f"{name} {p['train_s']:.2f} s / {p['score_s']:.2f} s"

@@ -404,7 +404,8 @@ def snapshot_norms(model, snapshots, config, examples, pad_id: int, progress: bo
     {"A"|"B"|"W"|"loss": [members, epochs, N]}."""
     from tqdm.auto import tqdm
 
-    from gradfilter_ops.ensemble import EnsembleScorer, _autocast_dtype
+    from gradfilter_ops.ensemble import EnsembleScorer
+    from gradfilter_ops.precision import resolve as resolve_precision
     from gradfilter_ops.grads import collate, length_buckets
 
     scorer = EnsembleScorer(model, snapshots, config, pad_id)  # loads every adapter, hooks A and B
@@ -412,7 +413,7 @@ def snapshot_norms(model, snapshots, config, examples, pad_id: int, progress: bo
         epochs = list(snapshots.epochs)
         shape = (snapshots.num_members, len(epochs), len(examples))
         out = {key: np.zeros(shape) for key in ("A", "B", "W", "loss")}
-        autocast_dtype = _autocast_dtype(scorer.device, config.precision)
+        autocast_dtype = resolve_precision(config.precision, scorer.device).autocast_dtype
         buckets = length_buckets([len(e.input_ids) for e in examples], config.score_batch_size)
         bar = tqdm(total=len(buckets) * len(scorer.names), desc="eval: per-example gradients", disable=not progress,
                    mininterval=30)
@@ -435,11 +436,11 @@ def proxy_losses(model, examples, pad_id: int, batch_size: int, precision: str) 
     """Mean response-token loss of each example under the bare proxy (log perplexity)."""
     import torch
 
-    from gradfilter_ops.ensemble import _autocast_dtype
+    from gradfilter_ops.precision import resolve as resolve_precision
     from gradfilter_ops.grads import collate, length_buckets, response_loss_sums
 
     device = next(model.parameters()).device
-    autocast_dtype = _autocast_dtype(device, precision)
+    autocast_dtype = resolve_precision(precision, device).autocast_dtype
     out = np.zeros(len(examples))
     with torch.no_grad():
         for indices in length_buckets([len(e.input_ids) for e in examples], batch_size):
