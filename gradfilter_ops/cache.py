@@ -9,7 +9,10 @@ could change a score makes a new entry and nothing stale is ever reused. Inside 
     manifest.json                  versions, seeds, config, fingerprints, counts and timings
 
 Every file is written to a temporary name and renamed, so a killed run leaves only whole files and
-the next run resumes from them.
+the next run resumes from them. Every file is also checked when it is read: a score shard starts with
+the SHA-256 of the rest of it, a JSON file (`ensemble.json`) carries the SHA-256 of its own content,
+and each adapter folder has a `checksums.json` (`write_checksums`). A file that fails its check is
+logged with its path and left out (`DamagedCacheFile`), so what it held is computed again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,20 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+from loguru import logger
+
+SHA256 = "sha256"  # the key of a file's own hash in a sealed JSON file and a shard's first line
+CHECKSUMS = "checksums.json"  # in a folder: the SHA-256 of each of its files, and the folder's name
+
+
+class DamagedCacheFile(ValueError):
+    """A cache file that is unreadable, truncated, or not what was written (its hash does not match)."""
+
+    def __init__(self, path: str | os.PathLike, why: str):
+        super().__init__(f"damaged cache file {path}: {why}")
+        self.path = Path(path)
+
 
 
 def digest(value: Any, length: int = 32) -> str:
@@ -50,6 +67,66 @@ def atomic_write_json(path: Path, value: Any) -> Path:
     return path
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=list)
+
+
+def write_sealed_json(path: Path, value: Mapping[str, Any]) -> Path:
+    """Write a JSON object with the SHA-256 of its content under `sha256`, atomically."""
+    plain = json.loads(_canonical(dict(value)))  # as it reads back: tuples and sets become lists
+    atomic_write_text(path, _canonical({**plain, SHA256: sha256_text(_canonical(plain))}))
+    return path
+
+
+def read_sealed_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The object `write_sealed_json` wrote; `DamagedCacheFile` when it is unreadable or was changed."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedCacheFile(path, f"unreadable ({error})") from error
+    if not isinstance(value, dict) or SHA256 not in value:
+        raise DamagedCacheFile(path, "no content hash")
+    expected = value.pop(SHA256)
+    if sha256_text(_canonical(value)) != expected:
+        raise DamagedCacheFile(path, "content does not match its hash")
+    return value
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the SHA-256 of every file in `folder`, and the folder's name, in `folder/checksums.json`."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    write_sealed_json(folder / CHECKSUMS, {"name": folder.name, "files": files})
+
+
+def verify_checksums(folder: Path, name: str | None = None) -> None:
+    """Check `folder` against its `checksums.json` (written by `write_checksums`, as folder `name`)."""
+    record = read_sealed_json(folder / CHECKSUMS)
+    if record.get("name") != (name or folder.name):
+        raise DamagedCacheFile(folder, f"holds the files of {record.get('name')!r}")
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS}
+    if present != set(record["files"]):
+        raise DamagedCacheFile(folder, f"files {sorted(present)} instead of {sorted(record['files'])}")
+    for file, expected in record["files"].items():
+        if sha256_file(folder / file) != expected:
+            raise DamagedCacheFile(folder / file, "content does not match its hash")
+
+
+def report_damaged(error: DamagedCacheFile, what: str) -> None:
+    logger.warning(f"gsnr: {error}; {what}")
+
+
 class CacheEntry:
     """One (scorer, training rows) entry of the cache."""
 
@@ -59,14 +136,16 @@ class CacheEntry:
         self._scores: dict[str, dict] | None = None
 
     def scores(self) -> dict[str, dict]:
-        """Every cached example hash -> score fields (read once per process)."""
+        """Every cached example hash -> score fields (read once per process); a damaged shard is
+        logged, deleted and left out, so its rows are scored again."""
         if self._scores is None:
             self._scores = {}
             for part in sorted((self.dir / "scores").glob("part-*.jsonl")):
-                with part.open(encoding="utf-8") as f:
-                    for line in f:
-                        record = json.loads(line)
-                        self._scores[record.pop("key")] = record
+                try:
+                    self._scores.update(read_shard(part))
+                except DamagedCacheFile as error:
+                    report_damaged(error, "its rows are scored again.")
+                    part.unlink(missing_ok=True)
         return self._scores
 
     def add_scores(self, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -74,7 +153,8 @@ class CacheEntry:
         if not records:
             return
         lines = "".join(json.dumps({"key": key, **record}, ensure_ascii=False) + "\n" for key, record in records.items())
-        atomic_write_text(self.dir / "scores" / f"part-{digest(sorted(records))}.jsonl", lines)
+        header = json.dumps({SHA256: sha256_text(lines)}) + "\n"
+        atomic_write_text(self.dir / "scores" / f"part-{digest(sorted(records))}.jsonl", header + lines)
         self.scores().update({key: dict(record) for key, record in records.items()})
 
     def has_all(self, keys: Iterable[str]) -> bool:
@@ -83,3 +163,49 @@ class CacheEntry:
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> Path:
         return atomic_write_json(self.dir / "manifest.json", manifest)
+
+
+def read_shard(path: Path) -> dict[str, dict]:
+    """Example hash -> score fields of one shard, checked against the hash on its first line."""
+    try:
+        header, _, lines = path.read_text(encoding="utf-8").partition("\n")
+        expected = json.loads(header).get(SHA256) if header.startswith("{") else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedCacheFile(path, f"unreadable ({error})") from error
+    if expected is None:
+        raise DamagedCacheFile(path, "no content hash")
+    if sha256_text(lines) != expected:
+        raise DamagedCacheFile(path, "content does not match its hash")
+    records = {}
+    for line in lines.splitlines():
+        record = json.loads(line)
+        records[record.pop("key")] = record
+    return records
+
+
+class InputFileError(ValueError):
+    """An input file that cannot be read as JSON lines; the message names the file and the line."""
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped); `InputFileError` names the file and
+    line of invalid UTF-8, a line that is not a JSON object, or a file with no rows at all."""
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputFileError(f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}).") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputFileError(f"{path}:{number}: not JSON ({error.msg} at column {error.colno}).") from None
+            if not isinstance(row, dict):
+                raise InputFileError(f"{path}:{number}: a JSON {type(row).__name__}, not an object (one row per line).")
+            rows.append(row)
+    if not rows:
+        raise InputFileError(f"{path}: no rows (the file is empty).")
+    return rows

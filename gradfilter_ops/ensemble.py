@@ -117,12 +117,15 @@ class Snapshots:
         """Write one member's adapters; they appear all at once, so a killed run never leaves half a member."""
         from safetensors.torch import save_file
 
+        from .cache import DamagedCacheFile, read_sealed_json, write_checksums, write_sealed_json
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         manifest = directory / MANIFEST
-        if not manifest.exists():
-            atomic_write_text(manifest, json.dumps({"epochs": list(self.epochs), "lora": self.lora}, indent=2,
-                                                   default=list))
+        try:
+            read_sealed_json(manifest)
+        except DamagedCacheFile:  # missing, or damaged: write it again
+            write_sealed_json(manifest, {"epochs": list(self.epochs), "lora": self.lora})
         staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".member{member}."))
         try:
             for epoch in self.epochs:
@@ -132,6 +135,7 @@ class Snapshots:
                 save_file(self.states[(member, epoch)], folder / "adapter_model.safetensors")
                 if epoch == self.epochs[-1] and member in self.online_norms:
                     np.save(folder / ONLINE_NORMS, self.online_norms[member])
+                write_checksums(folder)
             for folder in sorted(staging.iterdir()):
                 target = directory / folder.name
                 if target.exists():
@@ -142,16 +146,29 @@ class Snapshots:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Snapshots":
-        """Every member whose adapters are complete in `directory` (possibly none)."""
+        """Every member whose adapters are complete and intact in `directory` (possibly none); a damaged
+        member (or `ensemble.json`) is logged with its path and left out, so it is trained again."""
         from safetensors.torch import load_file
 
+        from .cache import DamagedCacheFile, read_sealed_json, report_damaged, verify_checksums
+
         directory = Path(directory)
-        manifest = json.loads((directory / MANIFEST).read_text())
+        try:
+            manifest = read_sealed_json(directory / MANIFEST)
+        except DamagedCacheFile as error:
+            report_damaged(error, "every member is trained again.")
+            return cls(epochs=(), states={}, lora={})
         epochs = tuple(manifest["epochs"])
         states, online_norms = {}, {}
         for member in sorted({int(p.name[len("member"):].split("_")[0]) for p in directory.glob("member*_epoch*")}):
             files = [directory / adapter_name(member, epoch) / "adapter_model.safetensors" for epoch in epochs]
             if all(f.exists() for f in files):
+                try:
+                    for f in files:
+                        verify_checksums(f.parent)
+                except DamagedCacheFile as error:
+                    report_damaged(error, f"member {member} is trained again.")
+                    continue
                 states.update({(member, epoch): load_file(f) for epoch, f in zip(epochs, files)})
                 norms = directory / adapter_name(member, epochs[-1]) / ONLINE_NORMS
                 if norms.exists():

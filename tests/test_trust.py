@@ -191,3 +191,57 @@ def test_unknown_op_options_are_rejected():
         GSNRScorerOp(num_memebrs=3)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['top_ration'\]"):
         GSNRTopKFilter(top_k=3, top_ration=0.1)
+
+
+# --- a damaged cache is never used (issue 14) ----------------------------------------------------
+
+@pytest.fixture()
+def warnings_logged():
+    from loguru import logger
+
+    messages = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    yield messages
+    logger.remove(sink)
+
+
+def test_damaged_score_shards_are_reported_and_scored_again(tiny_config, warnings_logged):
+    config = tiny_config(use_cache=True)
+    first, reference = scored(config, batch_size=4)
+    parts = sorted((first.cache.dir / "scores").glob("part-*.jsonl"))
+    edited = parts[0].read_text().replace('"gsnr": ', '"gsnr": 1e9, "was": ', 1)
+    parts[0].write_text(edited)
+    parts[1].write_text(parts[1].read_text()[:40])  # truncated
+    _, again = scored(config, batch_size=4)
+    assert again[fields.GSNR] == reference[fields.GSNR]
+    assert any(f"damaged cache file {parts[0]}: content does not match its hash" in m for m in warnings_logged)
+    assert any(f"damaged cache file {parts[1]}" in m for m in warnings_logged)
+
+
+def test_damaged_adapters_and_ensemble_manifest_are_trained_again(tiny_config, monkeypatch, warnings_logged):
+    config = tiny_config(use_cache=True)
+    first, reference = scored(config)
+    entry = first.cache.dir
+    for part in (entry / "scores").glob("part-*.jsonl"):
+        part.unlink()  # so the members are needed again
+    swapped = entry / "ensemble" / "member1_epoch2" / "adapter_model.safetensors"
+    swapped.write_bytes((entry / "ensemble" / "member0_epoch2" / "adapter_model.safetensors").read_bytes())
+    calls = []
+    real = ensemble._train_member
+
+    def spy(model, lora, examples, cfg, pad_id, member, *rest, **options):
+        calls.append(member)
+        return real(model, lora, examples, cfg, pad_id, member, *rest, **options)
+
+    monkeypatch.setattr(ensemble, "_train_member", spy)
+    _, again = scored(config)
+    assert calls == [1] and again[fields.GSNR] == reference[fields.GSNR]
+    assert any(f"damaged cache file {swapped}" in m and "member 1 is trained again" in m for m in warnings_logged)
+
+    for part in (entry / "scores").glob("part-*.jsonl"):
+        part.unlink()
+    manifest = entry / "ensemble" / "ensemble.json"
+    manifest.write_text(manifest.read_text()[:20])  # truncated: no bare JSONDecodeError
+    _, third = scored(config)
+    assert calls == [1, 0, 1] and third[fields.GSNR] == reference[fields.GSNR]
+    assert any(f"damaged cache file {manifest}: unreadable" in m for m in warnings_logged)
