@@ -3,12 +3,16 @@
 The budget is `top_k` rows, a `top_ratio` of them, or `max_tokens` tokens. With `groups`, the
 row budget is split into per-group quotas (proportional to group size, or equal), with an optional
 minimum per group, so that a rare source is never wiped out.
+
+Only rows with a finite score (status `ok`) are ever kept: a budget larger than the scored rows
+keeps fewer rows, never an unscored one, and a selection over rows none of which has a score
+raises `NoScoredRows` with the likely cause.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Hashable, Optional, Sequence
 
@@ -18,6 +22,10 @@ from . import fields
 from .config import require_positive_int
 
 QUOTAS = ("proportional", "equal")
+
+
+class NoScoredRows(ValueError):
+    """Not one row of a selection has a G-SNR score."""
 
 
 def validate_budget(top_k: Optional[int] = None, top_ratio: Optional[float] = None,
@@ -54,10 +62,22 @@ def rank(scores: Sequence[Optional[float]]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (0, -scores[i], i) if _is_finite(scores[i]) else (1, 0.0, i))
 
 
+def scored_order(scores: Sequence[Optional[float]], statuses: Optional[Sequence[str]] = None) -> list[int]:
+    """The rows that may be kept (a finite score, and status `ok` when statuses are given), best first;
+    `NoScoredRows` when there are rows but none of them qualifies."""
+    order = [i for i in rank(scores) if _is_finite(scores[i]) and (statuses is None or statuses[i] == fields.OK)]
+    if scores and not order:
+        counts = Counter(statuses) if statuses is not None else Counter({"no score": len(scores)})
+        cause = fields.NO_SCORE_CAUSES.get(counts.most_common(1)[0][0], "no row has a finite `gsnr`")
+        raise NoScoredRows(f"None of the {len(scores)} rows has a G-SNR score (statuses {dict(counts)}), so nothing "
+                           f"can be selected. Likely cause: {cause}.")
+    return order
+
+
 def select_top_k(scores: Sequence[Optional[float]], top_k: Optional[int] = None,
                  top_ratio: Optional[float] = None) -> list[int]:
-    """Indices of the rows to keep, in their original order."""
-    return sorted(rank(scores)[: num_to_keep(len(scores), top_k, top_ratio)])
+    """Indices of the rows to keep, in their original order; rows without a finite score are never kept."""
+    return sorted(scored_order(scores)[: num_to_keep(len(scores), top_k, top_ratio)])
 
 
 @dataclass
@@ -120,11 +140,12 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
 
     A dropped row without a score keeps its own status as its reason (`empty_response`, ...). A
     dropped scored row is `below_top_k_cutoff`, `over_token_budget`, or `group_quota_full` when
-    it would have made the cut without the group quotas.
+    it would have made the cut without the group quotas. Rows without a score are never kept; the
+    row budget is counted over all n rows, so it keeps fewer rows when fewer are scored.
     """
     validate_budget(top_k, top_ratio, max_tokens)
     n = len(scores)
-    order = rank(scores)
+    order = scored_order(scores, statuses)
     if max_tokens is not None:
         if groups is not None:
             raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
@@ -139,6 +160,9 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         cut_reason = fields.OVER_TOKEN_BUDGET
     else:
         budget = num_to_keep(n, top_k, top_ratio)
+        if len(order) < budget:
+            logger.warning(f"gsnr: only {len(order)} of {n} rows have a score, fewer than the budget of {budget} "
+                           "rows; the rows without a score are dropped with their status, never kept.")
         keep = order[:budget]
         cut_reason = fields.BELOW_CUTOFF
         if groups is not None:

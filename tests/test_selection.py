@@ -19,7 +19,7 @@ def test_ties_are_broken_by_dataset_order():
 def test_missing_and_non_finite_rank_last():
     scores = [None, math.nan, -5.0, math.inf, -math.inf, 0.0]
     assert rank(scores) == [5, 2, 0, 1, 3, 4]
-    assert select_top_k(scores, top_k=3) == [0, 2, 5]
+    assert select_top_k(scores, top_k=3) == [2, 5]  # an unscored row is never kept in place of nothing
 
 
 @pytest.mark.parametrize("n, ratio, expected", [(100, 0.29, 29), (175, 0.1, 17), (10, 0.3, 3), (5, 0.01, 1),
@@ -96,3 +96,26 @@ def test_budget_combinations_are_rejected():
         select([1.0], [OK], top_k=1, max_tokens=5, tokens=[1])
     with pytest.raises(ValueError, match="cannot be combined"):
         select([1.0], [OK], max_tokens=5, tokens=[1], groups=["a"])
+
+
+def test_unscored_rows_are_never_selected_even_when_the_budget_is_larger():
+    scores = [None, 0.4, None, 0.2, math.nan, None]
+    statuses = [fields.MISSING_FIELD, OK, fields.MISSING_FIELD, OK, fields.NON_FINITE, fields.EMPTY_RESPONSE]
+    result = select(scores, statuses, top_ratio=1.0)
+    assert result.keep == [1, 3]
+    assert result.reasons == {0: fields.MISSING_FIELD, 2: fields.MISSING_FIELD, 4: fields.NON_FINITE,
+                              5: fields.EMPTY_RESPONSE}
+    assert select(scores, statuses, top_k=5, groups=list("aabbcc")).keep == [1, 3]
+    assert select(scores, statuses, max_tokens=10**6, tokens=[1] * 6).keep == [1, 3]
+    forged = select([1e12, 0.1], [fields.MISSING_FIELD, OK], top_k=1)  # a score without status ok does not count
+    assert forged.keep == [1] and forged.reasons == {0: fields.MISSING_FIELD}
+
+
+def test_no_scored_row_fails_with_the_likely_cause():
+    from gradfilter_ops.selection import NoScoredRows
+
+    with pytest.raises(NoScoredRows, match=r"None of the 3 rows .*'missing_field': 3.*output_field"):
+        select([None] * 3, [fields.MISSING_FIELD] * 3, top_ratio=0.5)
+    with pytest.raises(NoScoredRows, match="None of the 2 rows"):
+        select_top_k([None, math.nan], top_k=1)
+    assert select([], [], top_k=1).keep == []
