@@ -19,7 +19,8 @@ runs it through `ray_gsnr_scorer` and `ray_gsnr_top_k_filter`; it works on any `
   stream to one JSON-lines file, a block at a time.
 
 Scores go into the columns of `fields.SCORE_FIELDS`, or into a struct column (`stats_column`, which
-Data-Juicer calls `__dj__stats__`), where a row that already has a `gsnr_status` keeps its score.
+Data-Juicer calls `__dj__stats__`) with a `gsnr_proof` (`provenance`), where a row whose stats carry
+a proof from this scorer keeps its score; other stats are scored again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from . import fields
 from .cache import atomic_write
 from .config import require_positive_int
 from .dropped import DROP_REASON
+from .provenance import carries_proof, proof, scorer_fingerprint
 from .scorer import GSNRScorer, log_summary, summarize
 from .selection import Selection, select, validate_budget
 
@@ -65,7 +67,7 @@ def _arrow_types() -> dict[str, Any]:
 
     types = {name: pa.float64() for name in fields.PARTS}
     types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.NUM_TOKENS: pa.int64(),
-                  fields.TOKENS: pa.int64()})
+                  fields.TOKENS: pa.int64(), fields.PROOF: pa.string()})
     return types
 
 
@@ -193,24 +195,42 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
 
 
 # -- scoring --------------------------------------------------------------------------------------
+def _inputs(block, stats_column: Optional[str]):
+    """`block` without its stats: the fields a row is scored on."""
+    return block.drop_columns([c for c in block.column_names if c == stats_column or c in fields.STATS_FIELDS])
+
+
+def _proven(block, stats_column: str, fingerprint: str, config) -> list[bool]:
+    """For each row of `block`, whether its `stats_column` holds a score this scorer wrote for it."""
+    existing = _block_fields(block, stats_column, fields.STATS_FIELDS)
+    rows = _inputs(block, stats_column).to_pylist()
+    return [carries_proof(fingerprint, config, row, {name: existing[name][i] for name in fields.STATS_FIELDS})
+            for i, row in enumerate(rows)]
+
+
 def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
     """`block` (a `pyarrow.Table`) with the score fields of its rows; rows whose `stats_column`
-    already holds a `gsnr_status` keep their score and are not scored again."""
+    already holds a score this scorer wrote for them (`provenance`) keep it and are not scored again."""
     import pyarrow as pa
 
     types = _arrow_types()
     n = block.num_rows
-    existing = _block_fields(block, stats_column, fields.SCORE_FIELDS) if stats_column else None
-    todo = [i for i in range(n) if existing is None or existing[fields.STATUS][i] is None]
-    values = existing or {name: [None] * n for name in fields.SCORE_FIELDS}
+    names = fields.STATS_FIELDS if stats_column else fields.SCORE_FIELDS
+    existing = _block_fields(block, stats_column, names) if stats_column else None
+    proven = _proven(block, stats_column, scorer_fingerprint(scorer), scorer.config) if stats_column else [False] * n
+    todo = [i for i in range(n) if not proven[i]]
+    values = existing or {name: [None] * n for name in names}
     if todo:
-        inputs = block.drop_columns([c for c in block.column_names
-                                     if c == stats_column or c in fields.SCORE_FIELDS]).take(pa.array(todo))
+        inputs = _inputs(block, stats_column).take(pa.array(todo))
         scores = scorer.score_batch(inputs.to_pydict())
-        for name in fields.SCORE_FIELDS:
-            for j, i in enumerate(todo):
-                values[name][i] = scores[name][j]
-    arrays = {name: pa.array(values[name], type=types[name]) for name in fields.SCORE_FIELDS}
+        rows = inputs.to_pylist()
+        for j, i in enumerate(todo):
+            record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+            if stats_column:
+                record[fields.PROOF] = proof(scorer.fingerprint, scorer.config, rows[j], record)
+            for name in names:
+                values[name][i] = record[name]
+    arrays = {name: pa.array(values[name], type=types[name]) for name in names}
     if stats_column is None:
         for name, array in arrays.items():
             block = (block.set_column(block.column_names.index(name), name, array) if name in block.column_names
@@ -241,6 +261,21 @@ class _ScoreBlocks:
         return add_scores(block, self.scorer, self.stats_column)
 
 
+def _unproven(scorer: GSNRScorer, dataset, stats_column: str) -> int:
+    """Rows of a materialized `dataset` whose stats this scorer did not write for them (logged)."""
+    import ray
+
+    check = ray.remote(_proven)
+    fingerprint = scorer_fingerprint(scorer)
+    flags = [flag for part in ray.get([check.remote(ref, stats_column, fingerprint, scorer.config)
+                                       for ref in dataset.to_arrow_refs()]) for flag in part]
+    unproven = flags.count(False)
+    if unproven:
+        logger.warning(f"gsnr: {unproven} row(s) arrived with G-SNR stats that this scorer did not write for them "
+                       "(another proxy or options, or edited or made-up scores); scoring them again.")
+    return unproven
+
+
 def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = None, concurrency: int = 1,
                   batch_size: int = 256, train_tasks: int = 1, num_cpus: Optional[float] = None,
                   num_gpus: Optional[float] = None) -> Scored:
@@ -260,7 +295,7 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         logger.warning("gsnr: the dataset is empty; nothing to score.")
         return Scored(dataset, scorer)
     exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
-    if stats_column and all(status is not None for status in statuses):
+    if stats_column and all(status is not None for status in statuses) and not _unproven(scorer, dataset, stats_column):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
     else:

@@ -14,6 +14,11 @@ NUM_TOKENS = "gsnr_response_tokens"  # response tokens that carried loss
 TOKENS = "gsnr_tokens"  # prompt + response tokens the proxy saw (what a token budget counts)
 
 SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, NUM_TOKENS, TOKENS)
+# Written by the Data-Juicer ops next to the score fields: a digest over the scorer's fingerprint,
+# the row's scored fields and its score fields (`provenance`). Stats without a matching proof are
+# scored again instead of being trusted.
+PROOF = "gsnr_proof"
+STATS_FIELDS = SCORE_FIELDS + (PROOF,)
 PARTS = (EARLY, LATE, DROP, NOISE, GSNR)  # the numbers that come out of the proxy
 
 # Reason codes. Every row gets exactly one; only "ok" rows have a finite `gsnr`.
@@ -25,6 +30,17 @@ NON_FINITE = "non_finite_score"  # the gradient norms or the G-SNR came out NaN 
 SCORING_ERROR = "scoring_error"  # the proxy failed on this row alone (the error is logged)
 
 STATUSES = (OK, MISSING_FIELD, INVALID_FIELD, EMPTY_RESPONSE, NON_FINITE, SCORING_ERROR)
+
+# The likely cause when no row at all could be scored, by the reason most rows got.
+NO_SCORE_CAUSES = {
+    MISSING_FIELD: "the rows lack the fields the scorer reads: check `format`, `instruction_field`, `input_field`, "
+                   "`output_field`, `messages_field` or `response_field` against the data's field names (a typo "
+                   "gives every row missing_field), and that chat rows have an assistant turn",
+    INVALID_FIELD: "the fields the scorer reads hold no text (numbers, lists...): check the field options and `format`",
+    EMPTY_RESPONSE: "every response is empty: check `output_field` / `response_field`",
+    NON_FINITE: "the proxy's gradients came out NaN or infinite: try `precision: fp32` or a lower `learning_rate`",
+    SCORING_ERROR: "the proxy failed on every row: see the errors logged above",
+}
 
 # Why `gsnr_top_k_filter` dropped a scored row (rows without a score are dropped for their status).
 BELOW_CUTOFF = "below_top_k_cutoff"

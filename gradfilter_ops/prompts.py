@@ -58,6 +58,25 @@ class Encoded:
         return len(self.input_ids) - self.num_prompt
 
 
+def format_of(config: GSNRConfig, sample: Mapping[str, Any]) -> str:
+    if config.format != "auto":
+        return config.format
+    return "chat" if sample.get(config.messages_field) is not None else "alpaca"
+
+
+def source(config: GSNRConfig, sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields that `encode` reads, with the format: what a row's score depends on (no tokenizer needed)."""
+    fmt = format_of(config, sample)
+    if fmt == "chat":
+        names = [config.messages_field]
+    elif fmt == "alpaca":
+        names = [config.instruction_field, config.input_field, config.output_field]
+    else:
+        names = sorted({n for _, n, _, _ in string.Formatter().parse(config.prompt_template) if n})
+        names.append(config.response_field)
+    return {"format": fmt, "fields": {name: sample.get(name) for name in names}}
+
+
 def _failed(reason: str) -> Encoded:
     return Encoded(status=reason)
 
@@ -107,22 +126,10 @@ class PromptFormatter:
             raise ValueError("The proxy's tokenizer has no EOS token; it is needed to end responses.")
 
     def format_of(self, sample: Mapping[str, Any]) -> str:
-        if self.config.format != "auto":
-            return self.config.format
-        return "chat" if sample.get(self.config.messages_field) is not None else "alpaca"
+        return format_of(self.config, sample)
 
     def source(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        """The fields that `encode` reads, with the format: what a row's score depends on."""
-        fmt = self.format_of(sample)
-        cfg = self.config
-        if fmt == "chat":
-            names = [cfg.messages_field]
-        elif fmt == "alpaca":
-            names = [cfg.instruction_field, cfg.input_field, cfg.output_field]
-        else:
-            names = sorted({n for _, n, _, _ in string.Formatter().parse(cfg.prompt_template) if n})
-            names.append(cfg.response_field)
-        return {"format": fmt, "fields": {name: sample.get(name) for name in names}}
+        return source(self.config, sample)
 
     def encode(self, sample: Mapping[str, Any]) -> Encoded:
         try:

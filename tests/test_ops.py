@@ -151,12 +151,14 @@ def test_every_input_row_is_kept_or_in_the_dropped_file(first_run, data_file, tm
     assert manifest["rows"] == {"ok": 24, "empty_response": 1, "missing_field": 1}
 
 
-def test_dj_process_keeps_every_row_with_its_reason(tmp_path, data_file, scorer_args):
-    rows, _ = dj_process(write_recipe(tmp_path, "all", data_file, scorer_args, top_ratio=1.0))
-    assert len(rows) == 26
-    by_id = {r["id"]: r[STATS] for r in rows}
-    assert by_id["bad_empty"][fields.STATUS] == fields.EMPTY_RESPONSE and by_id["bad_empty"][fields.GSNR] is None
-    assert by_id["bad_missing"][fields.STATUS] == fields.MISSING_FIELD
+def test_dj_process_never_selects_an_unscored_row(tmp_path, data_file, scorer_args):
+    rows, log = dj_process(write_recipe(tmp_path, "all", data_file, scorer_args, top_ratio=1.0))
+    assert len(rows) == 24 and all(r[STATS][fields.STATUS] == fields.OK for r in rows)
+    dropped = [json.loads(line) for line in next((tmp_path / "all").glob("*/gsnr_dropped.jsonl")).open()]
+    by_id = {r["id"]: r for r in dropped}
+    assert by_id["bad_empty"]["gsnr_drop_reason"] == fields.EMPTY_RESPONSE and by_id["bad_empty"][STATS][fields.GSNR] is None
+    assert by_id["bad_missing"]["gsnr_drop_reason"] == fields.MISSING_FIELD and len(dropped) == 2
+    assert "only 24 of 26 rows have a score" in log
 
 
 def test_rerun_on_scored_rows_trains_nothing(tmp_path, first_run, scorer_args):

@@ -96,14 +96,17 @@ def test_ray_selection_without_scores_says_so():
 def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
     """An unfitted scorer refuses to score a scoreable row, so this passes only if the scored rows are skipped."""
     from gradfilter_ops.distributed import add_scores
+    from gradfilter_ops.provenance import proof, scorer_fingerprint
 
     import pyarrow as pa
 
     scored = {fields.GSNR: 2.5, fields.EARLY: 1.0, fields.LATE: 0.5, fields.DROP: 0.5, fields.NOISE: 0.2,
               fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.NUM_TOKENS: 4, fields.TOKENS: 9}
+    scorer = GSNRScorer(tiny_config())
+    scored[fields.PROOF] = proof(scorer_fingerprint(scorer), scorer.config, seed_tasks(1)[0], scored)
     rows = [{**seed_tasks(1)[0], STATS: {"text_len": 5, **scored}}] + \
         [{**row, STATS: {"text_len": 6}} for row in bad_rows()]
-    out = add_scores(pa.Table.from_pylist(rows), GSNRScorer(tiny_config()), STATS).to_pylist()
+    out = add_scores(pa.Table.from_pylist(rows), scorer, STATS).to_pylist()
     assert out[0][STATS] == {"text_len": 5, **scored}
     assert [r[STATS][fields.STATUS] for r in out[1:]] == [fields.EMPTY_RESPONSE, fields.MISSING_FIELD]
     assert [r[STATS]["text_len"] for r in out] == [5, 6, 6] and out[1][STATS][fields.GSNR] is None
@@ -112,9 +115,13 @@ def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
 def test_ray_scorer_op_range_drops_rows_with_their_reasons(tmp_path, tiny_gpt2_dir):
     from gradfilter_ops.ops import RayGSNRScorerOp
 
-    rows = stats_rows(14)
+    from gradfilter_ops.provenance import proof, scorer_fingerprint
+
     op = RayGSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False, min_gsnr=4.0,
                          work_dir=str(tmp_path))
+    rows = stats_rows(14)
+    for row in rows:  # scores this scorer wrote, so they are kept
+        row[STATS][fields.PROOF] = proof(scorer_fingerprint(op.scorer), op.scorer.config, row, row[STATS])
     kept = op.run(ray.data.from_items(rows, override_num_blocks=3)).take_all()
     inside = [r["id"] for r in rows if r[STATS][fields.GSNR] is not None and r[STATS][fields.GSNR] >= 4.0]
     assert [r["id"] for r in kept] == inside
@@ -149,3 +156,15 @@ def test_default_ops_refuse_the_ray_executor_and_ray_ops_take_their_options():
     with pytest.raises(ValueError, match="exactly one"):
         RayGSNRTopKFilter(top_k=2, top_ratio=0.5)
     assert math.isclose(RayGSNRTopKFilter(top_ratio=0.5).options["top_ratio"], 0.5)
+
+
+def test_ray_selection_never_keeps_an_unscored_row(tmp_path):
+    from gradfilter_ops.distributed import select_dataset
+    from gradfilter_ops.selection import NoScoredRows
+
+    rows = [r for r in stats_rows(14) if r[STATS][fields.STATUS] != fields.OK][:2] + stats_rows(3)[1:]
+    selected = select_dataset(ray.data.from_items(rows, override_num_blocks=2), stats_column=STATS, top_ratio=1.0)
+    assert [r["id"] for r in selected.dataset.take_all()] == ["r1", "r2"]
+    assert set(selected.selection.reasons.values()) == {fields.EMPTY_RESPONSE}
+    with pytest.raises(NoScoredRows, match="None of the 2 rows"):
+        select_dataset(ray.data.from_items(rows[:2]), stats_column=STATS, top_k=1)

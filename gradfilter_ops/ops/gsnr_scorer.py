@@ -14,7 +14,8 @@ from .. import fields
 from ._options import reject_unknown_options
 from ..config import DEFAULT_PROXY, GSNRConfig, field_help
 from ..dropped import write_dropped_rows
-from ..scorer import GSNRScorer, log_summary, map_num_proc, summarize
+from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..scorer import GSNRScorer, _rows, log_summary, map_num_proc, summarize
 
 OP_NAME = "gsnr_scorer"
 DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
@@ -25,8 +26,29 @@ RANGE_PARAMS = {
 }
 
 
-def _has_score(stats: Optional[dict]) -> bool:
-    return bool(stats) and stats.get(fields.STATUS) is not None
+def proven_rows(scorer: GSNRScorer, batch: dict) -> list[bool]:
+    """For each row of a batch (a dict of columns), whether its stats hold a score that `scorer`
+    wrote for it (`provenance`); only those are not scored again."""
+    stats = batch.get(Fields.stats)
+    if stats is None:
+        return [False] * len(next(iter(batch.values()), []))
+    fingerprint = scorer_fingerprint(scorer)
+    rows = _rows({key: values for key, values in batch.items() if key != Fields.stats})
+    return [carries_proof(fingerprint, scorer.config, row, s) for row, s in zip(rows, stats)]
+
+
+def _unproven(scorer: GSNRScorer, dataset) -> int:
+    """Rows of `dataset` to score: all of them without a stats column, else those without a proven score."""
+    if Fields.stats not in dataset.column_names:
+        return len(dataset)
+    claimed = sum(bool(s) and s.get(fields.STATUS) is not None for s in dataset[Fields.stats])
+    if not claimed:
+        return len(dataset)
+    proven = sum(sum(proven_rows(scorer, batch)) for batch in dataset.iter(batch_size=1000))
+    if proven < claimed:
+        logger.warning(f"{OP_NAME}: {claimed - proven} row(s) arrived with G-SNR stats that this scorer did not write "
+                       "for them (another proxy or options, or edited or made-up scores); scoring them again.")
+    return len(dataset) - proven
 
 
 def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:
@@ -66,7 +88,9 @@ class GSNRScorerOp(Filter):
 
     By default every sample is kept; with `min_gsnr` / `max_gsnr` the rows outside the range are
     written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. Rows that already carry a
-    score are not scored again, and when every row does, no ensemble is trained. With `use_cache`,
+    score from this scorer (same proxy and options, checked by `gsnr_proof`, a digest over the
+    scorer's fingerprint, the row and its score) are not scored again, and when every row does, no
+    ensemble is trained; stats without a matching proof are scored again. With `use_cache`,
     trained ensembles and scores are kept in `cache_dir`: re-running on the same rows does no proxy
     work, and a killed run resumes. A failing batch is retried row by row and a row the proxy fails
     on gets `scoring_error`; nothing is skipped silently. `<work_dir>/gsnr_manifest.json` records
@@ -145,7 +169,7 @@ class GSNRScorerOp(Filter):
         return map_num_proc(procs) if self._mapping and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        if Fields.stats in dataset.column_names and all(_has_score(s) for s in dataset[Fields.stats]):
+        if len(dataset) and not _unproven(self.scorer, dataset):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
         else:
             self.scorer.fit(dataset)
@@ -174,13 +198,17 @@ class GSNRScorerOp(Filter):
 
     def compute_stats_batched(self, samples, rank=None):
         all_stats = samples[Fields.stats]
-        todo = [i for i, stats in enumerate(all_stats) if not _has_score(stats)]
+        todo = [i for i, proven in enumerate(proven_rows(self.scorer, samples)) if not proven]
         if not todo:
             return samples
         columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
         scores = self.scorer.score_batch(columns, rank=rank)
-        for j, i in enumerate(todo):
-            all_stats[i] = {**all_stats[i], **{name: scores[name][j] for name in fields.SCORE_FIELDS}}
+        fingerprint = scorer_fingerprint(self.scorer)
+        for j, (i, row) in enumerate(zip(todo, _rows(columns))):
+            record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+            record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
+            # A row of partly scored input has null stats.
+            all_stats[i] = {**(all_stats[i] or {}), **record}
         samples[Fields.stats] = all_stats
         return samples
 
