@@ -66,8 +66,9 @@ DEFAULT_CONFIG = {"hf_model": "smollm2-135m", "device": "cpu"}
 # ------------------------------------------------------------------------------------------------
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from gradfilter_ops.cache import read_jsonl as read_rows  # errors name the file and the line
+
+    return read_rows(path)
 
 
 def load_rows(paths: Sequence[str | Path], rows_per_file: Optional[int] = None, seed: int = 0,
