@@ -144,3 +144,18 @@ def test_forged_and_edited_scores_are_scored_again(rerun):
     by_id = {r["id"]: r[STATS] for r in kept + dropped}
     assert by_id[forged_id][fields.GSNR] < 1e6 and by_id[edited_id][fields.GSNR] < 1e6
     assert by_id[forged_id][fields.STATUS] == fields.OK
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"a": 1}\n\xff\xfe\n', r"rows.jsonl:2: not valid UTF-8"),
+    (b'{"a": 1}\n\n{"a": \n', r"rows.jsonl:3: not JSON"),
+    (b'[1, 2]\n', r"rows.jsonl:1: a JSON list, not an object"),
+    (b'', r"rows.jsonl: no rows \(the file is empty\)"),
+])
+def test_unreadable_input_files_name_the_file_and_line(tmp_path, content, message):
+    from gradfilter_ops.cache import InputFileError, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=message):
+        read_jsonl(path)
