@@ -117,7 +117,7 @@ def test_ray_scorer_op_range_drops_rows_with_their_reasons(tmp_path, tiny_gpt2_d
 
     from gradfilter_ops.provenance import proof, scorer_fingerprint
 
-    op = RayGSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False, min_gsnr=4.0,
+    op = RayGSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False, min_gsnr=4.0, max_length=96,
                          work_dir=str(tmp_path))
     rows = stats_rows(14)
     for row in rows:  # scores this scorer wrote, so they are kept
