@@ -93,6 +93,12 @@ class GSNRConfig:
         "Modules that get adapters; default: peft's attention projections for the architecture.",
         default=None,
     )
+    lora_layer_fraction: float = _help(
+        "Share of the proxy's decoder layers, counted from the top, that get adapters (at least one). The "
+        "frozen layers below run once per row instead of in every pass (0.25: about 3x less arithmetic); "
+        "1.0: every layer.",
+        default=1.0,
+    )
     learning_rate: float = _help("AdamW learning rate (reading).", default=2e-4)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     train_batch_size: int = _help("Examples per optimizer step (reading).", default=16)
@@ -156,6 +162,8 @@ class GSNRConfig:
             raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        if not 0 < self.lora_layer_fraction <= 1:
+            raise ValueError(f"`lora_layer_fraction` must be in (0, 1], got {self.lora_layer_fraction}.")
         if self.eps < 0:
             raise ValueError(f"`eps` must be >= 0, got {self.eps}.")
         if self.format == "custom" and (not self.prompt_template or not self.response_field):

@@ -29,7 +29,6 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .cache import atomic_write_text
 from .config import GSNRConfig
 from .grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets, per_example_grad_sq_norms,
                     response_loss_sums, shuffled_length_batches, to_device)
@@ -44,10 +43,27 @@ def adapter_name(member: int, epoch: int) -> str:
     return f"member{member}_epoch{epoch}"
 
 
+def prefix_split(config: GSNRConfig, model: torch.nn.Module) -> int:
+    """The first adapted decoder layer: the layers below it form the frozen prefix (0: none)."""
+    if config.lora_layer_fraction >= 1:
+        return 0
+    from .prefix import adapted_layers, decoder_layers
+
+    _, layers = decoder_layers(model)
+    return adapted_layers(len(layers), config.lora_layer_fraction)[0]
+
+
 def lora_config(config: GSNRConfig, model: torch.nn.Module):
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
+    from .prefix import adapted_layers, decoder_layers
+
+    layers = {}
+    if config.lora_layer_fraction < 1:
+        pattern, modules = decoder_layers(model)
+        layers = dict(layers_to_transform=adapted_layers(len(modules), config.lora_layer_fraction),
+                      layers_pattern=pattern)
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -57,6 +73,7 @@ def lora_config(config: GSNRConfig, model: torch.nn.Module):
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
         bias="none",
         init_lora_weights=config.lora_init == "zero_b",
+        **layers,
     )
 
 
@@ -239,24 +256,43 @@ def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: 
             on_member(snapshots, member)
 
     workers = min(config.member_workers, len(todo)) if _can_spawn() else 1
-    stack = stack_size(config, next(model.parameters()).device)
-    if workers > 1:
-        for member, states, norms in _train_in_workers(model, lora, examples, config, pad_id, todo, snapshots.epochs,
-                                                       workers):
-            bar.update(config.num_epochs * steps_per_epoch)
-            finished(member, states, norms)
-    elif stack > 1 and len(todo) > 1:
-        for start in range(0, len(todo), stack):
-            group = todo[start: start + stack]
-            logger.info(f"gsnr: training members {group} together, stacked in one forward pass")
-            for member, states, norms in _train_stacked(model, lora, examples, config, pad_id, group,
-                                                        snapshots.epochs, bar):
+    device = next(model.parameters()).device
+    stack = stack_size(config, device)
+    store = _prefix_store(model, examples, config, pad_id, device) if todo else None
+    try:
+        if workers > 1:
+            for member, states, norms in _train_in_workers(model, lora, examples, config, pad_id, todo,
+                                                           snapshots.epochs, workers, store):
+                bar.update(config.num_epochs * steps_per_epoch)
                 finished(member, states, norms)
-    else:
-        for member in todo:
-            finished(member, *_train_one(model, lora, examples, config, pad_id, member, snapshots.epochs, bar))
+        elif stack > 1 and len(todo) > 1:
+            for start in range(0, len(todo), stack):
+                group = todo[start: start + stack]
+                logger.info(f"gsnr: training members {group} together, stacked in one forward pass")
+                for member, states, norms in _train_stacked(model, lora, examples, config, pad_id, group,
+                                                            snapshots.epochs, bar, store):
+                    finished(member, states, norms)
+        else:
+            for member in todo:
+                finished(member, *_train_one(model, lora, examples, config, pad_id, member, snapshots.epochs, bar,
+                                             store))
+    finally:
+        if store is not None:
+            store.close()
     bar.close()
     return snapshots
+
+
+def _prefix_store(model, examples, config: GSNRConfig, pad_id: int, device: torch.device):
+    """The frozen prefix's output of every training row (None when every layer has adapters)."""
+    split = prefix_split(config, model)
+    if not split:
+        return None
+    from .prefix import FrozenPrefix, PrefixStore
+
+    logger.info(f"gsnr: running the {split} frozen layers below the adapters once over {len(examples)} rows")
+    return PrefixStore.build(FrozenPrefix(model, split), examples, pad_id, config.score_batch_size,
+                             resolve_precision(config.precision, device).autocast_dtype)
 
 
 # -- members in worker processes ---------------------------------------------------------------------
@@ -288,22 +324,23 @@ def _can_spawn() -> bool:
     return not multiprocessing.current_process().daemon
 
 
-def _hold_for_training(model, lora, examples, config: GSNRConfig, pad_id: int) -> None:
-    _WORKER.update(model=model, lora=lora, examples=examples, config=config, pad_id=pad_id)
+def _hold_for_training(model, lora, examples, config: GSNRConfig, pad_id: int, store=None) -> None:
+    _WORKER.update(model=model, lora=lora, examples=examples, config=config, pad_id=pad_id, store=store)
 
 
 def _worker_member(member: int, epochs: tuple[int, int]) -> tuple[int, dict, Optional[np.ndarray]]:
     w = _WORKER
     with tqdm(disable=True) as bar:
-        return member, *_train_one(w["model"], w["lora"], w["examples"], w["config"], w["pad_id"], member, epochs, bar)
+        return member, *_train_one(w["model"], w["lora"], w["examples"], w["config"], w["pad_id"], member, epochs, bar, w["store"])
 
 
-def _train_in_workers(model, lora, examples, config, pad_id, members, epochs, workers):
+def _train_in_workers(model, lora, examples, config, pad_id, members, epochs, workers, store=None):
     """Train `members` in `workers` processes; yields (member, states, norms) as each finishes."""
     from concurrent.futures import as_completed
 
     logger.info(f"gsnr: training {len(members)} members in {workers} worker processes")
-    with _member_pool(workers, _hold_for_training, model, lora, list(examples), config, pad_id) as pool:
+    with _member_pool(workers, _hold_for_training, model, lora, list(examples), config, pad_id,
+                      store) as pool:
         futures = [pool.submit(_worker_member, member, epochs) for member in members]
         for future in as_completed(futures):
             yield future.result()
@@ -317,34 +354,36 @@ def _worker_sq_norms(examples: Sequence[Encoded], member: int) -> np.ndarray:
     return _WORKER["scorer"].sq_norms(examples, progress=False, members=[member])[0]
 
 
-def _train_one(model, lora, examples, config, pad_id, member, epochs, bar) -> tuple[dict, Optional[np.ndarray]]:
+def _train_one(model, lora, examples, config, pad_id, member, epochs, bar,
+               store=None) -> tuple[dict, Optional[np.ndarray]]:
     """One member's adapter states and, with `score_mode: online`, its [2, rows] online norms (else None)."""
     norms = np.full((2, len(examples)), np.nan) if config.score_mode == "online" else None
-    return _train_member(model, lora, examples, config, pad_id, member, epochs, bar, online_norms=norms), norms
+    return _train_member(model, lora, examples, config, pad_id, member, epochs, bar, online_norms=norms,
+                         store=store), norms
 
 
 def _train_member(model, lora, examples, config, pad_id, member, epochs, bar,
-                  online_norms: Optional[np.ndarray] = None) -> dict:
+                  online_norms: Optional[np.ndarray] = None, store=None) -> dict:
     """Train one member; returns its adapter state after each epoch in `epochs`.
 
     With `online_norms` ([len(epochs), rows]), the steps of those epochs also write each row's
     squared gradient norm (over `config.grad_params`) at that step's weights into it.
     """
     return _train_members(model, lora, examples, config, pad_id, [member], epochs, bar,
-                          None if online_norms is None else {member: online_norms})
+                          None if online_norms is None else {member: online_norms}, store)
 
 
-def _train_stacked(model, lora, examples, config, pad_id, members, epochs, bar):
+def _train_stacked(model, lora, examples, config, pad_id, members, epochs, bar, store=None):
     """Train `members` together in stacked steps; yields (member, states, norms) for each, as `_train_one`."""
     online = config.score_mode == "online"
     norms = {m: np.full((2, len(examples)), np.nan) for m in members} if online else None
-    states = _train_members(model, lora, examples, config, pad_id, members, epochs, bar, norms)
+    states = _train_members(model, lora, examples, config, pad_id, members, epochs, bar, norms, store)
     for member in members:
         yield member, {key: state for key, state in states.items() if key[0] == member}, norms[member] if norms else None
 
 
 def _train_members(model, lora, examples, config, pad_id, members: Sequence[int], epochs, bar,
-                   online_norms: Optional[dict[int, np.ndarray]] = None) -> dict:
+                   online_norms: Optional[dict[int, np.ndarray]] = None, store=None) -> dict:
     """Train `members` on one proxy; returns each one's adapter state after each epoch in `epochs`.
 
     One member trains with peft's own LoRA forward. Several train at once: each step stacks every
@@ -354,13 +393,18 @@ def _train_members(model, lora, examples, config, pad_id, members: Sequence[int]
     a member's training is the same whichever members it is stacked with (with the proxy's dropout,
     if it has any, up to the dropout draws). `online_norms[m]` ([len(epochs), rows]), when given, gets
     member m's squared gradient norm of each row at the step that saw it, in the epochs `epochs`.
+    With `store` (a `prefix.PrefixStore` of `examples`), the layers below the adapters are not run:
+    each step reads its rows' frozen-prefix output from the store.
     """
     from peft import get_peft_model, get_peft_model_state_dict
+
+    from .prefix import FrozenPrefix, padded
 
     from .stacking import StackedLora, filler
 
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(config.precision, device).autocast_dtype
+    frozen = FrozenPrefix(model, prefix_split(config, model)) if store is not None else None
     # Adapter names that are no substring of one another (peft selects a state dict's keys by substring).
     names = [f"member{m}_train" for m in members]
     peft_model = None
@@ -394,9 +438,11 @@ def _train_members(model, lora, examples, config, pad_id, members: Sequence[int]
             epoch_loss, steps = torch.zeros((), device=device), 0
             for step in zip(*(shuffled_length_batches(lengths, config.train_batch_size, rng) for rng in order_rngs)):
                 block = max(len(indices) for indices in step)
-                batch = collate([examples[i] if i is not None else pad_row for indices in step
-                                 for i in [*indices, *[None] * (block - len(indices))]], pad_id, device)
-                with (activations.recording() if record else nullcontext()), \
+                flat = [i for indices in step for i in [*indices, *[None] * (block - len(indices))]]
+                batch = collate([examples[i] if i is not None else pad_row for i in flat], pad_id, device)
+                fed = (frozen.feeding(padded(store.rows(flat), batch["input_ids"].shape[1], store.width, device))
+                       if frozen is not None else nullcontext())
+                with fed, (activations.recording() if record else nullcontext()), \
                         torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                        enabled=autocast_dtype is not None):
                     sums, counts = response_loss_sums(peft_model, batch, blocks=k)
@@ -473,6 +519,13 @@ class EnsembleScorer:
         self.model.eval()
         self.activations = LoraActivations(self.model)
         self._stacks = {}
+        layers = self.snapshots.lora.get("layers_to_transform")
+        split = min(layers) if layers else 0
+        self.frozen = None
+        if split:
+            from .prefix import FrozenPrefix
+
+            self.frozen = FrozenPrefix(self.model, split)
 
     def sq_norms(self, examples: Sequence[Encoded], progress: bool = True,
                  members: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -514,17 +567,25 @@ class EnsembleScorer:
             rows = to_device(torch.tensor(indices), self.device)
             bucket = [examples[i] for i in indices]
             batches = {}  # copies of the bucket -> collated batch
+            hidden = None  # the frozen prefix's output for the bucket, computed once for every adapter
+            if self.frozen is not None:
+                batches[1] = collate(bucket, self.pad_id, self.device)
+                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    hidden = self.frozen.hidden(batches[1]["input_ids"])
             for group in groups:
                 if len(group) not in batches:
                     batches[len(group)] = collate(bucket * len(group), self.pad_id, self.device)
+                fed = self.frozen.feeding(hidden.repeat(len(group), 1, 1)) if hidden is not None else nullcontext()
                 if len(group) == 1:
                     (slot, name), = group
                     self.model.set_adapter(name)
-                    norms = per_example_grad_sq_norms(self.model, self.activations, batches[1],
-                                                      self.config.grad_params, autocast_dtype)
+                    with fed:
+                        norms = per_example_grad_sq_norms(self.model, self.activations, batches[1],
+                                                          self.config.grad_params, autocast_dtype)
                     out[slot].index_copy_(0, rows, norms)
                     continue
-                with self._stacked(tuple(name for _, name in group)) as stacked:
+                with self._stacked(tuple(name for _, name in group)) as stacked, fed:
                     norms = per_example_grad_sq_norms(self.model, stacked, batches[len(group)],
                                                       self.config.grad_params, autocast_dtype, blocks=len(group))
                 for (slot, _), block in zip(group, norms.view(len(group), len(indices))):

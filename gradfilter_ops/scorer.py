@@ -100,13 +100,14 @@ class GSNRScorer:
         from . import __version__
         from .prompts import PromptFormatter
         from .precision import resolve as resolve_precision
-        from .proxy import load_proxy, proxy_fingerprint
+        from .proxy import check_proxy_limits, load_proxy, proxy_fingerprint
 
         started = time.perf_counter()
         self._device = self._resolve_device(rank)
         self.precision = resolve_precision(self.config.precision, self._device)
         logger.info(f"gsnr: precision {self.precision.name} on {self._device.type} ({self.precision.reason}).")
         model, tokenizer = load_proxy(self.config.hf_model, cache_dir=self.config.cache_dir)
+        check_proxy_limits(model, tokenizer, self.config.max_length)
         for param in model.parameters():
             param.requires_grad_(False)
         if self.fingerprint is None:

@@ -142,8 +142,9 @@ def test_partly_scored_input_scores_the_new_rows_and_keeps_proven_scores(rerun):
 def test_forged_and_edited_scores_are_scored_again(rerun):
     _, kept, dropped, _, forged_id, edited_id = rerun
     by_id = {r["id"]: r[STATS] for r in kept + dropped}
-    assert by_id[forged_id][fields.GSNR] < 1e6 and by_id[edited_id][fields.GSNR] < 1e6
-    assert by_id[forged_id][fields.STATUS] == fields.OK
+    assert by_id[forged_id][fields.GSNR] != 1e12 and by_id[edited_id][fields.GSNR] != 1e9
+    for row_id in (forged_id, edited_id):
+        assert by_id[row_id][fields.STATUS] == fields.OK and by_id[row_id][fields.PROOF]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -73,7 +73,7 @@ def test_explicit_choices_are_kept(cpu, warnings):
 
 def test_the_manifest_records_what_auto_resolved_to_and_why(cpu, tiny_config):
     cpu(units=False)
-    scorer = GSNRScorer(tiny_config(num_members=2, num_epochs=2))
+    scorer = GSNRScorer(tiny_config(num_members=2, num_epochs=2, precision="auto"))
     scorer.score(Dataset.from_list(seed_tasks(6)))
     recorded = scorer.manifest()["precision"]
     assert recorded["resolved"] == "fp32" and "no bf16 units" in recorded["reason"]

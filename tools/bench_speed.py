@@ -18,6 +18,9 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
   head    one long norm pass with the LM head chunked vs whole: peak memory.
   ray     `distributed.score_dataset` on a local Ray cluster (one training task, one scoring actor)
           vs `GSNRScorer.score` in this process: what Ray costs on one machine; same scores.
+  prefix  `lora_layer_fraction: F` (adapters on the top layers, the frozen layers below run once per
+          row) vs adapters on every layer, train + snapshot-score: seconds, and how the G-SNR ranking
+          moves (Spearman, top-10% overlap) next to an every-layer ensemble with other seeds.
   stack   `stack_members: M` (all members in one forward) vs one member at a time, train +
           snapshot-score: seconds, same norms, and the operations dispatched per batch of rows trained
           and scored (each one a kernel launch on a GPU, where a small proxy waits on the host).
@@ -62,11 +65,12 @@ from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
-SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack", "ray")
+SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack", "ray", "prefix")
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
-             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8, ray_members=2)
+             online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8, ray_members=2,
+             prefix_rows=8, prefix_members=2)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
            "rss_growth": 1.10}
 
@@ -804,6 +808,51 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- frozen prefix: adapters on the top layers vs on every layer -----------------------------------------
+def section_prefix(args: argparse.Namespace) -> dict[str, Any]:
+    """`train_ensemble` then snapshot scoring with adapters on the top `--prefix-fraction` of the layers and on
+    every layer (two seeds), interleaved, same rows; seconds and the G-SNR ranking's agreement."""
+    from gradfilter_ops.gsnr import gsnr_from_sq_norms
+
+    model, device, config, examples, pad_id = proxy_and_rows(args, args.prefix_rows, num_members=args.prefix_members)
+    variants = {"every layer": replace(config, lora_layer_fraction=1.0),
+                "every layer, other seeds": replace(config, lora_layer_fraction=1.0, seed=config.seed + 1000),
+                f"top {args.prefix_fraction:g}": replace(config, lora_layer_fraction=args.prefix_fraction)}
+
+    def run(this: GSNRConfig) -> Callable[[], dict[str, Any]]:
+        def fit_and_score() -> dict[str, Any]:
+            train_s, snapshots = timed(lambda: train_ensemble(model, examples, this, pad_id, progress=False), device)
+            scorer = EnsembleScorer(model, snapshots, this, pad_id)
+            try:
+                score_s, norms = timed(lambda: scorer.sq_norms(examples, progress=False), device)
+            finally:
+                scorer.close()
+            return {"train_s": train_s, "score_s": score_s, "gsnr": gsnr_from_sq_norms(norms).gsnr}
+        return fit_and_score
+
+    seconds, results = interleaved({name: run(this) for name, this in variants.items()}, args.rounds, device)
+    every, other, top = (results[name]["gsnr"] for name in variants)
+    fast = f"top {args.prefix_fraction:g}"
+    result = {
+        "rows": len(examples), "members": config.num_members, "fraction": args.prefix_fraction, "seconds": seconds,
+        "parts": {name: {part: results[name][part] for part in ("train_s", "score_s")} for name in variants},
+        "speedup": statistics.median(round_ratios(seconds["every layer"], seconds[fast])),
+        "spearman_vs_every_layer": spearman(top, every), "spearman_other_seeds": spearman(other, every),
+        "top10_overlap_vs_every_layer": top_overlap(top, every), "top10_overlap_other_seeds": top_overlap(other, every),
+    }
+    say(f"== frozen prefix: adapters on the top {args.prefix_fraction:g} of the layers vs on every layer ==")
+    say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, {args.proxy} on {device.type}, "
+        f"{resolve_precision(config.precision, device).name}")
+    for r in range(args.rounds):
+        say(f"round {r + 1}: " + "  ".join(f"{name} {s[r]:.2f} s" for name, s in seconds.items()))
+    say("first round, train / score: " + ", ".join(f"{name} {p['train_s']:.2f} s / {p['score_s']:.2f} s"
+                                                   for name, p in result["parts"].items()))
+    say(f"{fast} vs every layer: speed-up {result['speedup']:.2f}x; G-SNR Spearman {result['spearman_vs_every_layer']:.3f}"
+        f", top-10% overlap {result['top10_overlap_vs_every_layer']:.0%} (every layer with other seeds: "
+        f"{result['spearman_other_seeds']:.3f}, {result['top10_overlap_other_seeds']:.0%})")
+    return result
+
+
 # -- command line ---------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -834,6 +883,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers-members", type=int, default=2, help="workers: M")
     parser.add_argument("--head-rows", type=int, default=8, help="head: rows of --max-length random tokens")
     parser.add_argument("--stack-rows", type=int, default=48, help="stack: rows")
+    parser.add_argument("--prefix-rows", type=int, default=64, help="prefix: rows")
+    parser.add_argument("--prefix-members", type=int, default=GSNRConfig.num_members, help="prefix: M")
+    parser.add_argument("--prefix-fraction", type=float, default=0.25, help="prefix: lora_layer_fraction")
     parser.add_argument("--stack-members", type=int, default=GSNRConfig.num_members, help="stack: M")
     parser.add_argument("--stack-ops", type=int, default=1, choices=(0, 1),
                         help="stack: also count the operations per batch (1), which trains 2 x 3 more times")
@@ -865,7 +917,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.argv[1:] if argv is None else argv)])}
     say(f"machine: {results['machine']}")
     runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online,
-               "workers": section_workers, "head": section_head, "stack": section_stack, "ray": section_ray}
+               "workers": section_workers, "head": section_head, "stack": section_stack, "ray": section_ray,
+               "prefix": section_prefix}
     for name in args.sections.split(","):
         before = load_avg()
         start = time.perf_counter()

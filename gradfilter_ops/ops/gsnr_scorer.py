@@ -134,6 +134,7 @@ class GSNRScorerOp(Filter):
         lora_dropout: float = 0.0,
         lora_init: str = "random",
         target_modules: Optional[list[str]] = None,
+        lora_layer_fraction: float = 1.0,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         train_batch_size: int = 16,
