@@ -33,7 +33,7 @@ def positive(value) -> bool:
 def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, capsys):
     bench_speed, _ = tools
     out = tmp_path / "bench.json"
-    results = bench_speed.main(["--quick", "--proxy", str(tiny_gpt2_dir), "--sections",
+    results = bench_speed.main(["--quick", "--proxy", str(tiny_gpt2_dir), "--precision", "fp32", "--sections",
                                 "norms,e2e,memory,online,workers,head,stack", "--json", str(out)])
     printed = capsys.readouterr().out
     for header in ("== 1. ", "== 2. ", "== 3. ", "== 4. ", "== online", "== member workers", "== head",
@@ -111,7 +111,7 @@ def test_flop_accounting_matches_torch_flop_counter(tools, tiny_gpt2_dir):
 def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     _, gpu_check = tools
     out = tmp_path / "gpu_check.json"
-    gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "1", "--out", str(out)])
+    gpu_check.main(["--examples", "64", "--tiny", "--precision", "fp32", "--micro-rounds", "1", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["status"] == "done" and result["examples"] == 64
     assert set(result["phases"]) == {"micro", "train", "score"}
@@ -124,7 +124,8 @@ def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     assert result["phases"]["train"]["steps"] == 4 * 4 * 2 and positive(result["phases"]["train"]["ms_per_step"])
     assert result["phases"]["score"]["passes"] == 2 * 4 * 4 and positive(result["phases"]["score"]["ms_per_pass"])
 
-    stacked = gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "0", "--stack-members", "4",
+    stacked = gpu_check.main(["--examples", "64", "--tiny", "--precision", "fp32", "--micro-rounds", "0",
+                              "--stack-members", "4",
                               "--count-ops", "--out", str(tmp_path / "stacked.json")])
     assert stacked["stack_members"] == 4 and set(stacked["phases"]) == {"ops", "train", "score"}
     assert stacked["phases"]["train"]["forward_steps"] == 4 * 2  # one stacked step trains the 4 members
@@ -132,7 +133,8 @@ def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     assert stacked["phases"]["ops"]["train"] > stacked["phases"]["ops"]["score"] > 0
     assert stacked["phases"]["score"]["finite_share"] == 1.0
 
-    online = gpu_check.main(["--examples", "64", "--tiny", "--micro-rounds", "1", "--score-mode", "online",
+    online = gpu_check.main(["--examples", "64", "--tiny", "--precision", "fp32", "--micro-rounds", "1",
+                             "--score-mode", "online",
                              "--out", str(tmp_path / "online.json")])
     assert online["phases"]["score"]["finite_share"] == 1.0 and online["phases"]["score"]["passes"] == 0
     assert online["flops"]["arithmetic"] == pytest.approx(result["flops"]["arithmetic"] * 2 / 4)  # M T of M (T + 2)

@@ -408,8 +408,8 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tokenizer, device = frozen_proxy(args)
     modes = args.e2e_modes.split(",")
-    configs = {mode: GSNRConfig(hf_model=args.proxy, score_mode=mode) for mode in modes}
-    formatter = PromptFormatter(configs[modes[0]], tokenizer)
+    configs = {mode: GSNRConfig(hf_model=args.proxy, score_mode=mode, max_length=args.max_length) for mode in modes}
+    formatter = PromptFormatter(GSNRConfig(hf_model=args.proxy), tokenizer)  # untruncated, for --e2e-max-tokens
     rows, examples = [], []
     for row in read_rows(args.data, 10**9):
         encoded = formatter.encode(row)
@@ -430,7 +430,8 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
     def gsnr(mode: str) -> Callable[[], Any]:
         def run():
-            op = GSNRScorerOp(hf_model=args.proxy, score_mode=mode, use_cache=False, num_proc=1)
+            op = GSNRScorerOp(hf_model=args.proxy, score_mode=mode, max_length=args.max_length, use_cache=False,
+                              num_proc=1)
             return op.run(NestedDataset(Dataset.from_list(rows)))
         return run
 

@@ -109,6 +109,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=ALPACA_ROWS, help="synthetic rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer proxy of width 32 instead of GPT-2 124M")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default=GSNRConfig.precision, choices=("auto", "bf16", "fp32"),
+                        help="GSNRConfig.precision")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--micro-rounds", type=int, default=3,
                         help="interleaved rounds of the micro benchmark; 0 skips it")
@@ -141,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     model = random_proxy(args.tiny).to(device)
     speed = {"score_batch_size": args.score_batch_size} if args.score_batch_size else {}
-    config = GSNRConfig(hf_model="random GPT-2", device=device.type, score_mode=args.score_mode,
+    config = GSNRConfig(hf_model="random GPT-2", device=device.type, precision=args.precision,
+                        score_mode=args.score_mode,
                         member_workers=args.member_workers, stack_members=args.stack_members, **speed)
     stack = stack_size(config, device)
     pad_id = model.config.eos_token_id
