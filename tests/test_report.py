@@ -1,8 +1,8 @@
-"""tools/gsnr_report.py: loading both layouts, the summary maths, the warnings, the Markdown and the PNGs."""
+"""gradfilter_ops.report (`gsnr-report`): loading both layouts, the summary maths, the warnings, the Markdown
+and the PNGs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -14,21 +14,13 @@ import pytest
 
 from gradfilter_ops import fields
 from gradfilter_ops.dropped import DROP_REASON
+from gradfilter_ops.report.cli import main
+from gradfilter_ops.report.markdown import jsonable, md_cell
+from gradfilter_ops.report.plots import require_matplotlib, symlog_edges, symlog_threshold, symlog_ticks
+from gradfilter_ops.report.records import NO_GROUP, NO_STATUS, load_rows, score_fields
+from gradfilter_ops.report.summary import is_degenerate, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "gsnr_report.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("gsnr_report", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gsnr_report"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rep = _load_tool()
 
 
 def scores(gsnr, early, late, noise, status=fields.OK, response_tokens=10, truncated=False):
@@ -83,18 +75,24 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+# Pixel size of each PNG at the default 80 dpi: the figure size in inches times 80 (the group plot is
+# 2 inches high for up to 3 groups).
+PNG_SIZES = {"gsnr_hist.png": (512, 320), "early_late.png": (416, 368), "gsnr_length.png": (512, 320),
+             "groups.png": (512, 160)}
+
+
 def assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC, path
-    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
-    assert 100 < width < 2000 and 50 < height < 2000, (path, width, height)
+    size = struct.unpack(">II", data[16:24])  # the IHDR chunk: width, height
+    assert size == PNG_SIZES[path.name], (path, size)
 
 
 # --- loading and the summary maths ------------------------------------------------------------------------
 
 def test_both_layouts_are_read():
     kept, dropped = selection_rows()
-    records = rep.load_rows(kept=kept, dropped=dropped, group_by="source")
+    records = load_rows(kept=kept, dropped=dropped, group_by="source")
     assert len(records) == 14
     assert records[0][fields.GSNR] == 3e4 and records[0][fields.STATUS] == fields.OK  # from __dj__stats__
     assert records[7][fields.GSNR] == -3.0 and records[7]["reason"] == fields.BELOW_CUTOFF  # from columns
@@ -103,14 +101,14 @@ def test_both_layouts_are_read():
     assert [r["kept"] for r in records] == [True] * 6 + [False] * 8
     assert records[12]["group"] == "b"
     # Data-Juicer stats without G-SNR fields fall back to the columns
-    mixed = rep.score_fields({"__dj__stats__": {"text_len": 3}, fields.GSNR: 1.5, fields.STATUS: fields.OK})
+    mixed = score_fields({"__dj__stats__": {"text_len": 3}, fields.GSNR: 1.5, fields.STATUS: fields.OK})
     assert mixed[fields.GSNR] == 1.5
-    assert rep.score_fields({"x": 1})[fields.STATUS] == rep.NO_STATUS
+    assert score_fields({"x": 1})[fields.STATUS] == NO_STATUS
 
 
 def test_summary_counts_reasons_groups_and_cutoff():
     kept, dropped = selection_rows()
-    s = rep.summarize(rep.load_rows(kept=kept, dropped=dropped, group_by="source"),
+    s = summarize(load_rows(kept=kept, dropped=dropped, group_by="source"),
                       mode="selection", group_by="source", examples=3)
     assert (s["rows"], s["kept"], s["dropped"]) == (14, 6, 8)
     assert s["drop_reasons"] == {fields.BELOW_CUTOFF: 4, fields.GROUP_QUOTA_FULL: 1, fields.EMPTY_RESPONSE: 1,
@@ -134,39 +132,39 @@ def test_summary_counts_reasons_groups_and_cutoff():
     assert s["bottom"][0]["reason"] == fields.BELOW_CUTOFF and s["top"][0]["kept"]
     codes = {w["code"] for w in s["warnings"]}
     assert codes == {"tiny", "non_finite", "negative_drops"}  # 6 of 11 drops negative: > 50 %
-    json.dumps(rep.jsonable(s), allow_nan=False)
+    json.dumps(jsonable(s), allow_nan=False)
 
 
 def test_scored_mode_selects_the_top_ratio_like_the_filter():
     rows = [row(i, "ab"[i % 2], scores(float(i), 1.0, 1.0 + (i % 3), 0.5), "columns") for i in range(60)]
     rows[5] = row(5, "b", scores(None, None, None, None, fields.EMPTY_RESPONSE), "columns")
-    records = rep.load_rows(scored=rows, top_ratio=0.1, group_by="source")
-    s = rep.summarize(records, mode="scored", group_by="source")
+    records = load_rows(scored=rows, top_ratio=0.1, group_by="source")
+    s = summarize(records, mode="scored", group_by="source")
     assert s["kept"] == 6 and s["cutoff"] == 54.0
     assert [r["index"] for r in records if r["kept"]] == list(range(54, 60))
     assert s["drop_reasons"] == {fields.BELOW_CUTOFF: 53, fields.EMPTY_RESPONSE: 1}
     assert s["negative_drops"] == 39 and "negative_drops" in {w["code"] for w in s["warnings"]}
     assert "tiny" not in {w["code"] for w in s["warnings"]}
-    assert rep.summarize(rep.load_rows(scored=rows), mode="scored")["kept"] == 6  # default ratio 0.1
+    assert summarize(load_rows(scored=rows), mode="scored")["kept"] == 6  # default ratio 0.1
 
 
 def test_degenerate_detection():
-    assert rep.is_degenerate([2.5, 2.5, 2.5 * (1 + 1e-14)])
-    assert rep.is_degenerate([0.0, 0.0])
-    assert not rep.is_degenerate([2.5, 2.5001])
-    assert not rep.is_degenerate([1.0])
-    assert rep.symlog_threshold([-2e5, 3e4, 0.5, -1.0, 2.0]) is not None
-    assert rep.symlog_threshold([-0.2, 0.1, 5.8]) is None
-    edges = rep._symlog_edges(-2e5, 3e4, 0.1, 10)  # the extreme values stay inside the histogram
+    assert is_degenerate([2.5, 2.5, 2.5 * (1 + 1e-14)])
+    assert is_degenerate([0.0, 0.0])
+    assert not is_degenerate([2.5, 2.5001])
+    assert not is_degenerate([1.0])
+    assert symlog_threshold([-2e5, 3e4, 0.5, -1.0, 2.0]) is not None
+    assert symlog_threshold([-0.2, 0.1, 5.8]) is None
+    edges = symlog_edges(-2e5, 3e4, 0.1, 10)  # the extreme values stay inside the histogram
     assert edges[0] == -2e5 and edges[-1] == 3e4 and edges == sorted(edges)
-    assert rep.symlog_ticks(-2e5, 3e4, 0.1) == [-1e5, -1e3, -10.0, -0.1, 0.0, 1.0, 100.0, 1e4]
+    assert symlog_ticks(-2e5, 3e4, 0.1) == [-1e5, -1e3, -10.0, -0.1, 0.0, 1.0, 100.0, 1e4]
 
 
 def test_markdown_cells_are_escaped_and_cut():
-    cell = rep.md_cell("a | b\nc\r\nd <e> *f*", limit=None)
+    cell = md_cell("a | b\nc\r\nd <e> *f*", limit=None)
     assert "\n" not in cell and "\r" not in cell
     assert "a \\| b ⏎ c ⏎ d &lt;e&gt; \\*f\\*" == cell
-    cut = rep.md_cell("y" * 300, limit=120)
+    cut = md_cell("y" * 300, limit=120)
     assert len(cut) == 120 and cut.endswith("…")
 
 
@@ -175,7 +173,7 @@ def test_markdown_cells_are_escaped_and_cut():
 def test_main_writes_report_and_valid_pngs(tmp_path):
     kept, dropped = selection_rows()
     out = tmp_path / "report"
-    code = rep.main(["--kept", str(write_jsonl(tmp_path / "kept.jsonl", kept)),
+    code = main(["--kept", str(write_jsonl(tmp_path / "kept.jsonl", kept)),
                      "--dropped", str(write_jsonl(tmp_path / "dropped.jsonl", dropped)),
                      "--group-by", "source", "--examples", "3", "--out", str(out)])
     assert code == 0
@@ -208,7 +206,7 @@ def test_main_writes_report_and_valid_pngs(tmp_path):
 def test_degenerate_scored_input_warns(tmp_path):
     rows = [row(i, "s", scores(1.25, 2.0, 1.0, 0.8), "stats") for i in range(60)]
     out = tmp_path / "degenerate"
-    assert rep.main(["--scored", str(write_jsonl(tmp_path / "scored.jsonl", rows)), "--top-ratio", "0.25",
+    assert main(["--scored", str(write_jsonl(tmp_path / "scored.jsonl", rows)), "--top-ratio", "0.25",
                      "--out", str(out)]) == 0
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "**degenerate**" in md and "ranking is by dataset order only" in md
@@ -221,7 +219,7 @@ def test_degenerate_scored_input_warns(tmp_path):
 def test_kept_only_and_no_scores(tmp_path):
     rows = [row(i, "s", scores(None, None, None, None, fields.EMPTY_RESPONSE), "columns") for i in range(3)]
     out = tmp_path / "unscored"
-    assert rep.main(["--kept", str(write_jsonl(tmp_path / "k.jsonl", rows)), "--out", str(out), "--no-plots"]) == 0
+    assert main(["--kept", str(write_jsonl(tmp_path / "k.jsonl", rows)), "--out", str(out), "--no-plots"]) == 0
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "**no_scores**" in md and "**no_dropped**" in md and "| dropped | not given |" in md
     assert "No row has a finite score." in md and ".png" not in md
@@ -231,13 +229,13 @@ def test_odd_group_names_and_an_empty_file(tmp_path):
     names = ["cost $^$ | x", None, "multi\nline"]  # "$^$" is a mathtext error unless the plot escapes it
     rows = [row(i, names[i % 3], scores(float(i), 2.0, 1.0, 0.1), "columns") for i in range(9)]
     out = tmp_path / "odd"
-    assert rep.main(["--scored", str(write_jsonl(tmp_path / "s.jsonl", rows)), "--group-by", "source",
+    assert main(["--scored", str(write_jsonl(tmp_path / "s.jsonl", rows)), "--group-by", "source",
                      "--out", str(out)]) == 0
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "| cost \\$^\\$ \\| x | 3 |" in md and f"| {rep.NO_GROUP} | 3 |" in md and "| multi ⏎ line | 3 |" in md
+    assert "| cost \\$^\\$ \\| x | 3 |" in md and f"| {NO_GROUP} | 3 |" in md and "| multi ⏎ line | 3 |" in md
     assert_png(out / "groups.png")
     empty = tmp_path / "empty"
-    assert rep.main(["--scored", str(write_jsonl(tmp_path / "e.jsonl", [])), "--out", str(empty)]) == 0
+    assert main(["--scored", str(write_jsonl(tmp_path / "e.jsonl", [])), "--out", str(empty)]) == 0
     assert "**empty**" in (empty / "report.md").read_text(encoding="utf-8")
     assert_png(empty / "gsnr_hist.png")
 
@@ -249,7 +247,7 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
                  ["--kept", str(f), "--top-ratio", "0.1", "--out", "o"],
                  ["--kept", str(tmp_path / "missing.jsonl"), "--out", "o"]):
         with pytest.raises(SystemExit) as e:
-            rep.main(argv)
+            main(argv)
         assert e.value.code == 2
     assert "no such file" in capsys.readouterr().err
 
@@ -257,13 +255,13 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
 def test_missing_matplotlib_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(SystemExit, match=r"pip install matplotlib.*gradfilter-ops\[report\]"):
-        rep.require_matplotlib()
+        require_matplotlib()
 
 
 def test_help_does_not_import_matplotlib():
-    code = (f"import runpy, sys\nsys.argv = ['gsnr_report.py', '--help']\n"
-            f"try:\n    runpy.run_path({str(TOOL)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            f"print('MPL' if 'matplotlib' in sys.modules else 'NO_MPL')")
+    code = ("import sys\nfrom gradfilter_ops.report.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('MPL' if 'matplotlib' in sys.modules else 'NO_MPL')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--group-by" in result.stdout and result.stdout.strip().endswith("NO_MPL")
