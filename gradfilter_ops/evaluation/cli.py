@@ -1,0 +1,183 @@
+"""`gsnr-eval`: the command line of the selection-quality evaluation.
+
+    gsnr-eval --data recipes/data/self_instruct_seed_tasks.jsonl --data tools/data/chatterbot_english_qa.jsonl \
+        --rows-per-file 150 --corrupt-fraction 0.3 --seed 0 --hf-model smollm2-135m \
+        --set num_members=8 --set num_epochs=3 --set max_length=160 --set precision=bf16 --out docs/eval/run
+
+`run(argv)` does the same from Python and returns the summary (what `summary.json` holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+from jsonargparse import ArgumentParser
+
+from .corrupt import CLEAN, KINDS, corrupt_dataset
+from .data import build_chatterbot, load_rows
+from .plot import plot_separation
+from .readings import config_reading, evaluate_readings, norms_of, parse_reading, reading_grid, reading_scores
+from .runs import compute, merge_members
+from .signals import evaluate_signal, signals_for
+from .tables import compare_runs, main_table, render_report
+
+PROG = "gsnr-eval"
+DEFAULT_CONFIG = {"hf_model": "smollm2-135m", "device": "cpu"}
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as JSON where they parse (numbers, true, null, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def build_config(hf_model: Optional[str], overrides: Mapping[str, Any]):
+    """The `GSNRConfig` of a run: the evaluation's defaults, `--hf-model`, then the `--set` overrides."""
+    from ..config import GSNRConfig
+
+    values = dict(DEFAULT_CONFIG)
+    if hf_model:
+        values["hf_model"] = hf_model
+    values.update(overrides)
+    return GSNRConfig.from_dict(values)
+
+
+def build_parser() -> ArgumentParser:
+    from ..config import GSNRConfig
+
+    keys = ", ".join(f.name for f in dataclasses.fields(GSNRConfig))
+    p = ArgumentParser(prog=PROG, description="How well does G-SNR keep corrupted rows out? Inject known "
+                       "corruptions into real instruction data, score every row with G-SNR and with the usual "
+                       "baselines, and measure the separation.")
+    p.add_argument("--data", type=str, action="append", help="Alpaca-style jsonl; repeat for several files")
+    p.add_argument("--rows-per-file", type=Optional[int], help="at most this many rows of each file (seeded)")
+    p.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of rows to corrupt")
+    p.add_argument("--kinds", type=Optional[str], help=f"comma-separated corruption kinds (null: all of {','.join(KINDS)})")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sample, the corruptions, random and the bootstrap")
+    p.add_argument("--hf-model", type=Optional[str], help="the proxy (null: the smollm2-135m preset)")
+    p.add_argument("--set", type=str, action="append", metavar="KEY=VALUE",
+                   help=f"a GSNRConfig override, the value read as JSON; repeat. Keys: {keys}")
+    p.add_argument("--out", type=str, default="eval_out", help="output folder")
+    p.add_argument("--skip-ifd", action="store_true", help="leave out the Data-Juicer IFD baseline")
+    p.add_argument("--reuse", action="store_true", help="reuse norms.npz of an earlier run with the same rows and config")
+    p.add_argument("--baselines-from", type=Optional[str], metavar="DIR",
+                   help="take perplexity and IFD from an earlier run's folder (same rows and proxy setup)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the AUROC interval (0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table on stdout")
+    p.add_argument("--main-reading", type=Optional[str], metavar="K=V,...",
+                   help="score the main table's G-SNR (and ablations) with another reading of the same run, "
+                        "e.g. params=W,early=1,late=2 (fields of Reading)")
+    p.add_argument("--merge", type=str, nargs=2, metavar="DIR",
+                   help="join two runs whose seeds follow on (seed, seed + num_members) into one ensemble in --out")
+    p.add_argument("--compare", type=str, nargs="+", metavar="DIR", help="print chosen readings of earlier runs side by side")
+    p.add_argument("--reading", type=str, action="append", help="with --compare: a reading label as in readings.csv; repeat")
+    p.add_argument("--build-chatterbot", type=Optional[str], metavar="FOLDER", help=argparse.SUPPRESS)
+    p.add_argument("--build-out", type=Optional[str], help=argparse.SUPPRESS)
+    return p
+
+
+def quote(arg: str) -> str:
+    """`arg` as it can be pasted into a shell: bare when it is plain, else JSON-quoted."""
+    return arg if all(c.isalnum() or c in "-_=./:,+" for c in arg) else json.dumps(arg)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Parse `argv` (default: the command line) and run; returns the summary (or what --merge,
+    --compare or --build-chatterbot did)."""
+    args = build_parser().parse_args(argv)
+    if args.merge:
+        members = merge_members(args.merge[0], args.merge[1], args.out)
+        print(f"wrote a {members}-member run to {args.out}; analyse it with --reuse --set num_members={members}")
+        return {"members": members}
+    if args.compare:
+        print(compare_runs(args.compare, args.reading or []))
+        return {}
+    if args.build_chatterbot:
+        n = build_chatterbot(args.build_chatterbot, args.build_out)
+        print(f"wrote {n} rows to {args.build_out}")
+        return {"rows": n}
+    if not args.data:
+        raise SystemExit("--data is required")
+    overrides = parse_set(args.set or [])
+    config = build_config(args.hf_model, overrides)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(args.data, args.rows_per_file, args.seed, config.instruction_field, config.output_field)
+    kinds_wanted = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    rows = corrupt_dataset(rows, args.corrupt_fraction, args.seed, kinds_wanted, config.instruction_field,
+                           config.input_field, config.output_field)
+    kinds = [r["eval_corruption"] for r in rows]
+    timings: dict[str, float] = {}
+    started = time.time()
+    result = compute(rows, config, out_dir, args.skip_ifd, args.reuse, not args.quiet, timings, args.baselines_from)
+
+    base = config_reading(config, **parse_reading(args.main_reading))
+    signals = signals_for(result, config, args.seed, base)
+    rng = np.random.default_rng(args.seed)
+    evals = [evaluate_signal(s, kinds, rng, args.bootstrap, reference=signals[0].score) for s in signals]
+    for ev in evals:
+        ev["want10"] = max(1, math.floor(0.10 * len(rows) + 1e-9))
+        ev["want30"] = max(1, math.floor(0.30 * len(rows) + 1e-9))
+    grid_rows = evaluate_readings(result, kinds, reading_grid(config, result))
+    with open(out_dir / "readings.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(grid_rows[0]))
+        writer.writeheader()
+        writer.writerows(grid_rows)
+
+    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
+        g = reading_scores(norms_of(result), result["epochs"], base)
+        for i, row in enumerate(rows):
+            rec = {k: row.get(k) for k in ("eval_index", "eval_corruption", "id", config.instruction_field,
+                                           config.input_field, config.output_field)}
+            rec.update({s.name: (float(s.score[i]) if np.isfinite(s.score[i]) else None) for s in signals})
+            rec.update({f"gsnr_{k}": float(g[k][i]) for k in ("early", "late", "drop", "noise")})
+            if "ifd" in result:
+                rec["ifd"] = float(result["ifd"][i])
+            rec["proxy_loss"] = float(result["proxy_loss"][i])
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    plotted = plot_separation(out_dir / "roc.png", signals, kinds, result, base)
+    command = f"{PROG} " + " ".join(quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    report = render_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, timings,
+                           args.corrupt_fraction, plotted)
+    (out_dir / "report.md").write_text(report)
+    summary = {
+        "rows": len(rows), "corrupted": int(sum(k != CLEAN for k in kinds)),
+        "signals": {s.name: {k: v for k, v in ev.items() if k not in ("want10", "want30")}
+                    for s, ev in zip(signals, evals)},
+        "negative_drop_share": signals[0].negative_drop_share,
+        "snapshot_loss": norms_of(result)["loss"].mean(axis=(0, 2)).tolist(),
+        "timings": timings, "total_s": time.time() - started,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if not args.quiet:
+        print(main_table(signals, evals, args.corrupt_fraction))
+        print(f"\nwrote {out_dir / 'report.md'}")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `gsnr-eval` command: 0 when the run is written (bad arguments exit with 2)."""
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The proxy side of the evaluation: the ensemble trained once with every epoch's adapters kept, and
+each row's squared gradient norm with respect to A, B and the adapted frozen weights W at every one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def snapshot_pairs(num_epochs: int) -> list[tuple[int, int]]:
+    """(early, late) pairs that together hold every epoch 1..num_epochs: (1, 2), (3, 4), ..., and
+    (T - 1, T) for an odd T."""
+    pairs = [(e, e + 1) for e in range(1, num_epochs, 2)]
+    if num_epochs % 2:
+        pairs.append((num_epochs - 1, num_epochs))
+    return pairs
+
+
+def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True):
+    """The package's own ensemble training (`ensemble.train_ensemble`), with every epoch's adapters kept.
+
+    `train_ensemble` keeps two epochs (the config's early and late one), so it runs once per pair of
+    `snapshot_pairs`, each time stopping at the pair's late epoch. Member m trains with seed + m
+    alone and nothing after an epoch changes what came before it, so every run repeats the same
+    training and each epoch's adapters are those of one long run (the test suite checks them against
+    `train_ensemble`). The runs record the online norms (`score_mode: online`, over `A` + `B`), one
+    member at a time unless `stack_members` is set, as the scorer trains on a CPU. Returns `Snapshots`
+    whose `epochs` are 1..num_epochs; its `online_norms` hold, for every epoch, each row's squared
+    `A` + `B` norm read off that epoch's training steps.
+    """
+    from ..ensemble import Snapshots, train_ensemble
+
+    epochs = tuple(range(1, config.num_epochs + 1))
+    recording = dataclasses.replace(config, grad_params="AB", score_mode="online",
+                                    stack_members=config.stack_members or 1)
+    states, lora = {}, None
+    online = {m: np.full((len(epochs), len(examples)), np.nan) for m in range(config.num_members)}
+    for early, late in snapshot_pairs(config.num_epochs):
+        part = train_ensemble(model, examples, dataclasses.replace(recording, num_epochs=late, early_epoch=early,
+                                                                   late_epoch=late), pad_id, progress=progress)
+        states.update(part.states)
+        lora = part.lora
+        for member, norms in part.online_norms.items():
+            online[member][[early - 1, late - 1]] = norms
+    return Snapshots(epochs=epochs, states=states, lora=lora, online_norms=online)
+
+
+
+def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: float = 1.0) -> dict:
+    """Per-example squared gradient norms w.r.t. all LoRA `A`s, all `B`s, and the adapted weights W.
+
+    `A` + `B` is `grad_params: AB` and `B` is `grad_params: B` of `per_example_grad_sq_norms` (the
+    tests check both). `W` is the norm of the gradient w.r.t. the frozen weight each adapter sits on,
+    sum_t delta_t x_t^T per layer (delta: the loss gradient at the layer's output, x: its input),
+    computed with the Gram trick; it does not depend on the size of A or B, only on what the adapted
+    model computes. `scaling` is the adapters' alpha / r: the gradient at B's output is scaling
+    times the gradient at the layer's output. Also returns each example's mean response loss (`loss`).
+    Assumes lora_dropout 0 (A's input is then the layer's input).
+    """
+    import torch
+
+    device_type = batch["input_ids"].device.type
+    from ..grads import response_loss_sums
+
+    with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
+                                                 enabled=autocast_dtype is not None):
+        sums, counts = response_loss_sums(model, batch)
+        losses = sums / counts.clamp_min(1)
+    records = activations.records
+    if not records:
+        raise RuntimeError("No LoRA layer ran in the forward pass; is an adapter active?")
+    grads = torch.autograd.grad(losses.sum(), [out for _, _, out in records])
+    out = {key: torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device) for key in "ABW"}
+    pending_x = None
+    with torch.no_grad():
+        for (kind, inp, _), grad in zip(records, grads):
+            g, h = grad.float(), inp.float()
+            out[kind] += torch.bmm(g.transpose(1, 2), h).pow(2).sum(dim=(1, 2))
+            if kind == "A":
+                pending_x = h  # the layer input x; B of the same layer runs next
+            else:
+                # ||sum_t g_t x_t^T||^2 = sum_{t,t'} (g_t . g_t')(x_t . x_t'), g = scaling * delta.
+                gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(pending_x, pending_x.transpose(1, 2))
+                out["W"] += gram.sum(dim=(1, 2)) / scaling ** 2
+                pending_x = None
+    out["loss"] = losses.detach().float()
+    return out
+
+
+def snapshot_norms(model, snapshots, config, examples, pad_id: int, progress: bool = True) -> dict[str, np.ndarray]:
+    """Per-part squared norms and losses of every example at every kept snapshot:
+    {"A"|"B"|"W"|"loss": [members, epochs, N]}."""
+    from tqdm.auto import tqdm
+
+    from ..ensemble import EnsembleScorer
+    from ..grads import collate, length_buckets
+    from ..precision import resolve as resolve_precision
+
+    scorer = EnsembleScorer(model, snapshots, config, pad_id)  # loads every adapter, hooks A and B
+    try:
+        epochs = list(snapshots.epochs)
+        shape = (snapshots.num_members, len(epochs), len(examples))
+        out = {key: np.zeros(shape) for key in ("A", "B", "W", "loss")}
+        autocast_dtype = resolve_precision(config.precision, scorer.device).autocast_dtype
+        buckets = length_buckets([len(e.input_ids) for e in examples], config.score_batch_size)
+        bar = tqdm(total=len(buckets) * len(scorer.names), desc="eval: per-example gradients", disable=not progress,
+                   mininterval=30)
+        for indices in buckets:
+            batch = collate([examples[i] for i in indices], pad_id, scorer.device)
+            for (member, epoch), name in scorer.names.items():
+                scorer.model.set_adapter(name)
+                parts = per_example_parts(scorer.model, scorer.activations, batch, autocast_dtype,
+                                          config.lora_alpha / config.lora_r)
+                for key in out:
+                    out[key][member, epochs.index(epoch), indices] = parts[key].double().cpu().numpy()
+                bar.update()
+        bar.close()
+    finally:
+        scorer.close()
+    return out
