@@ -7,20 +7,30 @@ marked *(reading)* are choices the paper leaves open; see ``docs/method.md``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 
 from .proxy import DEFAULT_PROXY
 
-FORMATS = ("auto", "alpaca", "chat", "custom")
-NORMS = ("l2sq", "l2")
-NOISES = ("var", "std")
-GRAD_PARAMS = ("AB", "B")
-LORA_INITS = ("zero_b", "random")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
-SCORE_MODES = ("snapshot", "online")
-NULLABLE = ("stack_members",)  # integer options whose null means "chosen automatically"
+# Types of the fields: `__post_init__` checks every value against its field's type.
+Format = Literal["auto", "alpaca", "chat", "custom"]
+Norm = Literal["l2sq", "l2"]
+Noise = Literal["var", "std"]
+GradParams = Literal["AB", "B"]
+LoraInit = Literal["zero_b", "random"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+ScoreMode = Literal["snapshot", "online"]
+LayerFraction = restricted_number_type("LayerFraction", float, [(">", 0), ("<=", 1)])  # (0, 1]
+DropoutRate = restricted_number_type("DropoutRate", float, [(">=", 0), ("<", 1)])  # [0, 1)
+
+FORMATS, NORMS, NOISES = get_args(Format), get_args(Norm), get_args(Noise)
+GRAD_PARAMS, LORA_INITS, DEVICES = get_args(GradParams), get_args(LoraInit), get_args(Device)
+PRECISIONS, SCORE_MODES = get_args(Precision), get_args(ScoreMode)
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -46,16 +56,16 @@ class GSNRConfig:
         "a killed run resumes where it stopped.",
         default=True,
     )
-    device: str = _help("`auto` (CUDA when available), `cpu` or `cuda`.", default="auto")
-    precision: str = _help(
+    device: Device = _help("`auto` (CUDA when available), `cpu` or `cuda`.", default="auto")
+    precision: Precision = _help(
         "Forward-pass precision: `auto` (bf16 autocast where the GPU or CPU computes bf16 natively, else "
         "fp32; the manifest records what it chose and why), `fp32`, or `bf16`. Gradient norms accumulate in fp32.",
         default="auto",
     )
-    seed: int = _help("Base seed; member m uses seed + m for its adapter init and data order.", default=42)
+    seed: NonNegativeInt = _help("Base seed; member m uses seed + m for its adapter init and data order.", default=42)
 
     # --- prompt formatting ---------------------------------------------------------------------
-    format: str = _help(
+    format: Format = _help(
         "`alpaca` (instruction/input/output), `chat` (a list of messages), `custom` "
         "(`prompt_template` + `response_field`), or `auto` (chat when `messages_field` is present).",
         default="auto",
@@ -70,21 +80,21 @@ class GSNRConfig:
         default=None,
     )
     response_field: Optional[str] = _help("Custom format: the field holding the response.", default=None)
-    max_length: int = _help(
+    max_length: PositiveInt = _help(
         "Token limit per example. Longer examples lose prompt tokens from the left first, then "
         "response tokens from the right; `gsnr_truncated` records it.",
         default=512,
     )
 
     # --- LoRA ensemble (phase 1) ---------------------------------------------------------------
-    num_members: int = _help("Ensemble size M (reading).", default=4)
-    num_epochs: int = _help("Training epochs T per member.", default=2)
-    early_epoch: int = _help("Epoch of the early snapshot s (reading).", default=1)
-    late_epoch: Optional[int] = _help("Epoch of the late snapshot t; defaults to `num_epochs`.", default=None)
-    lora_r: int = _help("LoRA rank (reading).", default=8)
-    lora_alpha: float = _help("LoRA alpha (reading).", default=16)
-    lora_dropout: float = _help("LoRA dropout during training.", default=0.0)
-    lora_init: str = _help(
+    num_members: PositiveInt = _help("Ensemble size M (reading).", default=4)
+    num_epochs: PositiveInt = _help("Training epochs T per member.", default=2)
+    early_epoch: PositiveInt = _help("Epoch of the early snapshot s (reading).", default=1)
+    late_epoch: Optional[PositiveInt] = _help("Epoch of the late snapshot t; defaults to `num_epochs`.", default=None)
+    lora_r: PositiveInt = _help("LoRA rank (reading).", default=8)
+    lora_alpha: PositiveFloat = _help("LoRA alpha (reading).", default=16)
+    lora_dropout: DropoutRate = _help("LoRA dropout during training.", default=0.0)
+    lora_init: LoraInit = _help(
         "`random` (A and B both random, so the drop measures learning rather than the adapter's growth "
         "from B = 0; docs/evaluation.md) or `zero_b` (peft's default: B = 0, the adapter starts as a no-op).",
         default="random",
@@ -93,16 +103,16 @@ class GSNRConfig:
         "Modules that get adapters; default: peft's attention projections for the architecture.",
         default=None,
     )
-    lora_layer_fraction: float = _help(
+    lora_layer_fraction: LayerFraction = _help(
         "Share of the proxy's decoder layers, counted from the top, that get adapters (at least one). The "
         "frozen layers below run once per row instead of in every pass (0.25: about 3x less arithmetic); "
         "1.0: every layer.",
         default=1.0,
     )
-    learning_rate: float = _help("AdamW learning rate (reading).", default=2e-4)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    train_batch_size: int = _help("Examples per optimizer step (reading).", default=16)
-    member_workers: int = _help(
+    learning_rate: PositiveFloat = _help("AdamW learning rate (reading).", default=2e-4)
+    weight_decay: NonNegativeFloat = _help("AdamW weight decay.", default=0.0)
+    train_batch_size: PositiveInt = _help("Examples per optimizer step (reading).", default=16)
+    member_workers: PositiveInt = _help(
         "Members handled at once, each in a spawned worker process of its own on the same device: their "
         "training, and snapshot mode's scoring passes. Members are independent, so the scores are the same. "
         "On a GPU a small proxy's steps wait on the host launching kernels, and k workers keep the GPU "
@@ -111,7 +121,7 @@ class GSNRConfig:
         default=1,
     )
 
-    stack_members: Optional[int] = _help(
+    stack_members: Optional[PositiveInt] = _help(
         "Members run in one stacked forward pass: k members' training steps at once (each its own batch, "
         "padded to the longest), and in snapshot scoring the 2k adapters of k members over copies of one "
         "batch; a stacked step or pass needs about k (2k) times the memory of one. The same arithmetic as one "
@@ -123,7 +133,7 @@ class GSNRConfig:
     )
 
     # --- gradient pass (phase 2) and G-SNR (phase 3) -------------------------------------------
-    score_mode: str = _help(
+    score_mode: ScoreMode = _help(
         "`snapshot` (the method: per-example norms from separate passes over the adapters saved after "
         "the early and the late epoch) or `online` (norms read off the training steps of those two "
         "epochs, at each step's weights and in training mode, so with the proxy's dropout if it has any: "
@@ -131,24 +141,18 @@ class GSNRConfig:
         "`snapshot` in docs/speed.md).",
         default="snapshot",
     )
-    score_batch_size: int = _help("Examples per per-example-gradient pass.", default=16)
-    grad_params: str = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")
-    norm: str = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")
-    noise: str = _help("Noise term: `var` (population variance over members, reading) or `std`.", default="var")
-    eps: float = _help("Added to both denominators of the G-SNR.", default=1e-8)
+    score_batch_size: PositiveInt = _help("Examples per per-example-gradient pass.", default=16)
+    grad_params: GradParams = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")
+    norm: Norm = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")
+    noise: Noise = _help("Noise term: `var` (population variance over members, reading) or `std`.", default="var")
+    eps: NonNegativeFloat = _help("Added to both denominators of the G-SNR.", default=1e-8)
 
     def __post_init__(self) -> None:
-        _choice("format", self.format, FORMATS)
-        _choice("norm", self.norm, NORMS)
-        _choice("noise", self.noise, NOISES)
-        _choice("grad_params", self.grad_params, GRAD_PARAMS)
-        _choice("lora_init", self.lora_init, LORA_INITS)
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("score_mode", self.score_mode, SCORE_MODES)
-        for name in ("num_members", "num_epochs", "early_epoch", "lora_r", "train_batch_size", "member_workers",
-                     "score_batch_size", "max_length", "stack_members"):
-            require_positive_int(name, getattr(self, name), nullable=name in NULLABLE)
+        if isinstance(self.cache_dir, os.PathLike):
+            self.cache_dir = os.fspath(self.cache_dir)
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_option(f.name, getattr(self, f.name), hints[f.name])
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2 (a prompt token and a response token), "
                              f"got {self.max_length}.")
@@ -158,14 +162,6 @@ class GSNRConfig:
                 f"Snapshots need 1 <= early_epoch < late_epoch <= num_epochs, got early_epoch="
                 f"{self.early_epoch}, late_epoch={late}, num_epochs={self.num_epochs}."
             )
-        if self.learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
-        if not 0 < self.lora_layer_fraction <= 1:
-            raise ValueError(f"`lora_layer_fraction` must be in (0, 1], got {self.lora_layer_fraction}.")
-        if self.eps < 0:
-            raise ValueError(f"`eps` must be >= 0, got {self.eps}.")
         if self.format == "custom" and (not self.prompt_template or not self.response_field):
             raise ValueError("`format: custom` needs both `prompt_template` and `response_field`.")
         if self.format != "custom" and self.prompt_template is not None:
@@ -194,17 +190,48 @@ NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size", "me
 
 def require_positive_int(name: str, value: Any, nullable: bool = False) -> Any:
     """`value`, if it is a positive integer (or None when `nullable`); else a ValueError naming `name`."""
-    if nullable and value is None:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        null = " or null (automatic)" if nullable else ""
-        raise ValueError(f"`{name}` must be a positive integer{null}, got {value!r}.")
+    return check_option(name, value, Optional[PositiveInt] if nullable else PositiveInt)
+
+
+def check_option(name: str, value: Any, kind: Any) -> Any:
+    """`value`, if it is of type `kind` (a field annotation of `GSNRConfig`: a number type of
+    `TAKES`, a `Literal`, `Optional[...]`, `list[str]`, `str` or `bool`); else a ValueError that
+    names the option, what it takes and what it got. Nothing is coerced: `"false"` is not a bool,
+    `"2e-4"` is not a number."""
+    nullable = ""
+    if get_origin(kind) is Union:
+        if value is None:
+            return value
+        kind, nullable = next(k for k in get_args(kind) if k is not type(None)), " or null"
+    if get_origin(kind) is Literal:
+        ok, takes = value in get_args(kind), f"one of {list(get_args(kind))}"
+    elif get_origin(kind) is list:
+        ok = isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) and v for v in value)
+        takes = "a non-empty list of names"
+    elif kind in TAKES:
+        takes = TAKES[kind]
+        number = int if issubclass(kind, int) else (int, float)
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            ok = ok and (kind in (int, float) or kind(value) is not None)
+        except ValueError:
+            ok = False
+    elif kind is bool:
+        ok, takes = isinstance(value, bool), "true or false"
+    elif kind is str:
+        ok, takes = isinstance(value, str) and bool(value), "a non-empty string"
+    else:  # a field of a new type needs a rule here
+        raise TypeError(f"`{name}`: no check for options of type {kind!r}.")
+    if not ok:
+        raise ValueError(f"`{name}` must be {takes}{nullable}, got {value!r} ({type(value).__name__}).")
     return value
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+# What each number type of the fields takes, for the messages of `check_option`.
+TAKES = {int: "an integer", float: "a finite number", PositiveInt: "a positive integer",
+         NonNegativeInt: "an integer >= 0", PositiveFloat: "a finite number > 0",
+         NonNegativeFloat: "a finite number >= 0", LayerFraction: "a number in (0, 1]",
+         DropoutRate: "a number in [0, 1)"}
 
 
 def field_help() -> dict[str, str]:

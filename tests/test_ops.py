@@ -109,7 +109,7 @@ def dj_process(recipe: Path) -> tuple[list[dict], str]:
 def scorer_args(tiny_gpt2_dir, tmp_path_factory):
     return {"hf_model": str(tiny_gpt2_dir), "cache_dir": str(tmp_path_factory.mktemp("cache")), "device": "cpu",
             "num_members": 2, "train_batch_size": 4, "score_batch_size": 4, "max_length": 96,
-            "learning_rate": 1e-3}
+            "learning_rate": 1e-3, "precision": "fp32"}
 
 
 @pytest.fixture(scope="module")
