@@ -139,7 +139,7 @@ class GSNRConfig:
         "epochs, at each step's weights and in training mode, so with the proxy's dropout if it has any: "
         "M x T passes instead of M x (T + 2); it scores only the rows it trained on; agreement with "
         "`snapshot` in docs/speed.md).",
-        default="snapshot",
+        default="online",
     )
     score_batch_size: PositiveInt = _help("Examples per per-example-gradient pass.", default=16)
     grad_params: GradParams = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")

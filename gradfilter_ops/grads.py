@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .head import frozen_head, token_losses
 from .prompts import Encoded
 
 
@@ -86,9 +87,12 @@ def shuffled_length_batches(lengths: Sequence[int], batch_size: int, generator: 
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-# Response positions per LM-head chunk. Past this many in a batch, the head and its cross-entropy run
-# chunk by chunk and are recomputed in the backward pass, so at most one chunk's full-vocabulary
-# logits (2048 x 50257 in fp32: 0.4 GB) are alive at a time; the price is one more head forward.
+# A frozen linear LM head runs through `head.token_losses`: chunked, its input gradient taken in the
+# forward, so one chunk of full-vocabulary logits is alive at a time. False runs it through autograd
+# (a trainable or wrapped head always does), for comparison in tools/bench_speed.py.
+FUSED_HEAD = True
+# On that autograd path, response positions per LM-head chunk: past this many, the head and its
+# cross-entropy run chunk by chunk and are recomputed in the backward pass (one more head forward).
 HEAD_CHUNK = 2048
 
 
@@ -97,8 +101,8 @@ def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """Per-example sum of response-token cross-entropy, and the number of such tokens.
 
     The LM head runs only at positions that predict a response token, which saves most of its cost
-    and the memory of full-vocabulary logits (chunked past `HEAD_CHUNK` positions per block, for a
-    batch of `blocks` stacked members: a stacked pass may take the memory of that many passes). No attention mask
+    and the memory of full-vocabulary logits (a frozen head: `head.token_losses`, one chunk at a time;
+    otherwise chunked past `HEAD_CHUNK` positions per block, for a batch of `blocks` stacked members). No attention mask
     is passed: the batch is right-padded and attention is causal, so a real token never sees a pad,
     and the pads' outputs reach no loss (their gradients are zero). That keeps the fast fused
     attention kernels usable.
@@ -110,7 +114,9 @@ def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)
     labels = batch["input_ids"].reshape(-1).index_select(0, targets + 1)
     chunk = HEAD_CHUNK * blocks
-    if len(targets) <= chunk:
+    if FUSED_HEAD and frozen_head(head):
+        token_loss = token_losses(head, rows, labels)
+    elif len(targets) <= chunk:
         token_loss = _head_losses(head, rows, labels)
     else:
         from torch.utils.checkpoint import checkpoint

@@ -54,12 +54,14 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_files
 @pytest.fixture()
 def tiny_config(tiny_gpt2_dir, tmp_path):
     """A GSNRConfig factory for the tiny proxy: small ensemble, short sequences, CPU, fp32 (so that the scores
-    are the same on CPUs with and without bf16 units)."""
+    are the same on CPUs with and without bf16 units), snapshot mode (the method as specified, which the tests
+    of the scoring passes exercise; `score_mode="online"` where a test is about the default)."""
     from gradfilter_ops.config import GSNRConfig
 
     def make(**overrides):
         values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", precision="fp32", num_members=2,
-                      train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3, use_cache=False)
+                      train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3, use_cache=False,
+                      score_mode="snapshot")
         values.update(overrides)
         return GSNRConfig(**values)
 

@@ -41,8 +41,10 @@ def test_batched_norms_match_one_example_loop(setup, grad_params):
 
 
 def test_chunked_lm_head_gives_the_same_losses_norms_and_gradients(setup, monkeypatch):
-    """Past `HEAD_CHUNK` response positions the head runs in recomputed chunks: nothing else may change."""
+    """Past `HEAD_CHUNK` response positions the autograd head runs in recomputed chunks: nothing else may change."""
     from gradfilter_ops import grads
+
+    monkeypatch.setattr(grads, "FUSED_HEAD", False)  # the path of a trainable or wrapped head
 
     model, examples, pad_id = setup
     batch = collate(examples, pad_id)
@@ -141,3 +143,35 @@ def test_training_backward_yields_each_rows_own_norm_and_the_batch_gradient(setu
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
     looped = per_example_grad_sq_norms_loop(model, examples, pad_id, grad_params)
     torch.testing.assert_close(online, looped, rtol=1e-4, atol=0)
+
+
+def test_fused_frozen_head_matches_autograd(setup, monkeypatch):
+    """The fused head (chunked, input gradient taken in the forward) gives autograd's losses, norms and gradients."""
+    from gradfilter_ops import grads, head
+
+    model, examples, pad_id = setup
+    batch = collate(examples, pad_id)
+    vocab = model.get_output_embeddings().out_features
+    assert head.frozen_head(model.get_base_model().get_output_embeddings())
+
+    def run(fused: bool, chunk_positions: int = 1 << 20):
+        monkeypatch.setattr(grads, "FUSED_HEAD", fused)
+        monkeypatch.setattr(head, "CHUNK_LOGITS", chunk_positions * vocab)
+        activations = LoraActivations(model)
+        try:
+            norms = per_example_grad_sq_norms(model, activations, batch)
+        finally:
+            activations.remove()
+        sums, _ = grads.response_loss_sums(model, batch)
+        (sums * torch.arange(1, len(sums) + 1)).sum().backward()  # a different weight per row reaches every row
+        gradients = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return sums.detach(), norms, gradients
+
+    reference = run(fused=False)
+    assert len(batch["targets"]) > 3 * 37
+    for fused in (run(True), run(True, chunk_positions=37)):  # one chunk; several, the last partial
+        torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(fused[1], reference[1], rtol=1e-4, atol=0)
+        for a, b in zip(fused[2], reference[2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

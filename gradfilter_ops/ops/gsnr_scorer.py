@@ -140,7 +140,7 @@ class GSNRScorerOp(Filter):
         train_batch_size: int = 16,
         member_workers: int = 1,
         stack_members: Optional[int] = None,
-        score_mode: str = "snapshot",
+        score_mode: str = "online",
         score_batch_size: int = 16,
         grad_params: str = "AB",
         norm: str = "l2sq",
