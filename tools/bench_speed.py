@@ -15,7 +15,7 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
           snapshot epochs, ranks like snapshot mode on the same members (Spearman, top-10% overlap),
           next to how far snapshot mode agrees with itself under other seeds.
   workers `member_workers: k` vs one process, train + snapshot-score.
-  head    one long norm pass with the LM head chunked vs whole: peak memory.
+  head    one long norm pass with the frozen LM head fused (head.token_losses) vs through autograd: memory.
   ray     `distributed.score_dataset` on a local Ray cluster (one training task, one scoring actor)
           vs `GSNRScorer.score` in this process: what Ray costs on one machine; same scores.
   prefix  `lora_layer_fraction: F` (adapters on the top layers, the frozen layers below run once per
@@ -55,10 +55,11 @@ import torch
 from gradfilter_ops.config import GSNRConfig
 from gradfilter_ops.ensemble import EnsembleScorer, lora_config, train_ensemble
 from gradfilter_ops.precision import resolve as resolve_precision
-from gradfilter_ops.grads import (HEAD_CHUNK, LoraActivations, backward_with_sq_norms, collate, length_buckets,
+from gradfilter_ops.grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets,
                                   per_example_grad_sq_norms, per_example_grad_sq_norms_loop, response_loss_sums,
                                   shuffled_length_batches)
 from gradfilter_ops.gsnr import gsnr_from_sq_norms
+from gradfilter_ops.head import CHUNK_LOGITS
 from gradfilter_ops.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Encoded, PromptFormatter
 from gradfilter_ops.proxy import PRESETS, _preset_folder, load_proxy, resolve_cache_dir
 from gradfilter_ops.selection import select_top_k
@@ -71,7 +72,7 @@ SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.scor
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
              online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8, ray_members=2,
              prefix_rows=8, prefix_members=2)
-TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 8.0,
+TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 4.0,
            "rss_growth": 1.10}
 
 
@@ -547,13 +548,14 @@ def section_memory(args: argparse.Namespace) -> dict[str, Any]:
 # -- the chunked LM head: memory of one long scoring pass ---------------------------------------------------
 def head_child(args: argparse.Namespace) -> None:
     """One per-example norm pass over `--head-rows` rows of `--max-length` random tokens (32 of prompt),
-    with the LM head chunked (`grads.HEAD_CHUNK`) or whole (`--head-child whole`); prints one JSON line."""
+    with the frozen LM head fused (`head.token_losses`, the default) or whole through autograd (`--head-child
+    whole`); prints one JSON line."""
     from peft import get_peft_model
 
     from gradfilter_ops import grads
 
     if args.head_child == "whole":
-        grads.HEAD_CHUNK = 1 << 62
+        grads.FUSED_HEAD, grads.HEAD_CHUNK = False, 1 << 62
     model, _, device = frozen_proxy(args)
     config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length)
     rng = np.random.default_rng(0)
@@ -572,7 +574,7 @@ def head_child(args: argparse.Namespace) -> None:
 
 
 def section_head(args: argparse.Namespace) -> dict[str, Any]:
-    """The same long pass with the LM head chunked and whole, in two fresh processes one after the other."""
+    """The same long pass with the LM head fused and whole, in two fresh processes one after the other."""
     def child(mode: str) -> dict[str, Any]:
         return child_json(f"head child ({mode})", [
             "--head-child", mode, "--proxy", args.proxy, "--head-rows", str(args.head_rows), "--precision",
@@ -582,12 +584,12 @@ def section_head(args: argparse.Namespace) -> dict[str, Any]:
     whole, chunked = child("whole"), child("chunked")
     extra = {name: r["peak_mib"] - r["loaded_mib"] for name, r in (("whole", whole), ("chunked", chunked))}
     diff = float(np.max(np.abs(np.subtract(chunked["norms"], whole["norms"])) / np.abs(whole["norms"])))
-    say(f"== head: one norm pass over {args.head_rows} rows of {args.max_length} tokens, LM head chunked "
-        f"({HEAD_CHUNK} positions) vs whole ==")
+    say(f"== head: one norm pass over {args.head_rows} rows of {args.max_length} tokens, frozen LM head fused "
+        f"(chunks of {CHUNK_LOGITS} logits) vs whole through autograd ==")
     ratio = extra["chunked"] / extra["whole"] if extra["whole"] > 0 else float("nan")  # a tiny pass may add none
     say(f"response positions: {whole['targets']}; peak RSS above the loaded proxy: whole {extra['whole']:.0f} MiB, "
-        f"chunked {extra['chunked']:.0f} MiB ({ratio:.2f}x)")
-    say(f"seconds: whole {whole['seconds']:.1f}, chunked {chunked['seconds']:.1f} "
+        f"fused {extra['chunked']:.0f} MiB ({ratio:.2f}x)")
+    say(f"seconds: whole {whole['seconds']:.1f}, fused {chunked['seconds']:.1f} "
         f"({chunked['seconds'] / whole['seconds']:.2f}x); norms equal to {diff:.1e}")
     return {"whole": {k: v for k, v in whole.items() if k != "norms"},
             "chunked": {k: v for k, v in chunked.items() if k != "norms"}, "extra_mib": extra, "memory_ratio": ratio,
