@@ -1,5 +1,5 @@
 """`gsnr-eval downstream`: one end-to-end run on the tiny GPT-2 through the installed command's entry
-(40 pool rows, 8 held out, 2 seeds, 6 steps), and the fine-tune itself: it is deterministic, takes
+(40 pool rows, 8 held out, 2 seeds, 4 steps), and the fine-tune itself: it is deterministic, takes
 the same steps on every selection, and actually trains."""
 
 from __future__ import annotations
@@ -21,18 +21,42 @@ from gradfilter_ops.evaluation.signals import Signal
 from helpers import DEMO_DATA, seed_tasks
 
 SIGNALS = ("G-SNR", "random", "response length", "proxy perplexity", "IFD (Superfiltering)")
-STEPS, BATCH, SEEDS = 6, 2, (3, 4)
-CURVE = [0, 3, 6]
+STEPS, BATCH, SEEDS = 4, 2, (3, 4)
+CURVE = [0, 2, 4]
 
 
 @pytest.fixture(scope="module")
-def downstream_run(tiny_gpt2_dir, tmp_path_factory):
+def learnable_gpt2_dir(tiny_gpt2_dir, tmp_path_factory):
+    """conftest's tiny GPT-2, built the same way but with initializer_range 0.3: the fine-tune target.
+
+    conftest's own sits at the uniform loss (ln 50257 = 10.8; with weights of scale 0.02 its logits span
+    about +-0.6), so a few LoRA steps barely move it and a check that training works would test noise.
+    It stays the proxy that scores; this one is what gets fine-tuned (`--target`).
+    """
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    path = tmp_path_factory.mktemp("learnable-gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128,
+                               initializer_range=0.3)).save_pretrained(path)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(tiny_gpt2_dir / name, path / name)
+    GPT2TokenizerFast.from_pretrained(path).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def downstream_run(tiny_gpt2_dir, learnable_gpt2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("downstream")
     argv = ["downstream", "--data", str(DEMO_DATA), "--rows-per-file", "48", "--heldout", "8",
             "--corrupt-fraction", "0.3", "--seed", "3", "--hf-model", str(tiny_gpt2_dir),
-            "--set", "num_members=2", "--set", "max_length=32", "--set", "train_batch_size=10",
+            "--target", str(learnable_gpt2_dir), "--set", "num_members=2", "--set", "max_length=32",
+            "--set", "train_batch_size=20",
             "--set", "score_batch_size=20", "--set", "precision=fp32", "--seeds", "2",
-            "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-every", "3", "--learning-rate", "5e-2",
+            "--steps", str(STEPS), "--batch-size", str(BATCH), "--eval-every", "2", "--learning-rate", "2e-2",
             "--out", str(out), "--quiet"]
     assert main(argv) == 0
     return out
@@ -89,28 +113,29 @@ def test_every_selection_has_the_budget_and_no_heldout_row(downstream_run):
     assert sorted(selections["10%|G-SNR"]) == sorted(p["eval_index"] for p in order[:4])
 
 
-def test_every_fine_tune_gets_the_same_steps_and_the_fine_tune_trains(downstream_run):
+def test_every_fine_tune_gets_the_same_steps_and_moves_the_model(downstream_run):
     curves = json.loads((downstream_run / "curves.json").read_text())
     assert len(curves) == 11 * len(SEEDS)
     for c in curves:
         assert c["optimizer_steps"] == STEPS and c["rows_seen"] == STEPS * BATCH, (c["budget"], c["signal"])
         assert c["steps"] == CURVE
     full = [c for c in curves if c["signal"] == FULL_POOL]
-    # A few steps on the pool bring the held-out loss down, for every seed. The evaluation is exact and
-    # the adapter starts as a no-op, so a fine-tune that does not train would leave it where it starts.
-    # (The tiny random GPT-2 sits near the uniform loss, ln 50257 = 10.83, and moves slowly.)
-    for c in full:
-        assert c["heldout_loss"][-1] < c["heldout_loss"][0] - 0.01, c["heldout_loss"]
+    # Every fine-tune moves the model: the evaluation is exact and the adapter starts as a no-op, so one
+    # that does not train would stay exactly where it starts. Four steps of two rows are too few to
+    # ask for a lower loss here (the pool is 30 % corrupted and the steps are noisy); that training
+    # lowers the held-out loss, and more so on rows like the held-out ones, is checked below.
+    for c in curves:
+        assert c["heldout_loss"][-1] != c["heldout_loss"][0] and c["heldout_loss"][1] != c["heldout_loss"][0]
     assert full[0]["heldout_loss"] != full[1]["heldout_loss"]  # seeds differ
     assert len({c["heldout_loss"][0] for c in curves}) == 1  # every run starts from the same model
 
 
 @pytest.fixture(scope="module")
-def tiny_target(tiny_gpt2_dir):
+def tiny_target(learnable_gpt2_dir):
     from gradfilter_ops.config import GSNRConfig
     from gradfilter_ops.evaluation.downstream import encode_all, load_target
 
-    config = GSNRConfig(hf_model=str(tiny_gpt2_dir), device="cpu", precision="fp32", max_length=32)
+    config = GSNRConfig(hf_model=str(learnable_gpt2_dir), device="cpu", precision="fp32", max_length=32)
     model, formatter, pad_id = load_target(config.hf_model, config)
     return config, model, formatter, pad_id, lambda rows: encode_all(formatter, rows, "test")
 
@@ -122,7 +147,7 @@ def test_same_seed_same_curve_and_a_good_selection_beats_garbage(tiny_target):
     rng = np.random.default_rng(0)  # garbage: the same prompts, responses of random tokens
     garbage = encode([{**r, "output": formatter.tokenizer.decode(rng.integers(0, 50000, 20).tolist())}
                       for r in rows[20:40]])
-    recipe = FinetuneRecipe(steps=10, batch_size=4, learning_rate=5e-2, eval_every=5)
+    recipe = FinetuneRecipe(steps=6, batch_size=2, learning_rate=5e-2, eval_every=3)
     lora = target_lora(recipe, config, model)
     first = finetune(model, like_heldout, heldout, recipe, lora, seed=1, pad_id=pad_id)
     again = finetune(model, like_heldout, heldout, recipe, lora, seed=1, pad_id=pad_id)
@@ -133,9 +158,9 @@ def test_same_seed_same_curve_and_a_good_selection_beats_garbage(tiny_target):
     bad = finetune(model, garbage, heldout, recipe, lora, seed=1, pad_id=pad_id)
     # Rows like the held-out ones (they include them) teach the held-out responses; random tokens do not.
     # A loss on the prompts (the same template in both) or no training at all would leave no gap.
-    assert first.heldout_loss[-1] < bad.heldout_loss[-1] - 0.01, (first.heldout_loss, bad.heldout_loss)
-    assert first.heldout_loss[-1] < first.heldout_loss[0] - 0.02
-    assert bad.optimizer_steps == first.optimizer_steps == 10
+    assert first.heldout_loss[-1] < bad.heldout_loss[-1] - 0.1, (first.heldout_loss, bad.heldout_loss)
+    assert first.heldout_loss[-1] < first.heldout_loss[0] - 0.2
+    assert bad.optimizer_steps == first.optimizer_steps == 6
     assert not any("lora" in n for n, _ in model.named_parameters())  # the adapter is gone afterwards
 
 
@@ -184,8 +209,8 @@ def test_the_existing_invocation_is_unchanged(tiny_gpt2_dir, tmp_path, capsys):
         main(["downstream", "--help"])
     assert done.value.code == 0 and "--heldout-data" in capsys.readouterr().out
     out = tmp_path / "eval"
-    assert main(["--data", str(DEMO_DATA), "--rows-per-file", "12", "--hf-model", str(tiny_gpt2_dir),
-                 "--set", "num_members=2", "--set", "max_length=40", "--set", "precision=fp32", "--skip-ifd",
+    assert main(["--data", str(DEMO_DATA), "--rows-per-file", "8", "--hf-model", str(tiny_gpt2_dir),
+                 "--set", "num_members=2", "--set", "max_length=24", "--set", "train_batch_size=8", "--set", "precision=fp32", "--skip-ifd",
                  "--bootstrap", "5", "--out", str(out), "--quiet"]) == 0
     assert "| G-SNR |" in (out / "report.md").read_text() and (out / "summary.json").exists()
     with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@
         --set num_members=8 --set num_epochs=3 --set max_length=160 --set precision=bf16 --out docs/eval/run
 
 `run(argv)` does the same from Python and returns the summary (what `summary.json` holds).
+`gsnr-eval downstream ...` is the downstream check (`downstream_cli`): fine-tune on each signal's selection.
 """
 
 from __future__ import annotations
