@@ -194,7 +194,7 @@ def test_heldout_split_overlap_and_budgets():
 
 
 def test_t_interval_on_hand_made_numbers():
-    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    mean, _, hi = t_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and hi - mean == pytest.approx(4.303 / math.sqrt(3))
     assert math.isnan(t_interval([1.0])[1])
 

@@ -98,7 +98,7 @@ def render_report(command: str, rows: Sequence[dict[str, Any]], meta: dict[str, 
     ]
     if plotted:
         text += ["![held-out loss curves](curves.png)", ""]
-    text += [f"Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in meta["timings"].items()), ""]
+    text += ["Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in meta["timings"].items()), ""]
     return "\n".join(text)
 
 
