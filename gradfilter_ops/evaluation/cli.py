@@ -5,6 +5,7 @@
         --set num_members=8 --set num_epochs=3 --set max_length=160 --set precision=bf16 --out docs/eval/run
 
 `run(argv)` does the same from Python and returns the summary (what `summary.json` holds).
+`gsnr-eval downstream ...` is the downstream check (`downstream_cli`): fine-tune on each signal's selection.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .signals import evaluate_signal, signals_for
 from .tables import compare_runs, main_table, render_report
 
 PROG = "gsnr-eval"
+DOWNSTREAM = "downstream"  # the subcommand: gsnr-eval downstream ...
 DEFAULT_CONFIG = {"hf_model": "smollm2-135m", "device": "cpu"}
 
 
@@ -65,7 +67,9 @@ def build_parser() -> ArgumentParser:
     keys = ", ".join(f.name for f in dataclasses.fields(GSNRConfig))
     p = ArgumentParser(prog=PROG, description="How well does G-SNR keep corrupted rows out? Inject known "
                        "corruptions into real instruction data, score every row with G-SNR and with the usual "
-                       "baselines, and measure the separation.")
+                       "baselines, and measure the separation. Subcommand: `gsnr-eval downstream` fine-tunes a "
+                       "model on each signal's selection and compares the held-out loss (`gsnr-eval downstream "
+                       "--help`).")
     p.add_argument("--data", type=str, action="append", help="Alpaca-style jsonl; repeat for several files")
     p.add_argument("--rows-per-file", type=Optional[int], help="at most this many rows of each file (seeded)")
     p.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of rows to corrupt")
@@ -100,7 +104,15 @@ def quote(arg: str) -> str:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse `argv` (default: the command line) and run; returns the summary (or what --merge,
-    --compare or --build-chatterbot did)."""
+    --compare or --build-chatterbot did). `downstream` as the first argument runs the downstream check
+    (`downstream_cli.run` on the arguments after it) and returns its results."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [DOWNSTREAM]:
+        # A first word, not jsonargparse subcommands: those would make a subcommand compulsory and move
+        # every existing flag under one, and `gsnr-eval --data ... --out ...` must keep working as it is.
+        from .downstream_cli import run as run_downstream
+
+        return run_downstream(words[1:])
     args = build_parser().parse_args(argv)
     if args.merge:
         members = merge_members(args.merge[0], args.merge[1], args.out)
