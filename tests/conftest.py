@@ -1,12 +1,20 @@
-"""Shared fixtures: a tiny GPT-2 with the real GPT-2 tokenizer, and the ``--runslow`` switch."""
+"""Shared fixtures: a tiny GPT-2 with the real GPT-2 tokenizer, the ``--runslow`` switch, the ``integration``
+marker, and one torch thread per pytest-xdist worker."""
 
 from __future__ import annotations
 
 import importlib.resources
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n 2` on 2 cores: two workers with every thread each would oversubscribe the CPU. Set before torch is
+    # imported, so that its OpenMP / MKL pools start with one thread; subprocesses inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -15,6 +23,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: slow or network-bound test, skipped unless --runslow is given")
+    config.addinivalue_line("markers", "integration: runs a real dj-process / dj-analyze, Ray, a venv build or a "
+                                       "tool benchmark; `-m 'not integration'` runs the fast unit tests")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,9 +73,9 @@ def tiny_config(tiny_gpt2_dir, tmp_path):
     from gradfilter_ops.config import GSNRConfig
 
     def make(**overrides):
-        values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", precision="fp32", num_members=2,
-                      train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3, use_cache=False,
-                      score_mode="snapshot")
+        values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", precision="fp32",
+                      num_members=2, train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3,
+                      use_cache=False, score_mode="snapshot")
         values.update(overrides)
         return GSNRConfig(**values)
 

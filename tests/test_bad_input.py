@@ -75,6 +75,7 @@ def mixed_run(tmp_path_factory, scorer_args):
     return rows, dropped, log, recipe["dataset_path"]
 
 
+@pytest.mark.integration
 def test_the_shipped_recipe_loses_no_row_of_a_mixed_file(mixed_run):
     rows, dropped, _, _ = mixed_run
     assert sorted(r["id"] for r in rows + dropped) == sorted(r["id"] for r in mixed_rows())
@@ -84,6 +85,7 @@ def test_the_shipped_recipe_loses_no_row_of_a_mixed_file(mixed_run):
     assert all(r[STATS][fields.STATUS] == fields.OK for r in rows)
 
 
+@pytest.mark.integration
 def test_chat_rows_without_a_reply_agree_with_the_datasets_api(mixed_run, scorer_args):
     rows, dropped, _, data = mixed_run
     reasons = {r["id"]: r["gsnr_drop_reason"] for r in dropped}
@@ -95,6 +97,7 @@ def test_chat_rows_without_a_reply_agree_with_the_datasets_api(mixed_run, scorer
     assert dict(zip(api["id"], api[fields.STATUS])) == through_dj
 
 
+@pytest.mark.integration
 def test_no_scoreable_row_fails_and_names_the_cause(tmp_path, scorer_args):
     """A typo in `output_field` makes every row missing_field: the run fails instead of selecting them."""
     data = write_jsonl(tmp_path / "rows.jsonl", [{k: r[k] for k in ("id", "instruction", "input", "output")}
@@ -128,6 +131,7 @@ def rerun(mixed_run, scorer_args, tmp_path_factory):
     return old, kept, dropped, log, forged["id"], edited["id"]
 
 
+@pytest.mark.integration
 def test_partly_scored_input_scores_the_new_rows_and_keeps_proven_scores(rerun):
     old, kept, dropped, log, forged_id, edited_id = rerun
     by_id = {r["id"]: r[STATS] for r in kept + dropped}
@@ -139,6 +143,7 @@ def test_partly_scored_input_scores_the_new_rows_and_keeps_proven_scores(rerun):
     assert "2 row(s) arrived with G-SNR stats that this scorer did not write" in log
 
 
+@pytest.mark.integration
 def test_forged_and_edited_scores_are_scored_again(rerun):
     _, kept, dropped, _, forged_id, edited_id = rerun
     by_id = {r["id"]: r[STATS] for r in kept + dropped}

@@ -124,6 +124,10 @@ def test_auroc_on_hand_made_scores():
     assert auroc(scores, positive) == pytest.approx(_brute_auroc(scores, positive))
     low, high = bootstrap_auroc(scores, positive, np.random.default_rng(1), rounds=200)
     assert low <= auroc(scores, positive) <= high
+    # a perfect ranking stays perfect in every resample that holds both classes; one class has no AUROC
+    perfect = bootstrap_auroc([6, 5, 4, 3, 2, 1], [True] * 3 + [False] * 3, np.random.default_rng(1), rounds=50)
+    assert perfect == (1.0, 1.0)
+    assert all(np.isnan(bootstrap_auroc([1, 2, 3], [True] * 3, np.random.default_rng(1), rounds=20)))
 
 
 def test_top_k_contamination_on_hand_made_scores():
@@ -250,6 +254,7 @@ def test_w_norm_is_the_gradient_of_the_adapted_frozen_weights(tiny_setup):
 
 # --- end to end -----------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "eval"
     argv = ["--data", str(DEMO_DATA), "--rows-per-file", "20", "--corrupt-fraction", "0.3", "--seed", "1",
@@ -291,7 +296,8 @@ def test_paired_difference_and_member_merge(tmp_path):
     clean = np.array([True, True, False, False, True, False])
     good, bad = np.array([6, 5, 1, 2, 4, 0.0]), np.array([0, 1, 5, 6, 2, 4.0])
     point, low, high = paired_auroc_difference(good, bad, clean, np.random.default_rng(0), rounds=200)
-    assert point == auroc(good, clean) - auroc(bad, clean) == 1.0 and low <= point <= high
+    # `good` ranks every clean row first and `bad` every one last, in each resample too
+    assert point == auroc(good, clean) - auroc(bad, clean) == 1.0 and low == high == 1.0
 
     def fake_run(folder, seed, members, fill):
         folder.mkdir()

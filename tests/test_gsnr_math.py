@@ -8,7 +8,7 @@ from gradfilter_ops.gsnr import gsnr_from_sq_norms
 
 def norms(early, late):
     """[members, 2, examples] from per-member lists of early and late values (one example each)."""
-    return np.array([[[e], [l]] for e, l in zip(early, late)], dtype=float)
+    return np.array([[[e], [t]] for e, t in zip(early, late)], dtype=float)
 
 
 def test_formula_by_hand():

@@ -22,6 +22,8 @@ import pytest
 from gradfilter_ops import fields
 from helpers import DEMO_DATA
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"gsnr-report": "gradfilter_ops.report.cli:main", "gsnr-eval": "gradfilter_ops.evaluation.cli:main"}
 

@@ -128,6 +128,7 @@ def first_run(tmp_path_factory, data_file, scorer_args):
     return dj_process(write_recipe(tmp, "run1", data_file, scorer_args, top_ratio=0.25))
 
 
+@pytest.mark.integration
 def test_dj_process_scores_and_keeps_the_top_ratio(first_run, data_file):
     rows, log = first_run
     assert len(rows) == math.floor(0.25 * 26)
@@ -136,6 +137,7 @@ def test_dj_process_scores_and_keeps_the_top_ratio(first_run, data_file):
            "'missing_field': 1}" in log
 
 
+@pytest.mark.integration
 def test_every_input_row_is_kept_or_in_the_dropped_file(first_run, data_file, tmp_path_factory):
     rows, _ = first_run
     # Data-Juicer's work_dir is a job folder next to the export.
@@ -151,16 +153,19 @@ def test_every_input_row_is_kept_or_in_the_dropped_file(first_run, data_file, tm
     assert manifest["rows"] == {"ok": 24, "empty_response": 1, "missing_field": 1}
 
 
+@pytest.mark.integration
 def test_dj_process_never_selects_an_unscored_row(tmp_path, data_file, scorer_args):
     rows, log = dj_process(write_recipe(tmp_path, "all", data_file, scorer_args, top_ratio=1.0))
     assert len(rows) == 24 and all(r[STATS][fields.STATUS] == fields.OK for r in rows)
     dropped = [json.loads(line) for line in next((tmp_path / "all").glob("*/gsnr_dropped.jsonl")).open()]
     by_id = {r["id"]: r for r in dropped}
-    assert by_id["bad_empty"]["gsnr_drop_reason"] == fields.EMPTY_RESPONSE and by_id["bad_empty"][STATS][fields.GSNR] is None
+    assert by_id["bad_empty"]["gsnr_drop_reason"] == fields.EMPTY_RESPONSE
+    assert by_id["bad_empty"][STATS][fields.GSNR] is None
     assert by_id["bad_missing"]["gsnr_drop_reason"] == fields.MISSING_FIELD and len(dropped) == 2
     assert "only 24 of 26 rows have a score" in log
 
 
+@pytest.mark.integration
 def test_rerun_on_scored_rows_trains_nothing(tmp_path, first_run, scorer_args):
     rows, _ = first_run
     scored = tmp_path / "scored.jsonl"
@@ -172,6 +177,7 @@ def test_rerun_on_scored_rows_trains_nothing(tmp_path, first_run, scorer_args):
     assert [r["id"] for r in again] == [r["id"] for r in rows if r in best]
 
 
+@pytest.mark.integration
 def test_two_processes_give_the_same_scores(tmp_path, first_run, data_file, scorer_args):
     rows, _ = first_run
     two, _ = dj_process(write_recipe(tmp_path, "np2", data_file, {**scorer_args}, np_=2, top_ratio=0.25))
@@ -196,12 +202,42 @@ def test_shipped_recipes_name_known_ops_and_valid_options(recipe):
         OPERATORS.modules[name](**args)  # validates every G-SNR option
 
 
-def test_readme_documents_every_option():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def readme_option_rows() -> dict[str, tuple[str, list[str]]]:
+    """The README's option tables: option name -> (its default as written, the row's code spans)."""
+    import re
+
+    rows = {}
+    for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        if len(cells) != 3:
+            continue
+        names, defaults = re.findall(r"`([^`]+)`", cells[0]), re.findall(r"`([^`]+)`", cells[1])
+        spans = re.findall(r"`([^`]+)`", line)
+        for i, name in enumerate(names):
+            rows[name] = (defaults[i] if len(defaults) == len(names) else cells[1], spans)
+    return rows
+
+
+def test_readme_documents_every_option_with_its_default_and_choices():
+    import typing
+
+    rows = readme_option_rows()
+    hints = typing.get_type_hints(GSNRConfig, include_extras=True)
     for f in dataclasses.fields(GSNRConfig):
-        assert f"`{f.name}`" in readme, f.name
+        assert f.name in rows, f"{f.name} has no row in the README's option table"
+        written, spans = rows[f.name]
+        if isinstance(f.default, bool):
+            assert written == str(f.default).lower(), f.name
+        elif isinstance(f.default, (int, float)):
+            assert float(written) == f.default, f.name
+        elif isinstance(f.default, str):
+            assert written == f.default, f.name
+        # else None: the README says what it stands for (`num_epochs`, peft's attention projections, ...)
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+        assert set(choices) <= set(spans), f"{f.name}: choices {set(choices) - set(spans)} not in the README"
 
 
+@pytest.mark.integration
 def test_member_workers_through_dj_process_give_the_same_scores(tmp_path, first_run, data_file, scorer_args):
     rows, _ = first_run
     args = {**scorer_args, "member_workers": 2, "use_cache": False}  # no cache: the workers must do the work
@@ -212,6 +248,7 @@ def test_member_workers_through_dj_process_give_the_same_scores(tmp_path, first_
         assert b[STATS][fields.GSNR] == pytest.approx(a[STATS][fields.GSNR], rel=1e-3)
 
 
+@pytest.mark.integration
 def test_ray_executor_keeps_the_rows_the_default_one_keeps(tmp_path, first_run, data_file, scorer_args):
     rows, _ = first_run
     args = {**scorer_args, "train_tasks": 2, "use_cache": False}  # no cache: the Ray tasks must train

@@ -83,6 +83,7 @@ def test_the_scorer_and_the_helpers_check_the_same_way(tiny_gpt2_dir):
         check_option("path", Path("."), Path)
 
 
+@pytest.mark.integration
 def test_a_recipe_with_a_bad_option_fails_before_any_work_and_names_it(tmp_path):
     """Through the real `dj-process`: YAML's `2e-4` arrives as a number, a quoted "false" as text."""
     data = tmp_path / "rows.jsonl"

@@ -11,6 +11,8 @@ from gradfilter_ops.selection import select
 
 from helpers import seed_tasks
 
+pytestmark = pytest.mark.integration
+
 ray = pytest.importorskip("ray")
 STATS = "__dj__stats__"
 

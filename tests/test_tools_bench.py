@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,27 @@ def tools(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def positive(value) -> bool:
-    return isinstance(value, float) and math.isfinite(value) and value > 0
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator / denominator: how a reported speed-up follows from its seconds."""
+    assert len(numerator) == len(denominator) > 0
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
+def test_rank_and_share_helpers_on_hand_made_scores(tools):
+    bench_speed, _ = tools
+    assert bench_speed.spearman([1, 2, 3, 4, 5], [10, 20, 30, 40, 50]) == pytest.approx(1.0)
+    assert bench_speed.spearman([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]) == pytest.approx(-1.0)
+    # two swapped neighbour pairs: sum d^2 = 4, so rho = 1 - 6 * 4 / (5 * 24) = 0.8
+    assert bench_speed.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    # a row that is not finite in either list is left out: the rest is reversed
+    assert bench_speed.spearman([1, 2, float("nan"), 3], [3, 2, 0, 1]) == pytest.approx(-1.0)
+    # the top half by a is rows {0, 1}, by b rows {0, 2}
+    assert bench_speed.top_overlap([4, 3, 2, 1], [4, 1, 3, 2], ratio=0.5) == 0.5
+    # rows of 2, 4 and 4 tokens in batches [0, 1] and [2]: 12 positions computed, 10 of them tokens
+    assert bench_speed.padding_share([2, 4, 4], [[0, 1], [2]]) == pytest.approx(2 / 12)
+
+
+@pytest.mark.integration
 def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, capsys):
     bench_speed, _ = tools
     out = tmp_path / "bench.json"
@@ -44,35 +62,51 @@ def test_bench_speed_quick_prints_every_section(tools, tiny_gpt2_dir, tmp_path, 
     norms = results["norms"]
     assert norms["max_rel_diff"] < 1e-4  # the batched pass gives the loop's norms
     assert norms["online_max_rel_diff"] < 1e-4  # and so does the online training step
-    assert positive(norms["loop_speedup"]) and positive(norms["step_overhead"])
-    assert positive(norms["online_step_overhead"])
+    seconds = norms["seconds"]
+    assert norms["loop_speedup"] == pytest.approx(median_ratio(seconds["loop"], seconds["batched"]))
+    assert norms["step_overhead"] == pytest.approx(median_ratio(seconds["batched"], seconds["step"]))
+    assert norms["online_step_overhead"] == pytest.approx(median_ratio(seconds["online_step"], seconds["step"]))
 
     e2e = results["e2e"]
     snapshot, online = e2e["modes"]["snapshot"], e2e["modes"]["online"]
     assert snapshot["scored"] == online["scored"] == e2e["ifd_scored"] == e2e["rows"] == 6
     assert len(e2e["ifd_seconds"]) == 3  # every G-SNR run between two IFD runs
     # G-SNR: M(T+2) forward+backward passes of 2 forward passes' cost; IFD: more than one forward pass.
-    assert 1 < snapshot["flop_ratio"] < 2 * e2e["members"] * (e2e["epochs"] + 2) and positive(snapshot["wall_ratio"])
+    assert 1 < snapshot["flop_ratio"] < 2 * e2e["members"] * (e2e["epochs"] + 2)
     # online: M x T passes instead of M x (T + 2)
     assert online["flop_ratio"] == pytest.approx(snapshot["flop_ratio"] * e2e["epochs"] / (e2e["epochs"] + 2))
-    assert positive(e2e["online_vs_snapshot"])
+    # runs alternate ifd, snapshot, ifd, online, ifd: each G-SNR run is timed against the mean of the IFD runs
+    # on either side of it
+    ifd = e2e["ifd_seconds"]
+    assert snapshot["wall_ratio"] == pytest.approx(snapshot["seconds"][0] / ((ifd[0] + ifd[1]) / 2))
+    assert online["wall_ratio"] == pytest.approx(online["seconds"][0] / ((ifd[1] + ifd[2]) / 2))
+    assert e2e["online_vs_snapshot"] == pytest.approx(median_ratio(online["seconds"], snapshot["seconds"]))
 
     memory = results["memory"]
     assert memory["large"]["rows"] == 4 * memory["small"]["rows"]
-    assert memory["small"]["peak_mib"] >= memory["small"]["loaded_mib"] > 0 and positive(memory["growth"])
+    assert memory["small"]["peak_mib"] >= memory["small"]["loaded_mib"] > 0
+    assert memory["growth"] == pytest.approx(memory["large"]["peak_mib"] / memory["small"]["peak_mib"])
 
     online = results["online"]
-    assert -1 <= online["spearman_gsnr"] <= 1 and 0 <= online["top10_overlap"] <= 1
+    # rank agreements of two scorings of the same 8 rows: finite (a constant or NaN score gives NaN); the top 10%
+    # of 8 rows is one row (at least one is kept), so the overlap is that row shared or not
+    assert online["rows"] == 8
+    assert math.isfinite(online["spearman_gsnr"]) and math.isfinite(online["reseeded_spearman_gsnr"])
+    assert online["top10_overlap"] in (0.0, 1.0) and online["reseeded_top10_overlap"] in (0.0, 1.0)
 
     workers = results["workers"]
     assert workers["rows"] == 8 and workers["workers"] == 2
-    assert workers["max_rel_diff"] < 1e-3 and positive(workers["speedup"])  # two processes, the same norms
+    assert workers["max_rel_diff"] < 1e-3  # two processes, the same norms
+    assert workers["speedup"] == pytest.approx(median_ratio(workers["seconds"]["1 process"],
+                                                            workers["seconds"]["2 workers"]))
 
     head = results["head"]
     assert head["whole"]["targets"] == head["chunked"]["targets"] > 0 and head["max_rel_diff"] < 1e-4
 
     stack = results["stack"]
-    assert stack["rows"] == 8 and positive(stack["speedup"]) and stack["max_rel_diff"] < 0.1  # GPT-2's dropout
+    assert stack["rows"] == 8 and stack["max_rel_diff"] < 0.1  # GPT-2's dropout
+    assert stack["speedup"] == pytest.approx(median_ratio(stack["seconds"]["one at a time"],
+                                                          stack["seconds"]["stacked"]))
     assert stack["ops_ratio"]["train"] > 2 and stack["ops_ratio"]["score"] > 4  # M = 4 members in one forward
 
 
@@ -108,6 +142,7 @@ def test_flop_accounting_matches_torch_flop_counter(tools, tiny_gpt2_dir):
                                                       rel=0.05)
 
 
+@pytest.mark.integration
 def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     _, gpu_check = tools
     out = tmp_path / "gpu_check.json"
@@ -118,11 +153,15 @@ def test_gpu_check_runs_tiny_on_cpu(tools, tmp_path):
     assert result["phases"]["micro"]["max_rel_diff"] < 1e-4
     assert result["phases"]["score"]["finite_share"] == 1.0
     assert result["flops"]["executed"] >= result["flops"]["arithmetic"] > 0
-    assert positive(result["wall_s"]) and positive(result["examples_per_s"]) and 0 <= result["padding_share"] < 1
+    train, score = result["phases"]["train"], result["phases"]["score"]
+    assert result["wall_s"] == pytest.approx(train["seconds"] + score["seconds"])
+    assert result["examples_per_s"] == pytest.approx(64 / result["wall_s"])
+    # the padding share is the part of the executed FLOPs that the rows' own tokens do not need
+    assert result["flops"]["executed"] * (1 - result["padding_share"]) == pytest.approx(result["flops"]["arithmetic"])
     assert 60 < result["tokens"]["mean"] < 220  # Alpaca-like lengths
     # 64 rows in batches of 16: 4 steps per epoch, M x T = 8 epochs; 2M passes over the buckets
-    assert result["phases"]["train"]["steps"] == 4 * 4 * 2 and positive(result["phases"]["train"]["ms_per_step"])
-    assert result["phases"]["score"]["passes"] == 2 * 4 * 4 and positive(result["phases"]["score"]["ms_per_pass"])
+    assert train["steps"] == 4 * 4 * 2 and train["ms_per_step"] == pytest.approx(1000 * train["seconds"] / 32)
+    assert score["passes"] == 2 * 4 * 4 and score["ms_per_pass"] == pytest.approx(1000 * score["seconds"] / 32)
 
     stacked = gpu_check.main(["--examples", "64", "--tiny", "--precision", "fp32", "--micro-rounds", "0",
                               "--stack-members", "4",

@@ -26,17 +26,27 @@ def scored(config, rows=ROWS, **kwargs):
     return scorer, scorer.score(Dataset.from_list(rows), **kwargs)
 
 
-def test_cache_makes_a_rerun_free_and_exact(tiny_config, monkeypatch):
-    config = tiny_config(use_cache=True)
-    first, reference = scored(config)
-    assert first.snapshots is not None and (first.cache.dir / "manifest.json").exists()
+@pytest.mark.parametrize("stack_members", [1, 2])
+def test_cache_makes_a_rerun_free_and_exact(tiny_config, monkeypatch, stack_members):
+    # One member at a time or stacked, proxy work calls torch modules: count every call, whatever the path.
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: calls.append(module))
+    try:
+        config = tiny_config(use_cache=True, stack_members=stack_members)
+        first, reference = scored(config)
+        assert first.snapshots is not None and (first.cache.dir / "manifest.json").exists()
+        assert calls, "the counter saw no proxy work on the first run"
+        calls.clear()
 
-    def no_proxy_work(*args, **kwargs):
-        raise AssertionError("the proxy ran although every score was cached")
+        def no_proxy_work(*args, **kwargs):
+            raise AssertionError("the proxy ran although every score was cached")
 
-    monkeypatch.setattr(ensemble, "_train_member", no_proxy_work)
-    monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", no_proxy_work)
-    second, again = scored(config, rows=list(reversed(ROWS)))  # row order does not matter
+        monkeypatch.setattr(ensemble, "_train_member", no_proxy_work)
+        monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", no_proxy_work)
+        second, again = scored(config, rows=list(reversed(ROWS)))  # row order does not matter
+    finally:
+        hook.remove()
+    assert not calls, f"the proxy ran {len(calls)} module calls although every score was cached"
     assert second.snapshots is None
     assert again[fields.GSNR] == list(reversed(reference[fields.GSNR]))
 

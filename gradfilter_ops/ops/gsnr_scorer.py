@@ -185,7 +185,8 @@ class GSNRScorerOp(Filter):
         log_summary(self.scorer.summary)
         if self.work_dir:
             self.scorer.write_manifest(os.path.join(self.work_dir, MANIFEST_FILE))
-        if not reduce or (self.min_gsnr is None and self.max_gsnr is None):
+        # dj-analyze sets `process` to None to compute stats only: then, like its own filters, drop nothing.
+        if not reduce or self.process is None or (self.min_gsnr is None and self.max_gsnr is None):
             return scored
         reasons = range_drops([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats], self.min_gsnr,
                               self.max_gsnr)
