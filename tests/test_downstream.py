@@ -78,7 +78,8 @@ def test_it_runs_end_to_end_and_writes_the_table_curves_plot_and_meta(downstream
     assert f"| all | {FULL_POOL} | 40 |" in report
     meta = json.loads((out / "meta.json").read_text())
     assert meta["command"].startswith("gsnr-eval downstream --data ") and "--heldout 8" in meta["command"]
-    assert meta["recipe"]["steps"] == STEPS and meta["seeds"] == list(SEEDS) and meta["budgets"] == {"10%": 4, "30%": 12}
+    assert meta["recipe"]["steps"] == STEPS and meta["seeds"] == list(SEEDS)
+    assert meta["budgets"] == {"10%": 4, "30%": 12}
     assert meta["pool_corrupted"] == 12  # round(0.3 x 40); the held-out rows are never corrupted
     with open(out / "curves.csv", newline="") as f:
         points = list(csv.DictReader(f))
@@ -177,7 +178,8 @@ def test_training_batches_cycle_a_small_selection_with_fixed_steps():
 def test_heldout_split_overlap_and_budgets():
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
     pool, heldout = split_heldout(rows, 0.25, seed=0)
-    assert len(heldout) == 5 and len(pool) == 15 and not {r["instruction"] for r in pool} & {r["instruction"] for r in heldout}
+    assert len(heldout) == 5 and len(pool) == 15
+    assert not {r["instruction"] for r in pool} & {r["instruction"] for r in heldout}
     assert split_heldout(rows, 0.25, seed=0) == (pool, heldout) and split_heldout(rows, 4, seed=0)[1] != heldout[:4]
     from gradfilter_ops.config import GSNRConfig
 
@@ -210,7 +212,8 @@ def test_the_existing_invocation_is_unchanged(tiny_gpt2_dir, tmp_path, capsys):
     assert done.value.code == 0 and "--heldout-data" in capsys.readouterr().out
     out = tmp_path / "eval"
     assert main(["--data", str(DEMO_DATA), "--rows-per-file", "8", "--hf-model", str(tiny_gpt2_dir),
-                 "--set", "num_members=2", "--set", "max_length=24", "--set", "train_batch_size=8", "--set", "precision=fp32", "--skip-ifd",
+                 "--set", "num_members=2", "--set", "max_length=24", "--set", "train_batch_size=8",
+                  "--set", "precision=fp32", "--skip-ifd",
                  "--bootstrap", "5", "--out", str(out), "--quiet"]) == 0
     assert "| G-SNR |" in (out / "report.md").read_text() and (out / "summary.json").exists()
     with pytest.raises(SystemExit):
