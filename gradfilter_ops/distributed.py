@@ -66,8 +66,8 @@ def _arrow_types() -> dict[str, Any]:
     import pyarrow as pa
 
     types = {name: pa.float64() for name in fields.PARTS}
-    types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.NUM_TOKENS: pa.int64(),
-                  fields.TOKENS: pa.int64(), fields.PROOF: pa.string()})
+    types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.RESPONSE_TOKENS: pa.int64(),
+                  fields.TOTAL_TOKENS: pa.int64(), fields.PROOF: pa.string()})
     return types
 
 
@@ -385,7 +385,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
     write the dropped ones, with their reasons, to `dropped_path` when given."""
     validate_budget(top_k, top_ratio, max_tokens)
     dataset = dataset.materialize()
-    names = [fields.GSNR, fields.STATUS, fields.TOKENS]
+    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS]
     parts = _fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
     statuses = _joined(parts, fields.STATUS)
     if not statuses:
@@ -395,7 +395,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
         raise MissingScores(f"{sum(s is None for s in statuses)} of {len(statuses)} rows have no G-SNR stats "
                             f"(`{fields.STATUS}`); score them before selecting.")
     groups = _joined(parts, "group") if group_by else None
-    selection = select(_joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in _joined(parts, fields.TOKENS)],
+    selection = select(_joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in _joined(parts, fields.TOTAL_TOKENS)],
                        groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,
                        top_ratio=top_ratio, max_tokens=max_tokens)
     kept, written = split_rows(dataset, selection.reasons, dropped_path)

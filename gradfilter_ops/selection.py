@@ -167,11 +167,11 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         cut_reason = fields.BELOW_CUTOFF
         if groups is not None:
             unstratified = set(keep)
-            members = defaultdict(list)
+            group_rows = defaultdict(list)  # group -> its scored rows, best first
             for i in order:
-                members[groups[i]].append(i)
-            quota = quotas({g: len(rows) for g, rows in members.items()}, budget, group_quota, min_per_group)
-            keep = [i for g, rows in members.items() for i in rows[: quota[g]]]
+                group_rows[groups[i]].append(i)
+            quota = quotas({g: len(rows) for g, rows in group_rows.items()}, budget, group_quota, min_per_group)
+            keep = [i for g, rows in group_rows.items() for i in rows[: quota[g]]]
     kept = set(keep)
     reasons = {}
     for i in range(n):

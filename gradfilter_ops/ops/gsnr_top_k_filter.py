@@ -125,7 +125,7 @@ class GSNRTopKFilter(Selector):
                                  f"fields: {dataset.column_names}.")
             groups = [str(g) for g in dataset[self.group_by]]
         selection = select([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats],
-                           tokens=[s.get(fields.TOKENS) or 0 for s in stats], groups=groups,
+                           tokens=[s.get(fields.TOTAL_TOKENS) or 0 for s in stats], groups=groups,
                            group_quota=self.group_quota, min_per_group=self.min_per_group, **self.budget)
         dropped = sorted(selection.reasons)
         log_selection(OP_NAME, selection, len(stats), groups, self.group_by)

@@ -46,7 +46,7 @@ def _share(part: int, whole: int) -> Optional[float]:
 
 
 def example_row(r: dict) -> dict:
-    keys = ("index", "kept", "reason", "group", *fields.PARTS, fields.NUM_TOKENS, fields.STATUS)
+    keys = ("index", "kept", "reason", "group", *fields.PARTS, fields.RESPONSE_TOKENS, fields.STATUS)
     return {**{k: r[k] for k in keys}, "prompt": r["prompt"], "response": r["response"]}
 
 
@@ -90,7 +90,7 @@ def summarize(records: Sequence[dict], *, mode: str = "selection", group_by: Opt
         "gsnr": describe(scores),
         "gsnr_kept": describe(kept_scores),
         "gsnr_dropped": describe([r[fields.GSNR] for r in dropped if is_finite(r[fields.GSNR])]),
-        "response_tokens": describe([r[fields.NUM_TOKENS] for r in records if is_finite(r[fields.NUM_TOKENS])]),
+        "response_tokens": describe([r[fields.RESPONSE_TOKENS] for r in records if is_finite(r[fields.RESPONSE_TOKENS])]),
         "group_by": group_by,
         "groups": None,
     }
