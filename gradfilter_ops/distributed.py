@@ -26,7 +26,6 @@ a proof from this scorer keeps its score; other stats are scored again.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,8 @@ from typing import Any, Optional, Sequence
 from loguru import logger
 
 from . import fields
-from .cache import atomic_write
 from .config import require_positive_int
-from .dropped import DROP_REASON
+from .dropped import write_dropped_rows
 from .provenance import carries_proof, proof, scorer_fingerprint
 from .scorer import GSNRScorer, log_summary, summarize
 from .selection import Selection, select, validate_budget
@@ -361,20 +359,13 @@ def split_rows(dataset, reasons: dict[int, str], dropped_path: Optional[str | Pa
     if not dropped_path or not reasons:
         return kept, None
     dropped = sorted(reasons)
-    path = Path(dropped_path)
 
-    def write(tmp: str) -> None:
-        at = iter(dropped)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ref, indices in zip(refs, _local(dropped, offsets)):
-                if not indices:
-                    continue
-                for row in ray.get(take.remote(ref, indices)).to_pylist():
-                    row[DROP_REASON] = reasons[next(at)]
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    def dropped_rows():  # one block in memory at a time
+        for ref, indices in zip(refs, _local(dropped, offsets)):
+            if indices:
+                yield from ray.get(take.remote(ref, indices)).to_pylist()
 
-    atomic_write(path, write)
-    return kept, path
+    return kept, write_dropped_rows(dropped_path, dropped_rows(), [reasons[i] for i in dropped])
 
 
 def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[float] = None,

@@ -15,6 +15,7 @@ from ._options import reject_unknown_options
 from ..config import DEFAULT_PROXY, GSNRConfig, field_help
 from ..dropped import write_dropped_rows
 from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..selection import in_range, range_drops
 from ..scorer import GSNRScorer, _rows, log_summary, map_num_proc, summarize
 
 OP_NAME = "gsnr_scorer"
@@ -49,16 +50,6 @@ def _unproven(scorer: GSNRScorer, dataset) -> int:
         logger.warning(f"{OP_NAME}: {claimed - proven} row(s) arrived with G-SNR stats that this scorer did not write "
                        "for them (another proxy or options, or edited or made-up scores); scoring them again.")
     return len(dataset) - proven
-
-
-def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:
-    return gsnr is not None and (min_gsnr is None or gsnr >= min_gsnr) and (max_gsnr is None or gsnr <= max_gsnr)
-
-
-def range_drops(scores: list, statuses: list, min_gsnr: Optional[float], max_gsnr: Optional[float]) -> dict[int, str]:
-    """Row index -> reason, for the rows outside [min_gsnr, max_gsnr]; a row without a score keeps its status."""
-    return {i: fields.OUTSIDE_RANGE if status == fields.OK else status
-            for i, (gsnr, status) in enumerate(zip(scores, statuses)) if not in_range(gsnr, min_gsnr, max_gsnr)}
 
 
 def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:

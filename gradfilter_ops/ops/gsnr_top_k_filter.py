@@ -13,20 +13,9 @@ from loguru import logger
 from .. import fields
 from ._options import reject_unknown_options
 from ..dropped import write_dropped_rows
-from ..selection import QUOTAS, Selection, select, validate_budget
+from ..selection import Selection, select, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
-
-
-def check_selection_options(top_k: Optional[int], top_ratio: Optional[float], max_tokens: Optional[int],
-                            group_by: Optional[str], group_quota: str, min_per_group: int) -> None:
-    validate_budget(top_k, top_ratio, max_tokens)
-    if group_quota not in QUOTAS:
-        raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
-    if group_by is not None and max_tokens is not None:
-        raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
-    if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
-        raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
 
 
 def log_selection(op_name: str, selection: Selection, rows: int, groups: Optional[list[str]],
@@ -101,7 +90,8 @@ class GSNRTopKFilter(Selector):
         """
         reject_unknown_options(OP_NAME, kwargs, Selector)
         super().__init__(*args, **kwargs)
-        check_selection_options(top_k, top_ratio, max_tokens, group_by, group_quota, min_per_group)
+        validate_options(top_k=top_k, top_ratio=top_ratio, max_tokens=max_tokens, grouped=group_by is not None,
+                         group_quota=group_quota, min_per_group=min_per_group)
         self.budget = {"top_k": top_k, "top_ratio": top_ratio, "max_tokens": max_tokens}
         self.group_by = group_by
         self.group_quota = group_quota

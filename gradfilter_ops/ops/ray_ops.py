@@ -25,8 +25,9 @@ from .. import fields
 from ..config import GSNRConfig, field_help, require_positive_int
 from ..scorer import GSNRScorer
 from ._options import bind_options, options_of, reject_unknown_options
-from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, RANGE_PARAMS, GSNRScorerOp, log_range_drops, range_drops
-from .gsnr_top_k_filter import GSNRTopKFilter, check_selection_options, dropped_path_of, log_selection
+from ..selection import range_drops, validate_options
+from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, RANGE_PARAMS, GSNRScorerOp, log_range_drops
+from .gsnr_top_k_filter import GSNRTopKFilter, dropped_path_of, log_selection
 
 SCORER_NAME = "ray_gsnr_scorer"
 TOP_K_NAME = "ray_gsnr_top_k_filter"
@@ -108,7 +109,8 @@ class RayGSNRTopKFilter(Pipeline):
         reject_unknown_options(TOP_K_NAME, kwargs, Pipeline)
         super().__init__(*args, **kwargs)
         self.keep_dropped, self.dropped_path = options.pop("keep_dropped"), options.pop("dropped_path")
-        check_selection_options(**options)
+        validate_options(grouped=options["group_by"] is not None,
+                         **{name: value for name, value in options.items() if name != "group_by"})
         self.options = options
 
     def run(self, dataset, *, exporter=None, tracer=None):
