@@ -42,49 +42,32 @@ class GSNRConfig:
     """Configuration of the proxy, the LoRA ensemble, the gradient pass and the G-SNR formula."""
 
     # --- proxy ---------------------------------------------------------------------------------
-    hf_model: str = _help(
-        "Proxy causal LM: a Hugging Face Hub id, a local model folder, a `.gguf` file, or the "
-        "offline preset `smollm2-135m`.",
-        default=DEFAULT_PROXY,
-    )
+    hf_model: str = _help("Proxy causal LM: a Hub id, a local folder, a `.gguf` file, or the offline preset "
+                          "`smollm2-135m`.", default=DEFAULT_PROXY)
     cache_dir: Optional[str] = _help(
         "Folder for converted proxies; defaults to $GRADFILTER_CACHE_DIR or ~/.cache/gradfilter_ops.",
         default=None,
     )
-    use_cache: bool = _help(
-        "Keep trained ensembles and per-example scores in `cache_dir`, so a re-run does no proxy work and "
-        "a killed run resumes where it stopped.",
-        default=True,
-    )
+    use_cache: bool = _help("Keep trained ensembles and scores in `cache_dir`: a re-run does no proxy work, a "
+                            "killed run resumes.", default=True)
     device: Device = _help("`auto` (CUDA when available), `cpu` or `cuda`.", default="auto")
-    precision: Precision = _help(
-        "Forward-pass precision: `auto` (bf16 autocast where the GPU or CPU computes bf16 natively, else "
-        "fp32; the manifest records what it chose and why), `fp32`, or `bf16`. Gradient norms accumulate in fp32.",
-        default="auto",
-    )
+    precision: Precision = _help("Forward passes in `auto` (bf16 where the device computes it natively, else "
+                                 "fp32), `fp32` or `bf16`.", default="auto")
     seed: NonNegativeInt = _help("Base seed; member m uses seed + m for its adapter init and data order.", default=42)
 
     # --- prompt formatting ---------------------------------------------------------------------
-    format: Format = _help(
-        "`alpaca` (instruction/input/output), `chat` (a list of messages), `custom` "
-        "(`prompt_template` + `response_field`), or `auto` (chat when `messages_field` is present).",
-        default="auto",
-    )
+    format: Format = _help("`alpaca`, `chat`, `custom` (`prompt_template` + `response_field`), or `auto` (chat "
+                           "when `messages_field` is present).", default="auto")
     instruction_field: str = _help("Alpaca instruction field.", default="instruction")
     input_field: str = _help("Alpaca optional input field; missing or null means no input.", default="input")
     output_field: str = _help("Alpaca response field.", default="output")
     messages_field: str = _help("Chat field: a list of {role, content}; the last assistant turn is the response.",
                                 default="messages")
-    prompt_template: Optional[str] = _help(
-        "Custom format: a Python format string over the sample's fields, e.g. `Q: {question}\\nA: `.",
-        default=None,
-    )
+    prompt_template: Optional[str] = _help("Custom format: a Python format string over the sample's fields, e.g. "
+                                           "`Q: {question}\\nA: `.", default=None)
     response_field: Optional[str] = _help("Custom format: the field holding the response.", default=None)
-    max_length: PositiveInt = _help(
-        "Token limit per example. Longer examples lose prompt tokens from the left first, then "
-        "response tokens from the right; `gsnr_truncated` records it.",
-        default=512,
-    )
+    max_length: PositiveInt = _help("Token limit per example: the prompt is cut from the left first, then the "
+                                    "response from the right.", default=512)
 
     # --- LoRA ensemble (phase 1) ---------------------------------------------------------------
     num_members: PositiveInt = _help("Ensemble size M (reading).", default=4)
@@ -94,53 +77,23 @@ class GSNRConfig:
     lora_r: PositiveInt = _help("LoRA rank (reading).", default=8)
     lora_alpha: PositiveFloat = _help("LoRA alpha (reading).", default=16)
     lora_dropout: DropoutRate = _help("LoRA dropout during training.", default=0.0)
-    lora_init: LoraInit = _help(
-        "`random` (A and B both random, so the drop measures learning rather than the adapter's growth "
-        "from B = 0; docs/evaluation.md) or `zero_b` (peft's default: B = 0, the adapter starts as a no-op).",
-        default="random",
-    )
-    target_modules: Optional[list[str]] = _help(
-        "Modules that get adapters; default: peft's attention projections for the architecture.",
-        default=None,
-    )
-    lora_layer_fraction: LayerFraction = _help(
-        "Share of the proxy's decoder layers, counted from the top, that get adapters (at least one). The "
-        "frozen layers below run once per row instead of in every pass (0.25: about 3x less arithmetic); "
-        "1.0: every layer.",
-        default=1.0,
-    )
+    lora_init: LoraInit = _help("`random` (A and B both random) or `zero_b` (peft's default, B = 0).",
+                                default="random")
+    target_modules: Optional[list[str]] = _help("Modules that get adapters; default: peft's attention "
+                                                "projections for the architecture.", default=None)
+    lora_layer_fraction: LayerFraction = _help("Share of the decoder layers, from the top, that get adapters "
+                                               "(at least one); 1.0: every layer.", default=1.0)
     learning_rate: PositiveFloat = _help("AdamW learning rate (reading).", default=2e-4)
     weight_decay: NonNegativeFloat = _help("AdamW weight decay.", default=0.0)
     train_batch_size: PositiveInt = _help("Examples per optimizer step (reading).", default=16)
-    member_workers: PositiveInt = _help(
-        "Members handled at once, each in a spawned worker process of its own on the same device: their "
-        "training, and snapshot mode's scoring passes. Members are independent, so the scores are the same. "
-        "On a GPU a small proxy's steps wait on the host launching kernels, and k workers keep the GPU "
-        "busier (docs/speed.md); on a CPU each worker takes its share of the cores. A script that scores at "
-        "import time needs an `if __name__ == \"__main__\":` guard (spawned processes import it).",
-        default=1,
-    )
-
-    stack_members: Optional[PositiveInt] = _help(
-        "Members run in one stacked forward pass: k members' training steps at once (each its own batch, "
-        "padded to the longest), and in snapshot scoring the 2k adapters of k members over copies of one "
-        "batch; a stacked step or pass needs about k (2k) times the memory of one. The same arithmetic as one "
-        "member at a time, so the same scores (with a proxy that has dropout, other dropout draws in "
-        "training). Default (null): every member on CUDA, where a small proxy's steps wait on the host "
-        "launching kernels, 1 on a CPU, where stacking is slower (docs/speed.md). Used when `member_workers` "
-        "is 1.",
-        default=None,
-    )
+    member_workers: PositiveInt = _help("Members trained and scored at once, each in a spawned process of its own "
+                                        "on the same device; the same scores.", default=1)
+    stack_members: Optional[PositiveInt] = _help("Members run in one stacked forward pass (with `member_workers: "
+                                                 "1`); default: all on CUDA, 1 on a CPU.", default=None)
 
     # --- gradient pass (phase 2) and G-SNR (phase 3) -------------------------------------------
-    score_mode: ScoreMode = _help(
-        "`snapshot` (the method: per-example norms from separate passes over the adapters saved after "
-        "the early and the late epoch) or `online` (norms read off the training steps of those two "
-        "epochs, at each step's weights and in training mode, so with the proxy's dropout if it has any: "
-        "M x T passes instead of M x (T + 2); it scores only the rows it trained on; agreement with "
-        "`snapshot` in docs/speed.md).",
-        default="online",
-    )
+    score_mode: ScoreMode = _help("`online` (norms read off the training steps of epochs s and t) or `snapshot` ("
+                                  "passes over the adapters saved after them; docs/method.md).", default="online")
     score_batch_size: PositiveInt = _help("Examples per per-example-gradient pass.", default=16)
     grad_params: GradParams = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")
     norm: Norm = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")

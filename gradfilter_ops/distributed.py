@@ -26,7 +26,6 @@ a proof from this scorer keeps its score; other stats are scored again.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,8 @@ from typing import Any, Optional, Sequence
 from loguru import logger
 
 from . import fields
-from .cache import atomic_write
 from .config import require_positive_int
-from .dropped import DROP_REASON
+from .dropped import write_dropped_rows
 from .provenance import carries_proof, proof, scorer_fingerprint
 from .scorer import GSNRScorer, log_summary, summarize
 from .selection import Selection, select, validate_budget
@@ -66,8 +64,8 @@ def _arrow_types() -> dict[str, Any]:
     import pyarrow as pa
 
     types = {name: pa.float64() for name in fields.PARTS}
-    types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.NUM_TOKENS: pa.int64(),
-                  fields.TOKENS: pa.int64(), fields.PROOF: pa.string()})
+    types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.RESPONSE_TOKENS: pa.int64(),
+                  fields.TOTAL_TOKENS: pa.int64(), fields.PROOF: pa.string()})
     return types
 
 
@@ -361,20 +359,13 @@ def split_rows(dataset, reasons: dict[int, str], dropped_path: Optional[str | Pa
     if not dropped_path or not reasons:
         return kept, None
     dropped = sorted(reasons)
-    path = Path(dropped_path)
 
-    def write(tmp: str) -> None:
-        at = iter(dropped)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ref, indices in zip(refs, _local(dropped, offsets)):
-                if not indices:
-                    continue
-                for row in ray.get(take.remote(ref, indices)).to_pylist():
-                    row[DROP_REASON] = reasons[next(at)]
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    def dropped_rows():  # one block in memory at a time
+        for ref, indices in zip(refs, _local(dropped, offsets)):
+            if indices:
+                yield from ray.get(take.remote(ref, indices)).to_pylist()
 
-    atomic_write(path, write)
-    return kept, path
+    return kept, write_dropped_rows(dropped_path, dropped_rows(), [reasons[i] for i in dropped])
 
 
 def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
@@ -385,7 +376,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
     write the dropped ones, with their reasons, to `dropped_path` when given."""
     validate_budget(top_k, top_ratio, max_tokens)
     dataset = dataset.materialize()
-    names = [fields.GSNR, fields.STATUS, fields.TOKENS]
+    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS]
     parts = _fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
     statuses = _joined(parts, fields.STATUS)
     if not statuses:
@@ -395,7 +386,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
         raise MissingScores(f"{sum(s is None for s in statuses)} of {len(statuses)} rows have no G-SNR stats "
                             f"(`{fields.STATUS}`); score them before selecting.")
     groups = _joined(parts, "group") if group_by else None
-    selection = select(_joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in _joined(parts, fields.TOKENS)],
+    selection = select(_joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in _joined(parts, fields.TOTAL_TOKENS)],
                        groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,
                        top_ratio=top_ratio, max_tokens=max_tokens)
     kept, written = split_rows(dataset, selection.reasons, dropped_path)

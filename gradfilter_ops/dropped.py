@@ -1,20 +1,45 @@
-"""The side file of dropped rows: each row as it came, plus the reason it was not kept."""
+"""The side file of dropped rows: each row as it came, plus the reason it was not kept.
+
+One writer serves every path, as datatrove's exclusion writer does: a `datasets.Dataset` (the Data-Juicer
+ops, the `datasets` API) and the rows of Ray blocks, fetched one block at a time, go through
+`write_dropped_rows` and come out as the same JSON lines.
+"""
 
 from __future__ import annotations
 
+import json
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 from .cache import atomic_write
 
 DROP_REASON = "gsnr_drop_reason"
+_MISSING = object()
 
 
-def write_dropped_rows(path: str | Path, rows: Any, reasons: Sequence[str]) -> Path:
-    """Write `rows` (a `datasets.Dataset`) as JSON lines with a `gsnr_drop_reason` column, atomically."""
-    if len(rows) != len(reasons):
-        raise ValueError(f"{len(rows)} dropped rows but {len(reasons)} reasons.")
+def write_dropped_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], reasons: Iterable[str]) -> Path:
+    """Write `rows` (a `datasets.Dataset`, or any iterable of row dicts, read once and in order) as JSON
+    lines, each with its reason under `gsnr_drop_reason`; atomically: the file appears complete or not at all."""
     path = Path(path)
-    with_reasons = rows.add_column(DROP_REASON, list(reasons))
-    atomic_write(path, lambda tmp: with_reasons.to_json(tmp, lines=True, force_ascii=False))
+    if hasattr(rows, "column_names"):  # a datasets.Dataset: read in batches, not row by row
+        rows = dataset_rows(rows)
+
+    def write(tmp: str) -> None:
+        written = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row, reason in zip_longest(rows, reasons, fillvalue=_MISSING):
+                if row is _MISSING or reason is _MISSING:
+                    raise ValueError(f"dropped rows and reasons differ in number (they part after {written}).")
+                f.write(json.dumps({**row, DROP_REASON: reason}, ensure_ascii=False, default=str) + "\n")
+                written += 1
+
+    atomic_write(path, write)
     return path
+
+
+def dataset_rows(dataset: Any, batch_size: int = 1000) -> Iterator[dict[str, Any]]:
+    """The rows of a `datasets.Dataset` as dicts, read a batch of columns at a time."""
+    for batch in dataset.iter(batch_size=batch_size):
+        names = list(batch)
+        yield from (dict(zip(names, values)) for values in zip(*batch.values()))

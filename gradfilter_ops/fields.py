@@ -10,10 +10,10 @@ DROP = "gsnr_drop"  # normalized gradient drop (mu_s - mu_t) / (mu_s + eps): the
 NOISE = "gsnr_noise"  # variance (or std) over members at the late snapshot: the noise
 STATUS = "gsnr_status"  # "ok" or a reason code below
 TRUNCATED = "gsnr_truncated"  # True when tokens were cut to fit `max_length`
-NUM_TOKENS = "gsnr_response_tokens"  # response tokens that carried loss
-TOKENS = "gsnr_tokens"  # prompt + response tokens the proxy saw (what a token budget counts)
+RESPONSE_TOKENS = "gsnr_response_tokens"  # response tokens that carried loss
+TOTAL_TOKENS = "gsnr_tokens"  # prompt + response tokens the proxy saw (what a token budget counts)
 
-SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, NUM_TOKENS, TOKENS)
+SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, RESPONSE_TOKENS, TOTAL_TOKENS)
 # Written by the Data-Juicer ops next to the score fields: a digest over the scorer's fingerprint,
 # the row's scored fields and its score fields (`provenance`). Stats without a matching proof are
 # scored again instead of being trusted.

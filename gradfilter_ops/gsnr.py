@@ -10,9 +10,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import numpy as np
+
+# Above this share of negative drops, the drop mostly measures LoRA growth, not learning (docs/method.md).
+NEGATIVE_DROP_WARN_SHARE = 0.5
+
+
+def negative_drop_share(drops: Iterable[Optional[float]]) -> Optional[float]:
+    """Share of the finite drops below zero (gradients that grew from the early to the late snapshot);
+    None when no drop is finite. Missing (None) and non-finite drops are left out."""
+    finite = [d for d in drops if d is not None and math.isfinite(d)]
+    return float(sum(d < 0 for d in finite) / len(finite)) if finite else None
 
 
 @dataclass(frozen=True)
@@ -26,8 +38,7 @@ class GSNRParts:
     @property
     def negative_drop_share(self) -> float:
         """Share of finite drops below zero: gradients that grew from the early to the late epoch."""
-        finite = np.isfinite(self.drop)
-        return float((self.drop[finite] < 0).mean()) if finite.any() else 0.0
+        return negative_drop_share(self.drop) or 0.0  # 0 without a finite drop, as the tables print it
 
 
 def gsnr_from_sq_norms(sq_norms: np.ndarray, *, norm: str = "l2sq", noise: str = "var",

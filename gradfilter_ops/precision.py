@@ -70,6 +70,12 @@ def cpu_native_bf16() -> tuple[bool, str]:
     return True, f"the CPU computes bf16 natively ({speedup:.1f}x the speed of fp32 in a probe matmul)"
 
 
+def reset_warnings() -> None:
+    """Forget the one-time warnings and the CPU probe's answer, as in a fresh process."""
+    _warned.clear()
+    cpu_native_bf16.cache_clear()
+
+
 def resolve(requested: str, device: torch.device) -> Precision:
     """The precision `requested` (`auto`, `fp32`, `bf16`) gives on `device`; warns once per process when an
     explicit `bf16` runs on a CPU that emulates it."""

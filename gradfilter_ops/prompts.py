@@ -27,6 +27,15 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
+
+
+def alpaca_prompt(instruction: str, context: Any = None) -> str:
+    """The Alpaca prompt of an instruction, with the input block when `context` is text that is not blank."""
+    if isinstance(context, str) and context.strip():
+        return ALPACA_PROMPT.format(instruction=instruction, input=context)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
 # For tokenizers without a chat template (GPT-2): one block per turn, Alpaca style.
 PLAIN_CHAT_TURN = "### {role}:\n{content}\n\n"
 PLAIN_CHAT_GENERATION_PROMPT = "### Assistant:\n"
@@ -157,12 +166,7 @@ class PromptFormatter:
         cfg = self.config
         instruction = _text(sample, cfg.instruction_field)
         context = _text(sample, cfg.input_field, optional=True)
-        response = _text(sample, cfg.output_field)
-        if context.strip():
-            prompt = ALPACA_PROMPT.format(instruction=instruction, input=context)
-        else:
-            prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-        return prompt, response
+        return alpaca_prompt(instruction, context), _text(sample, cfg.output_field)
 
     def _custom(self, sample: Mapping[str, Any]) -> tuple[str, str]:
         template = self.config.prompt_template

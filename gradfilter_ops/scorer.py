@@ -210,8 +210,8 @@ class GSNRScorer:
         out: dict[str, list] = {name: [None] * len(encoded) for name in fields.SCORE_FIELDS}
         out[fields.STATUS] = [e.status for e in encoded]
         out[fields.TRUNCATED] = [e.truncated for e in encoded]
-        out[fields.NUM_TOKENS] = [e.num_response for e in encoded]
-        out[fields.TOKENS] = [len(e.input_ids) for e in encoded]
+        out[fields.RESPONSE_TOKENS] = [e.num_response for e in encoded]
+        out[fields.TOTAL_TOKENS] = [len(e.input_ids) for e in encoded]
         ok = [i for i, e in enumerate(encoded) if e.ok]
         if not ok:
             return out

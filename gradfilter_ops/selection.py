@@ -41,6 +41,25 @@ def validate_budget(top_k: Optional[int] = None, top_ratio: Optional[float] = No
         raise ValueError(f"`top_ratio` must be in (0, 1], got {top_ratio!r}.")
 
 
+def validate_options(*, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
+                     max_tokens: Optional[int] = None, grouped: bool = False, group_quota: str = "proportional",
+                     min_per_group: int = 0) -> None:
+    """The options of `select` (`grouped`: whether it gets `groups`), checked before any row is read, so
+    that an op refuses a bad recipe when it is built."""
+    validate_budget(top_k, top_ratio, max_tokens)
+    if group_quota not in QUOTAS:
+        raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
+    if grouped and max_tokens is not None:
+        raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
+    if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
+        raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
+
+
+def rows_for_ratio(n: int, ratio: float) -> int:
+    """floor(ratio * n) rows, at least 1: what a top `ratio` of n rows keeps."""
+    return max(1, math.floor(ratio * n + 1e-9))  # 1e-9: 0.29 * 100 must give 29, not 28
+
+
 def num_to_keep(n: int, top_k: Optional[int] = None, top_ratio: Optional[float] = None) -> int:
     """How many of `n` rows to keep: `top_k` capped at n, or floor(top_ratio * n), at least 1 when n > 0."""
     validate_budget(top_k, top_ratio)
@@ -50,7 +69,7 @@ def num_to_keep(n: int, top_k: Optional[int] = None, top_ratio: Optional[float] 
         if top_k > n:
             logger.warning(f"top_k={top_k} is larger than the {n} rows; keeping all of them.")
         return min(top_k, n)
-    return max(1, math.floor(top_ratio * n + 1e-9))  # 1e-9: 0.29 * 100 must give 29, not 28
+    return rows_for_ratio(n, top_ratio)
 
 
 def _is_finite(score: object) -> bool:
@@ -143,12 +162,11 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
     it would have made the cut without the group quotas. Rows without a score are never kept; the
     row budget is counted over all n rows, so it keeps fewer rows when fewer are scored.
     """
-    validate_budget(top_k, top_ratio, max_tokens)
+    validate_options(top_k=top_k, top_ratio=top_ratio, max_tokens=max_tokens, grouped=groups is not None,
+                     group_quota=group_quota, min_per_group=min_per_group)
     n = len(scores)
     order = scored_order(scores, statuses)
     if max_tokens is not None:
-        if groups is not None:
-            raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
         if tokens is None:
             raise ValueError("`max_tokens` needs the token count of every row.")
         keep, used = [], 0
@@ -167,11 +185,11 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         cut_reason = fields.BELOW_CUTOFF
         if groups is not None:
             unstratified = set(keep)
-            members = defaultdict(list)
+            group_rows = defaultdict(list)  # group -> its scored rows, best first
             for i in order:
-                members[groups[i]].append(i)
-            quota = quotas({g: len(rows) for g, rows in members.items()}, budget, group_quota, min_per_group)
-            keep = [i for g, rows in members.items() for i in rows[: quota[g]]]
+                group_rows[groups[i]].append(i)
+            quota = quotas({g: len(rows) for g, rows in group_rows.items()}, budget, group_quota, min_per_group)
+            keep = [i for g, rows in group_rows.items() for i in rows[: quota[g]]]
     kept = set(keep)
     reasons = {}
     for i in range(n):
@@ -184,3 +202,15 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         else:
             reasons[i] = cut_reason
     return Selection(keep=sorted(kept), reasons=reasons)
+
+
+def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:
+    """Whether a row has a score within [min_gsnr, max_gsnr] (an open end when None)."""
+    return gsnr is not None and (min_gsnr is None or gsnr >= min_gsnr) and (max_gsnr is None or gsnr <= max_gsnr)
+
+
+def range_drops(scores: Sequence[Optional[float]], statuses: Sequence[str], min_gsnr: Optional[float],
+                max_gsnr: Optional[float]) -> dict[int, str]:
+    """Row index -> reason, for the rows outside [min_gsnr, max_gsnr]; a row without a score keeps its status."""
+    return {i: fields.OUTSIDE_RANGE if status == fields.OK else status
+            for i, (gsnr, status) in enumerate(zip(scores, statuses)) if not in_range(gsnr, min_gsnr, max_gsnr)}

@@ -176,15 +176,13 @@ def test_parse_set_reads_json_values():
 def tiny_setup(tiny_gpt2_dir):
     from gradfilter_ops import GSNRConfig
     from gradfilter_ops.prompts import PromptFormatter
-    from gradfilter_ops.proxy import load_proxy
+    from gradfilter_ops.proxy import load_frozen_proxy
 
     config = GSNRConfig(hf_model=str(tiny_gpt2_dir), device="cpu", num_members=2, num_epochs=3, early_epoch=1,
                         late_epoch=3, train_batch_size=3, score_batch_size=6, max_length=40, learning_rate=1e-3)
-    model, tokenizer = load_proxy(config.hf_model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    encoded = [PromptFormatter(config, tokenizer).encode(r) for r in seed_tasks(6)]
-    return config, model, tokenizer.eos_token_id, encoded
+    proxy = load_frozen_proxy(config.hf_model, device=config.device)
+    encoded = [PromptFormatter(config, proxy.tokenizer).encode(r) for r in seed_tasks(6)]
+    return config, proxy.model, proxy.pad_id, encoded
 
 
 def test_snapshot_pairs_hold_every_epoch():

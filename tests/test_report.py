@@ -27,8 +27,8 @@ def scores(gsnr, early, late, noise, status=fields.OK, response_tokens=10, trunc
     """Score fields as the scorer writes them; the drop is derived from early and late."""
     drop = None if early is None else (early - late) / (early + 1e-8)
     return {fields.GSNR: gsnr, fields.EARLY: early, fields.LATE: late, fields.DROP: drop, fields.NOISE: noise,
-            fields.STATUS: status, fields.TRUNCATED: truncated, fields.NUM_TOKENS: response_tokens,
-            fields.TOKENS: None if response_tokens is None else response_tokens + 20}
+            fields.STATUS: status, fields.TRUNCATED: truncated, fields.RESPONSE_TOKENS: response_tokens,
+            fields.TOTAL_TOKENS: None if response_tokens is None else response_tokens + 20}
 
 
 def row(i, source, score, layout, **extra):

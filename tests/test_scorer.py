@@ -42,7 +42,7 @@ def test_every_row_gets_a_score_or_a_reason(scored, rows):
             expected = row[fields.DROP] / (row[fields.NOISE] + 1e-8)
             assert row[fields.GSNR] == pytest.approx(expected, rel=1e-9)
         else:
-            assert row[fields.GSNR] is None and row[fields.NUM_TOKENS] == 0
+            assert row[fields.GSNR] is None and row[fields.RESPONSE_TOKENS] == 0
 
 
 def test_same_seed_gives_identical_scores(scored, tiny_config, rows):

@@ -119,3 +119,45 @@ def test_no_scored_row_fails_with_the_likely_cause():
     with pytest.raises(NoScoredRows, match="None of the 2 rows"):
         select_top_k([None, math.nan], top_k=1)
     assert select([], [], top_k=1).keep == []
+
+
+def test_the_ops_check_their_options_as_select_does():
+    from gradfilter_ops.selection import validate_options
+
+    cases = [({"top_k": 1, "max_tokens": 5}, "exactly one"), ({"max_tokens": 5, "grouped": True}, "cannot be combined"),
+             ({"top_k": 1, "group_quota": "even"}, "`group_quota` must be one of"),
+             ({"top_k": 1, "min_per_group": -1}, "`min_per_group` must be a non-negative integer, got -1")]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            validate_options(**options)
+        with pytest.raises(ValueError, match=message):
+            select([1.0], [OK], tokens=[1], groups=["a"] if options.pop("grouped", False) else None, **options)
+
+
+def test_ratio_to_rows_and_range_drops():
+    from gradfilter_ops.selection import range_drops, rows_for_ratio
+
+    assert [rows_for_ratio(100, r) for r in (0.29, 0.1, 0.001)] == [29, 10, 1]
+    scores, statuses = [0.5, 2.0, None, -1.0], [OK, OK, fields.EMPTY_RESPONSE, OK]
+    assert range_drops(scores, statuses, 0.0, 1.0) == {1: fields.OUTSIDE_RANGE, 2: fields.EMPTY_RESPONSE,
+                                                        3: fields.OUTSIDE_RANGE}
+    assert range_drops(scores, statuses, None, 1.0) == {1: fields.OUTSIDE_RANGE, 2: fields.EMPTY_RESPONSE}
+
+
+def test_dropped_rows_are_written_alike_from_a_dataset_and_from_row_dicts(tmp_path):
+    import json
+
+    from datasets import Dataset
+
+    from gradfilter_ops.dropped import DROP_REASON, write_dropped_rows
+
+    rows = [{"id": i, "text": f"row/{i} é", "score": 0.1234567890123 * i} for i in range(2500)]
+    reasons = [fields.BELOW_CUTOFF] * len(rows)
+    from_dataset = write_dropped_rows(tmp_path / "a.jsonl", Dataset.from_list(rows), reasons).read_text("utf-8")
+    from_dicts = write_dropped_rows(tmp_path / "b.jsonl", iter(rows), reasons).read_text("utf-8")
+    assert from_dataset == from_dicts
+    assert [json.loads(line) for line in from_dicts.splitlines()] == [{**r, DROP_REASON: fields.BELOW_CUTOFF}
+                                                                      for r in rows]
+    with pytest.raises(ValueError, match="differ in number"):
+        write_dropped_rows(tmp_path / "c.jsonl", rows, reasons[:-1])
+    assert not (tmp_path / "c.jsonl").exists()

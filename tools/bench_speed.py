@@ -60,8 +60,8 @@ from gradfilter_ops.grads import (LoraActivations, backward_with_sq_norms, colla
                                   shuffled_length_batches)
 from gradfilter_ops.gsnr import gsnr_from_sq_norms
 from gradfilter_ops.head import CHUNK_LOGITS
-from gradfilter_ops.prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, Encoded, PromptFormatter
-from gradfilter_ops.proxy import PRESETS, _preset_folder, load_proxy, resolve_cache_dir
+from gradfilter_ops.prompts import Encoded, PromptFormatter, alpaca_prompt
+from gradfilter_ops.proxy import FrozenProxy, hf_folder, load_frozen_proxy
 from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,38 +258,18 @@ def read_rows(path: Path, limit: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(limit), f)]
 
 
-def alpaca_prompt(row: dict) -> str:
-    """The Alpaca prompt text that `gsnr_scorer` builds for this row (its query for IFD)."""
-    template = ALPACA_PROMPT if (row.get("input") or "").strip() else ALPACA_PROMPT_NO_INPUT
-    return template.format(instruction=row["instruction"], input=row.get("input") or "")
-
-
-def proxy_folder(proxy: str) -> str:
-    """A plain Hugging Face folder of the proxy, for ops that load it themselves."""
-    return str(_preset_folder(proxy, resolve_cache_dir())) if proxy in PRESETS else proxy
-
-
-def frozen_proxy(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.device]:
-    model, tokenizer = load_proxy(args.proxy)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    return model.to(device), tokenizer, device
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def frozen_proxy(args: argparse.Namespace) -> FrozenProxy:
+    return load_frozen_proxy(args.proxy, device=args.device)
 
 
 def proxy_and_rows(args: argparse.Namespace, rows: int, **options: Any):
     """The frozen proxy, its device, a config (the arguments' precision and max length, plus `options`),
     the first `rows` scoreable rows of `--data` encoded with it, and the pad id."""
-    model, tokenizer, device = frozen_proxy(args)
+    proxy = frozen_proxy(args)
     config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length, **options)
-    formatter = PromptFormatter(config, tokenizer)
+    formatter = PromptFormatter(config, proxy.tokenizer)
     examples = [e for e in (formatter.encode(r) for r in read_rows(args.data, rows)) if e.ok]
-    return model, device, config, examples, pad_id_of(tokenizer)
+    return proxy.model, proxy.device, config, examples, proxy.pad_id
 
 
 # -- 1 and 2: the per-example norm pass ----------------------------------------------------------------
@@ -371,12 +351,13 @@ def compare_norm_passes(model: torch.nn.Module, examples: Sequence[Encoded], pad
 
 
 def section_norms(args: argparse.Namespace) -> dict[str, Any]:
-    model, tokenizer, device = frozen_proxy(args)
+    proxy = frozen_proxy(args)
+    model, tokenizer, device = proxy.model, proxy.tokenizer, proxy.device
     config = GSNRConfig(hf_model=args.proxy, precision=args.precision, score_batch_size=args.batch_size,
                         max_length=args.max_length)
     formatter = PromptFormatter(config, tokenizer)
     pool = [e for e in (formatter.encode(r) for r in read_rows(args.data, args.pool)) if e.ok]
-    result = compare_norm_passes(model, pick_batch(pool, args.batch_size), pad_id_of(tokenizer), config, args.rounds)
+    result = compare_norm_passes(model, pick_batch(pool, args.batch_size), proxy.pad_id, config, args.rounds)
     speed_target = TARGETS["loop_speedup_gpu" if device.type == "cuda" else "loop_speedup_cpu"]
     say("== 1. per-example norms: one batched pass vs a loop of one-example backward passes ==")
     say(f"batch: {result['rows']} rows of {result['min_tokens']}-{result['max_tokens']} tokens (a length bucket of "
@@ -407,7 +388,8 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
     from gradfilter_ops import fields
     from gradfilter_ops.ops import GSNRScorerOp
 
-    model, tokenizer, device = frozen_proxy(args)
+    proxy = frozen_proxy(args)
+    model, tokenizer, device = proxy.model, proxy.tokenizer, proxy.device
     modes = args.e2e_modes.split(",")
     configs = {mode: GSNRConfig(hf_model=args.proxy, score_mode=mode, max_length=args.max_length) for mode in modes}
     formatter = PromptFormatter(GSNRConfig(hf_model=args.proxy), tokenizer)  # untruncated, for --e2e-max-tokens
@@ -418,13 +400,13 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
         # fails on the None it gives a one-token response, so such rows are left out for both.
         ifd_scoreable = len(tokenizer(str(row.get("output", "")), add_special_tokens=False)["input_ids"]) >= 2
         if encoded.ok and ifd_scoreable and (not args.e2e_max_tokens or len(encoded.input_ids) <= args.e2e_max_tokens):
-            rows.append({**row, "prompt": alpaca_prompt(row)})
+            rows.append({**row, "prompt": alpaca_prompt(row["instruction"], row.get("input"))})
             examples.append(encoded)
         if len(rows) == args.e2e_rows:
             break
 
     def ifd():
-        op = InstructionFollowingDifficultyFilter(hf_model=proxy_folder(args.proxy), query_template="{prompt}",
+        op = InstructionFollowingDifficultyFilter(hf_model=hf_folder(args.proxy), query_template="{prompt}",
                                                   response_template="{output}", min_score=0.0,
                                                   max_score=float("inf"), num_proc=1)
         return op.run(NestedDataset(Dataset.from_list(rows)))
@@ -556,7 +538,8 @@ def head_child(args: argparse.Namespace) -> None:
 
     if args.head_child == "whole":
         grads.FUSED_HEAD, grads.HEAD_CHUNK = False, 1 << 62
-    model, _, device = frozen_proxy(args)
+    proxy = frozen_proxy(args)
+    model, device = proxy.model, proxy.device
     config = GSNRConfig(hf_model=args.proxy, precision=args.precision, max_length=args.max_length)
     rng = np.random.default_rng(0)
     examples = [Encoded("ok", tuple(rng.integers(0, model.config.vocab_size, args.max_length).tolist()), 32)

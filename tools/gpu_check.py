@@ -48,6 +48,7 @@ from gradfilter_ops.config import SCORE_MODES, GSNRConfig  # noqa: E402
 from gradfilter_ops.ensemble import EnsembleScorer, adapters_per_pass, stack_size, train_ensemble  # noqa: E402
 from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
 from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
+from gradfilter_ops.proxy import freeze, resolve_device  # noqa: E402
 
 ALPACA_ROWS = 52_000
 TARGET_S = 600
@@ -74,17 +75,14 @@ def alpaca_like_examples(n: int, vocab_size: int, max_length: int, seed: int) ->
 
 
 def random_proxy(tiny: bool) -> torch.nn.Module:
-    """GPT-2 124M (transformers' `GPT2Config()` defaults) or a tiny one, randomly initialised, frozen."""
+    """GPT-2 124M (transformers' `GPT2Config()` defaults) or a tiny one, randomly initialised."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     tiny_config = dict(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=1000, bos_token_id=999,
                        eos_token_id=999)
     config = GPT2Config(**tiny_config) if tiny else GPT2Config()
-    model = GPT2LMHeadModel(config).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
+    return GPT2LMHeadModel(config).eval()
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -129,8 +127,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = resolve_device(args.device)
     started = time.perf_counter()
     result: dict[str, Any] = {"status": "running", "command": " ".join(["tools/gpu_check.py", *(
         sys.argv[1:] if argv is None else argv)]), "machine": bench_speed.machine(), "phases": {}}
@@ -141,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dump(result, args.out)
         print(f"gpu_check: {name}: {json.dumps(values)}", file=sys.stderr, flush=True)
 
-    model = random_proxy(args.tiny).to(device)
+    model = freeze(random_proxy(args.tiny), device)
     speed = {"score_batch_size": args.score_batch_size} if args.score_batch_size else {}
     config = GSNRConfig(hf_model="random GPT-2", device=device.type, precision=args.precision,
                         score_mode=args.score_mode,

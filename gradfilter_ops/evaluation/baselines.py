@@ -27,17 +27,6 @@ def proxy_losses(model, examples, pad_id: int, batch_size: int, precision: str) 
     return out
 
 
-def proxy_folder(hf_model: str, cache_dir: Optional[str]) -> Optional[str]:
-    """What Data-Juicer can load for the proxy: the converted preset folder, a local folder or a Hub id."""
-    from ..proxy import PRESETS, resolve_cache_dir
-
-    if hf_model in PRESETS:
-        return str(resolve_cache_dir(cache_dir) / "proxies" / hf_model)
-    if hf_model.endswith(".gguf"):
-        return None
-    return hf_model
-
-
 def ifd_scores(rows: Sequence[Mapping[str, Any]], prompts: Sequence[str], folder: str, output_field: str,
                max_length: Optional[int] = None, progress: bool = True) -> np.ndarray:
     """IFD of every row from Data-Juicer's own `instruction_following_difficulty_filter`.

@@ -14,7 +14,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from jsonargparse import ArgumentParser
 
+from ..selection import rows_for_ratio
 from .corrupt import CLEAN, KINDS, corrupt_dataset
 from .data import build_chatterbot, load_rows
 from .plot import plot_separation
@@ -145,8 +145,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     evals = [evaluate_signal(s, kinds, rng, args.bootstrap, reference=signals[0].score) for s in signals]
     for ev in evals:
-        ev["want10"] = max(1, math.floor(0.10 * len(rows) + 1e-9))
-        ev["want30"] = max(1, math.floor(0.30 * len(rows) + 1e-9))
+        ev["want10"], ev["want30"] = rows_for_ratio(len(rows), 0.10), rows_for_ratio(len(rows), 0.30)
     grid_rows = evaluate_readings(result, kinds, reading_grid(config, result))
     with open(out_dir / "readings.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(grid_rows[0]))

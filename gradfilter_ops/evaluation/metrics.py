@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..selection import rows_for_ratio
 from .corrupt import CLEAN
 
 
@@ -76,7 +77,7 @@ def kept_indices(scores: Sequence[float], ratio: float, drop_non_finite: bool = 
     may come back (Superfiltering drops IFD >= 1 before it keeps the top k).
     """
     s = keep_scores(scores)
-    k = max(1, math.floor(ratio * len(s) + 1e-9))
+    k = rows_for_ratio(len(s), ratio)
     order = sorted(range(len(s)), key=lambda i: (-s[i], i))
     if drop_non_finite:
         order = [i for i in order if np.isfinite(s[i])]

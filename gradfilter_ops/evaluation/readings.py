@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .metrics import auroc, contamination
 
@@ -68,8 +69,7 @@ def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], readi
         raise ValueError(f"Unknown signal {reading.signal!r}.")
     negative = parts.negative_drop_share
     if reading.signal == "loss_drop":  # here the drop is the loss's: the share of rows whose loss rose
-        finite = np.isfinite(score)
-        negative = float((score[finite] < 0).mean()) if finite.any() else 0.0
+        negative = negative_drop_share(score) or 0.0
     return {"score": score, "early": parts.early, "late": parts.late, "drop": parts.drop,
             "noise": parts.noise, "gsnr": parts.gsnr, "negative_drop_share": negative}
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .baselines import ifd_scores, proxy_folder, proxy_losses
+from .baselines import ifd_scores, proxy_losses
 from .gradients import snapshot_norms, train_all_epochs
 
 IGNORED_KEYS = ("cache_dir", "use_cache", "device", "score_batch_size")
@@ -51,10 +51,8 @@ def _baselines_from(folder: Optional[str], key: Mapping[str, Any]) -> dict[str, 
 def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool, progress: bool,
             timings: dict[str, float], baselines_from: Optional[str] = None) -> dict[str, Any]:
     """Every raw quantity the report needs; cached in `norms.npz` (+ `meta.json`) for `--reuse`."""
-    import torch
-
-    from ..prompts import PromptFormatter
-    from ..proxy import load_proxy
+    from ..prompts import PromptFormatter, alpaca_prompt
+    from ..proxy import hf_folder, load_frozen_proxy
 
     cache, meta_path = out_dir / "norms.npz", out_dir / "meta.json"
     key = {"config": config.to_dict(), "rows": [(r["eval_index"], r["eval_corruption"], r[config.output_field])
@@ -68,12 +66,8 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
         print("eval: --reuse ignored: the cached run used other rows or another config", file=sys.stderr)
 
     start = time.time()
-    model, tokenizer = load_proxy(config.hf_model, cache_dir=config.cache_dir)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    device = torch.device("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    model.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    proxy = load_frozen_proxy(config.hf_model, cache_dir=config.cache_dir, device=config.device)
+    model, tokenizer, pad_id = proxy.model, proxy.tokenizer, proxy.pad_id
     formatter = PromptFormatter(config, tokenizer)
     encoded = [formatter.encode(r) for r in rows]
     bad = [i for i, e in enumerate(encoded) if not e.ok]
@@ -96,12 +90,12 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
 
     if not skip_ifd and "ifd" not in result:
         start = time.time()
-        folder = proxy_folder(config.hf_model, config.cache_dir)
+        folder = hf_folder(config.hf_model, config.cache_dir)
         if folder is None:
             print("eval: IFD skipped: Data-Juicer cannot load a .gguf proxy", file=sys.stderr)
         else:
             # The prompt as text, exactly as the formatter builds it (not the decoded, possibly cut ids).
-            texts = [_alpaca_prompt(r, config) for r in rows]
+            texts = [alpaca_prompt(r[config.instruction_field], r.get(config.input_field)) for r in rows]
             result["ifd"] = ifd_scores(rows, texts, folder, config.output_field, config.max_length, progress)
         timings["IFD (Data-Juicer)"] = time.time() - start
 
@@ -120,15 +114,6 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
     np.savez_compressed(cache, **{k: v for k, v in result.items() if k != "epochs"})
     meta_path.write_text(json.dumps({"key": key, "epochs": list(result["epochs"]), "timings": timings}))
     return result
-
-
-def _alpaca_prompt(row: Mapping[str, Any], config) -> str:
-    from ..prompts import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
-
-    context = row.get(config.input_field)
-    if isinstance(context, str) and context.strip():
-        return ALPACA_PROMPT.format(instruction=row[config.instruction_field], input=context)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=row[config.instruction_field])
 
 
 def merge_members(first: str, second: str, out: str) -> int:

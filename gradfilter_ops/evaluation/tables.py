@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .readings import Reading, norms_of, reading_scores
 from .signals import Signal
@@ -73,7 +74,7 @@ def parts_table(result: Mapping[str, Any], reading: Reading, kinds: Sequence[str
         med = lambda a: float(np.median(np.asarray(a)[m]))  # noqa: E731
         lines.append(f"| {kind} | {int(m.sum())} | {med(g['early']):.3g} | {med(g['late']):.3g} | {med(g['drop']):.3f} | "
                      f"{med(g['noise']):.3g} | {med(g['gsnr']):.3g} | {med(ls):.3f} | {med(lt):.3f} | "
-                     f"{med(result['proxy_loss']):.3f} | {fmt_share(float((g['drop'][m] < 0).mean()))} |")
+                     f"{med(result['proxy_loss']):.3f} | {fmt_share(negative_drop_share(g['drop'][m]))} |")
     return "\n".join(lines)
 
 

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Optional
 
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
-from ._options import reject_unknown_options
-from ..config import DEFAULT_PROXY, GSNRConfig, field_help
+from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_options, reject_unknown_options
+from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
 from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..selection import in_range, range_drops
 from ..scorer import GSNRScorer, _rows, log_summary, map_num_proc, summarize
 
 OP_NAME = "gsnr_scorer"
 DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
 MANIFEST_FILE = "gsnr_manifest.json"
-RANGE_PARAMS = {
-    "min_gsnr": "Keep rows with gsnr >= min_gsnr (optional; by default every row is kept).",
-    "max_gsnr": "Keep rows with gsnr <= max_gsnr (optional).",
-}
 
 
 def proven_rows(scorer: GSNRScorer, batch: dict) -> list[bool]:
@@ -49,16 +45,6 @@ def _unproven(scorer: GSNRScorer, dataset) -> int:
         logger.warning(f"{OP_NAME}: {claimed - proven} row(s) arrived with G-SNR stats that this scorer did not write "
                        "for them (another proxy or options, or edited or made-up scores); scoring them again.")
     return len(dataset) - proven
-
-
-def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:
-    return gsnr is not None and (min_gsnr is None or gsnr >= min_gsnr) and (max_gsnr is None or gsnr <= max_gsnr)
-
-
-def range_drops(scores: list, statuses: list, min_gsnr: Optional[float], max_gsnr: Optional[float]) -> dict[int, str]:
-    """Row index -> reason, for the rows outside [min_gsnr, max_gsnr]; a row without a score keeps its status."""
-    return {i: fields.OUTSIDE_RANGE if status == fields.OK else status
-            for i, (gsnr, status) in enumerate(zip(scores, statuses)) if not in_range(gsnr, min_gsnr, max_gsnr)}
 
 
 def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:
@@ -109,50 +95,10 @@ class GSNRScorerOp(Filter):
     _batched_op = True
     _supported_exec_modes = ("default",)  # it trains on the whole dataset first; on Ray: `ray_gsnr_scorer`
 
-    def __init__(
-        self,
-        hf_model: str = DEFAULT_PROXY,
-        cache_dir: Optional[str] = None,
-        use_cache: bool = True,
-        device: str = "auto",
-        precision: str = "auto",
-        seed: int = 42,
-        format: str = "auto",
-        instruction_field: str = "instruction",
-        input_field: str = "input",
-        output_field: str = "output",
-        messages_field: str = "messages",
-        prompt_template: Optional[str] = None,
-        response_field: Optional[str] = None,
-        max_length: int = 512,
-        num_members: int = 4,
-        num_epochs: int = 2,
-        early_epoch: int = 1,
-        late_epoch: Optional[int] = None,
-        lora_r: int = 8,
-        lora_alpha: float = 16,
-        lora_dropout: float = 0.0,
-        lora_init: str = "random",
-        target_modules: Optional[list[str]] = None,
-        lora_layer_fraction: float = 1.0,
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        train_batch_size: int = 16,
-        member_workers: int = 1,
-        stack_members: Optional[int] = None,
-        score_mode: str = "online",
-        score_batch_size: int = 16,
-        grad_params: str = "AB",
-        norm: str = "l2sq",
-        noise: str = "var",
-        eps: float = 1e-8,
-        min_gsnr: Optional[float] = None,
-        max_gsnr: Optional[float] = None,
-        *args,
-        **kwargs,
-    ):
-        params = dict(locals())
-        config = {name: params[name] for name in field_help()}
+    @recipe_options(config_options(GSNRConfig), RANGE_OPTIONS)
+    def __init__(self, *args, **kwargs):
+        config, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
+        min_gsnr, max_gsnr = config.pop("min_gsnr"), config.pop("max_gsnr")
         # Data-Juicer skips a batch that raises when skip_op_error is on: that would drop rows silently.
         kwargs["skip_op_error"] = False
         kwargs.setdefault("batch_size", 256)  # rows per map batch; bucketed by length inside
@@ -218,8 +164,3 @@ class GSNRScorerOp(Filter):
         if self.min_gsnr is None and self.max_gsnr is None:
             return [True] * len(samples[Fields.stats])
         return [in_range(stats[fields.GSNR], self.min_gsnr, self.max_gsnr) for stats in samples[Fields.stats]]
-
-
-GSNRScorerOp.__init__.__doc__ = "Initialization method.\n\n" + "\n".join(
-    f":param {name}: {text}" for name, text in {**field_help(), **RANGE_PARAMS}.items()
-)

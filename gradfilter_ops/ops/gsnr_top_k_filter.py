@@ -11,22 +11,17 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
-from ._options import reject_unknown_options
+from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknown_options
 from ..dropped import write_dropped_rows
-from ..selection import QUOTAS, Selection, select, validate_budget
+from ..selection import Selection, select, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
 
 
-def check_selection_options(top_k: Optional[int], top_ratio: Optional[float], max_tokens: Optional[int],
-                            group_by: Optional[str], group_quota: str, min_per_group: int) -> None:
-    validate_budget(top_k, top_ratio, max_tokens)
-    if group_quota not in QUOTAS:
-        raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
-    if group_by is not None and max_tokens is not None:
-        raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
-    if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
-        raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
+def check_selection_options(options: dict) -> None:
+    """The top-k options of a recipe (`TOP_K_OPTIONS` but the dropped-rows ones), as `select` checks them."""
+    validate_options(grouped=options["group_by"] is not None,
+                     **{name: value for name, value in options.items() if name != "group_by"})
 
 
 def log_selection(op_name: str, selection: Selection, rows: int, groups: Optional[list[str]],
@@ -74,40 +69,16 @@ class GSNRTopKFilter(Selector):
             min_per_group: 5
     """
 
-    def __init__(
-        self,
-        top_k: Optional[int] = None,
-        top_ratio: Optional[float] = None,
-        max_tokens: Optional[int] = None,
-        group_by: Optional[str] = None,
-        group_quota: str = "proportional",
-        min_per_group: int = 0,
-        dropped_path: Optional[str] = None,
-        keep_dropped: bool = True,
-        *args,
-        **kwargs,
-    ):
-        """
-        Initialization method.
-
-        :param top_k: number of rows to keep.
-        :param top_ratio: share of rows to keep, in (0, 1].
-        :param max_tokens: token budget: keep the best rows while their `gsnr_tokens` fit.
-        :param group_by: field whose values form groups that get quotas of the row budget.
-        :param group_quota: `proportional` (to group size) or `equal`.
-        :param min_per_group: rows every group keeps at least (if it has them), even past the budget.
-        :param dropped_path: jsonl file for the dropped rows; default `<work_dir>/gsnr_dropped.jsonl`.
-        :param keep_dropped: write the dropped rows at all.
-        """
+    @recipe_options(TOP_K_OPTIONS)
+    def __init__(self, *args, **kwargs):
+        options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         reject_unknown_options(OP_NAME, kwargs, Selector)
         super().__init__(*args, **kwargs)
-        check_selection_options(top_k, top_ratio, max_tokens, group_by, group_quota, min_per_group)
-        self.budget = {"top_k": top_k, "top_ratio": top_ratio, "max_tokens": max_tokens}
-        self.group_by = group_by
-        self.group_quota = group_quota
-        self.min_per_group = min_per_group
-        self.keep_dropped = keep_dropped
-        self.dropped_path = dropped_path
+        self.keep_dropped, self.dropped_path = options.pop("keep_dropped"), options.pop("dropped_path")
+        check_selection_options(options)
+        self.group_by, self.group_quota = options["group_by"], options["group_quota"]
+        self.min_per_group = options["min_per_group"]
+        self.budget = {name: options[name] for name in ("top_k", "top_ratio", "max_tokens")}
 
     def process(self, dataset):
         if len(dataset) == 0:
@@ -125,7 +96,7 @@ class GSNRTopKFilter(Selector):
                                  f"fields: {dataset.column_names}.")
             groups = [str(g) for g in dataset[self.group_by]]
         selection = select([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats],
-                           tokens=[s.get(fields.TOKENS) or 0 for s in stats], groups=groups,
+                           tokens=[s.get(fields.TOTAL_TOKENS) or 0 for s in stats], groups=groups,
                            group_quota=self.group_quota, min_per_group=self.min_per_group, **self.budget)
         dropped = sorted(selection.reasons)
         log_selection(OP_NAME, selection, len(stats), groups, self.group_by)

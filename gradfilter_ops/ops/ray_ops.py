@@ -22,18 +22,16 @@ from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
-from ..config import GSNRConfig, field_help, require_positive_int
+from ..config import GSNRConfig, require_positive_int
 from ..scorer import GSNRScorer
-from ._options import bind_options, options_of, reject_unknown_options
-from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, RANGE_PARAMS, GSNRScorerOp, log_range_drops, range_drops
-from .gsnr_top_k_filter import GSNRTopKFilter, check_selection_options, dropped_path_of, log_selection
+from ..selection import range_drops
+from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, config_options, recipe_options,
+                       reject_unknown_options)
+from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, log_range_drops
+from .gsnr_top_k_filter import check_selection_options, dropped_path_of, log_selection
 
 SCORER_NAME = "ray_gsnr_scorer"
 TOP_K_NAME = "ray_gsnr_top_k_filter"
-RAY_PARAMS = {
-    "train_tasks": "Ray tasks the ensemble's members are split over, each on a GPU of its own when the cluster has "
-                   "GPUs (members are independent: the same scores). `num_proc` is the number of scoring actors.",
-}
 
 
 @OPERATORS.register_module(SCORER_NAME)
@@ -54,7 +52,7 @@ class RayGSNRScorerOp(Pipeline):
     _accelerator = "cuda"
     _supported_exec_modes = ("ray",)
 
-    @options_of(GSNRScorerOp.__init__, train_tasks=1)
+    @recipe_options(config_options(GSNRConfig), RANGE_OPTIONS, RAY_OPTIONS)
     def __init__(self, *args, **kwargs):
         options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         self.train_tasks = require_positive_int("train_tasks", options.pop("train_tasks"))
@@ -102,13 +100,13 @@ class RayGSNRTopKFilter(Pipeline):
 
     _supported_exec_modes = ("ray",)
 
-    @options_of(GSNRTopKFilter.__init__)
+    @recipe_options(TOP_K_OPTIONS)
     def __init__(self, *args, **kwargs):
         options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         reject_unknown_options(TOP_K_NAME, kwargs, Pipeline)
         super().__init__(*args, **kwargs)
         self.keep_dropped, self.dropped_path = options.pop("keep_dropped"), options.pop("dropped_path")
-        check_selection_options(**options)
+        check_selection_options(options)
         self.options = options
 
     def run(self, dataset, *, exporter=None, tracer=None):
@@ -126,8 +124,3 @@ class RayGSNRTopKFilter(Pipeline):
                         f"{selected.dropped_path}.")
         return selected.dataset
 
-
-RayGSNRScorerOp.__init__.__doc__ = "Initialization method.\n\n" + "\n".join(
-    f":param {name}: {text}" for name, text in {**field_help(), **RANGE_PARAMS, **RAY_PARAMS}.items()
-)
-RayGSNRTopKFilter.__init__.__doc__ = GSNRTopKFilter.__init__.__doc__

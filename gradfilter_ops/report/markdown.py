@@ -104,7 +104,7 @@ def render_markdown(summary: dict, inputs: dict[str, Any], plots: Optional[dict[
                   "gradient grew between the snapshots (a negative drop).", "",
                   f"![early vs late gradient norm]({plots['early_late']})"]
         lines += ["", "## G-SNR against response length", "",
-                  f"`{fields.GSNR}` against `{fields.NUM_TOKENS}` (response tokens that carried loss).", "",
+                  f"`{fields.GSNR}` against `{fields.RESPONSE_TOKENS}` (response tokens that carried loss).", "",
                   f"![G-SNR vs response length]({plots['length']})"]
     if s["groups"] is not None:
         lines += ["", f"## Kept share per `{s['group_by']}`", ""]
@@ -127,7 +127,7 @@ def render_markdown(summary: dict, inputs: dict[str, Any], plots: Optional[dict[
         for e in s[key]:
             cells = [e["index"], "kept" if e["kept"] else f"dropped (`{e['reason']}`)",
                      *(fmt(e[f]) for f in (fields.GSNR, fields.DROP, fields.NOISE, fields.EARLY, fields.LATE,
-                                           fields.NUM_TOKENS))]
+                                           fields.RESPONSE_TOKENS))]
             if s["group_by"] is not None:
                 cells.append(md_cell(e["group"], TEXT_CHARS))
             cells += [md_cell(e["prompt"], TEXT_CHARS), md_cell(e["response"], TEXT_CHARS)]

@@ -178,10 +178,10 @@ def _scatter_kept_dropped(ax, points: Sequence[tuple]) -> None:
 def plot_length(records: Sequence[dict], cutoff: Optional[float], path: Path, dpi: int = 80) -> None:
     fig = _figure()
     ax = fig.add_subplot()
-    points = [(r[fields.NUM_TOKENS], r[fields.GSNR], r["kept"]) for r in records
-              if is_finite(r[fields.GSNR]) and is_finite(r[fields.NUM_TOKENS])]
+    points = [(r[fields.RESPONSE_TOKENS], r[fields.GSNR], r["kept"]) for r in records
+              if is_finite(r[fields.GSNR]) and is_finite(r[fields.RESPONSE_TOKENS])]
     if not points:
-        _no_data(ax, f"no rows with both {fields.GSNR} and {fields.NUM_TOKENS}")
+        _no_data(ax, f"no rows with both {fields.GSNR} and {fields.RESPONSE_TOKENS}")
     else:
         _scatter_kept_dropped(ax, points)
         lengths = [p[0] for p in points if p[0] > 0]
@@ -195,7 +195,7 @@ def plot_length(records: Sequence[dict], cutoff: Optional[float], path: Path, dp
             ax.axhline(cutoff, color="black", linestyle="--", linewidth=1, label=f"cut-off {cutoff:.4g}")
         ax.legend(fontsize="small")
         ax.set_ylabel(fields.GSNR + (" (symlog)" if linthresh else ""))
-    ax.set_xlabel(f"{fields.NUM_TOKENS}")
+    ax.set_xlabel(f"{fields.RESPONSE_TOKENS}")
     ax.set_title("G-SNR against response length")
     _save(fig, path, dpi)
 

@@ -57,7 +57,7 @@ def score_fields(row: dict) -> dict[str, Any]:
     stats = row.get(STATS_KEY)
     source = stats if isinstance(stats, dict) and any(f in stats for f in fields.SCORE_FIELDS) else row
     out = {f: as_number(source.get(f)) for f in fields.PARTS}
-    for f in (fields.NUM_TOKENS, fields.TOKENS):
+    for f in (fields.RESPONSE_TOKENS, fields.TOTAL_TOKENS):
         out[f] = as_number(source.get(f))
     status = source.get(fields.STATUS)
     out[fields.STATUS] = status if isinstance(status, str) and status else NO_STATUS

@@ -8,11 +8,11 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from .. import fields
+from ..gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
 from .records import NO_GROUP, is_finite
 
 DEGENERATE_REL = 1e-12  # finite G-SNRs all equal within this relative spread: degenerate
 NON_FINITE_WARN = 0.2  # warn when more than this share of rows has no finite G-SNR
-NEGATIVE_DROP_WARN = 0.5  # warn when more than this share of the drops is negative
 TINY_ROWS = 50  # warn below this many rows
 
 
@@ -46,7 +46,7 @@ def _share(part: int, whole: int) -> Optional[float]:
 
 
 def example_row(r: dict) -> dict:
-    keys = ("index", "kept", "reason", "group", *fields.PARTS, fields.NUM_TOKENS, fields.STATUS)
+    keys = ("index", "kept", "reason", "group", *fields.PARTS, fields.RESPONSE_TOKENS, fields.STATUS)
     return {**{k: r[k] for k in keys}, "prompt": r["prompt"], "response": r["response"]}
 
 
@@ -81,7 +81,7 @@ def summarize(records: Sequence[dict], *, mode: str = "selection", group_by: Opt
         "non_finite_share": _share(n - len(finite), n),
         "finite_drops": len(drops),
         "negative_drops": negative,
-        "negative_drop_share": _share(negative, len(drops)),
+        "negative_drop_share": negative_drop_share(drops),
         "early_late_pairs": len(pairs),
         "grew": grew,
         "grew_share": _share(grew, len(pairs)),
@@ -90,7 +90,7 @@ def summarize(records: Sequence[dict], *, mode: str = "selection", group_by: Opt
         "gsnr": describe(scores),
         "gsnr_kept": describe(kept_scores),
         "gsnr_dropped": describe([r[fields.GSNR] for r in dropped if is_finite(r[fields.GSNR])]),
-        "response_tokens": describe([r[fields.NUM_TOKENS] for r in records if is_finite(r[fields.NUM_TOKENS])]),
+        "response_tokens": describe([r[fields.RESPONSE_TOKENS] for r in records if is_finite(r[fields.RESPONSE_TOKENS])]),
         "group_by": group_by,
         "groups": None,
     }
@@ -134,7 +134,7 @@ def warnings_for(summary: dict, scores: Sequence[float]) -> list[dict[str, str]]
                            f"relative, value {scores[0]:.6g}): the ranking is by dataset order only. Check the "
                            f"ensemble (one member gives zero noise) and the training run.")
     share = summary["negative_drop_share"]
-    if share is not None and share > NEGATIVE_DROP_WARN:
+    if share is not None and share > NEGATIVE_DROP_WARN_SHARE:
         warn("negative_drops", f"{summary['negative_drops']} of {summary['finite_drops']} drops ({share:.0%}) are "
                                f"negative: the gradient norm grew from the early to the late snapshot for most rows, "
                                f"so the drop measures adapter growth rather than learning (see docs/method.md, "
