@@ -63,7 +63,8 @@ def stats_rows(n: int) -> list[dict]:
         status = fields.OK if i % 7 else fields.EMPTY_RESPONSE
         gsnr = float((i * 5) % 9) if status == fields.OK else None
         rows.append({"id": f"r{i}", "source": "a" if i % 3 else "b",
-                     STATS: {"text_len": 10 + i, fields.GSNR: gsnr, fields.STATUS: status, fields.TOTAL_TOKENS: 20 + i}})
+                     STATS: {"text_len": 10 + i, fields.GSNR: gsnr, fields.STATUS: status,
+                             fields.TOTAL_TOKENS: 20 + i}})
     return rows
 
 
