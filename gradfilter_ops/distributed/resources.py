@@ -9,7 +9,7 @@ from typing import Optional
 def _gpus_per_worker(device: str) -> int:
     import ray
 
-    gpus = ray.clustertask_resources().get("GPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
     if device == "cuda" and not gpus:
         raise RuntimeError("`device: cuda` was asked for, but the Ray cluster has no GPU.")
     return 0 if device == "cpu" or not gpus else 1
