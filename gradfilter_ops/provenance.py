@@ -39,5 +39,5 @@ def carries_proof(fingerprint: str, config: GSNRConfig, row: Mapping[str, Any],
 def scorer_fingerprint(scorer: Any) -> str:
     """The fingerprint of a `GSNRScorer`, loading its proxy (whose weights it covers) if needed."""
     if scorer.fingerprint is None:
-        scorer._load()
+        scorer.load()
     return scorer.fingerprint

@@ -15,9 +15,7 @@ proxy work, and a killed run resumes from its finished members and batches.
 
 from __future__ import annotations
 
-import math
 import os
-import platform
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,22 +26,14 @@ from loguru import logger
 from . import fields
 from .cache import CacheEntry, atomic_write_json, digest
 from .config import NON_SCORE_OPTIONS, GSNRConfig
+from .fitted import FittedEnsemble
+from .manifest import run_manifest
+from .records import batch_of, records_row_by_row, rows_of, score_records
+from .summary import NEGATIVE_DROP_WARN_SHARE, log_summary, summarize
+from .threads import FORKED_MAP_WORKER, ThreadPolicy
 
-NEGATIVE_DROP_WARN_SHARE = 0.5
-
-
-def _rows(batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    size = len(next(iter(batch.values()))) if batch else 0
-    return [{key: values[i] for key, values in batch.items()} for i in range(size)]
-
-
-def _batch_of(rows: list[dict[str, Any]]) -> dict[str, list]:
-    keys = sorted({key for row in rows for key in row})
-    return {key: [row.get(key) for row in rows] for key in keys}
-
-
-def _finite_or_none(value: float) -> Optional[float]:
-    return float(value) if math.isfinite(value) else None
+__all__ = ["NEGATIVE_DROP_WARN_SHARE", "FittedEnsemble", "GSNRScorer", "batch_of", "log_summary", "map_num_proc",
+           "rows_of", "summarize"]
 
 
 class GSNRScorer:
@@ -53,20 +43,38 @@ class GSNRScorer:
         if config is not None and overrides:
             raise ValueError("Pass either a GSNRConfig or keyword overrides, not both.")
         self.config = config if config is not None else GSNRConfig.from_dict(overrides)
-        self.snapshots = None
-        self.cache: Optional[CacheEntry] = None
+        self.fitted: Optional[FittedEnsemble] = None  # what `fit` returned
         self.timings: dict[str, float] = {}
-        self.counts: Optional[dict[str, int]] = None  # rows per status seen by `fit`
         self.summary: Optional[dict[str, Any]] = None  # see `summarize`
         self.fingerprint: Optional[str] = None
-        self._fitted = False
-        self._online_rows: dict[str, int] = {}  # score_mode online: row key -> column of the online norms
         self._model = self._tokenizer = self._formatter = self._ensemble = None
         self._device = None
         self.precision = None  # a `precision.Precision`, resolved for the device when the proxy loads
-        # A copy unpickled in another process is a worker of `datasets`' forked map, which must run
-        # torch on one thread; `distributed` ships copies to Ray workers, which keep their CPUs.
-        self._one_thread_when_unpickled = True
+        # Torch threads of a copy unpickled in another process (`threads`): one, for `datasets`'
+        # forked map workers; `distributed` ships copies to Ray workers with `KEEP_THREADS`.
+        self.thread_policy: ThreadPolicy = FORKED_MAP_WORKER
+
+    @property
+    def snapshots(self):
+        """The fitted ensemble's trained members (`ensemble.Snapshots`; None before `fit`, or when they
+        are in the cache only)."""
+        return self.fitted.snapshots if self.fitted is not None else None
+
+    @snapshots.setter
+    def snapshots(self, snapshots) -> None:
+        if self.fitted is None:
+            raise AttributeError("GSNRScorer.snapshots: call fit(dataset) first; it sets the rows they belong to.")
+        self.fitted.snapshots = snapshots
+
+    @property
+    def cache(self) -> Optional[CacheEntry]:
+        """The cache entry of the fitted rows and options (None before `fit`, or without `use_cache`)."""
+        return self.fitted.cache if self.fitted is not None else None
+
+    @property
+    def counts(self) -> Optional[dict[str, int]]:
+        """Rows per status seen by `fit`."""
+        return self.fitted.counts if self.fitted is not None else None
 
     # -- state that is rebuilt in each worker process instead of being pickled ------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -76,12 +84,7 @@ class GSNRScorer:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.pop("_pickled_by", None) != os.getpid() and state.get("_one_thread_when_unpickled", True):
-            import torch
-
-            # A worker of a multi-process map: parallelism comes from the processes, and a forked
-            # child that enters the parent's OpenMP thread pool deadlocks.
-            torch.set_num_threads(1)
+        state.get("thread_policy", FORKED_MAP_WORKER).apply(state.pop("_pickled_by", None))
         self.__dict__.update(state)
 
     def _resolve_device(self, rank: Optional[int] = None):
@@ -94,7 +97,8 @@ class GSNRScorer:
             return torch.device("cpu")
         return torch.device("cuda", (rank or 0) % torch.cuda.device_count())
 
-    def _load(self, rank: Optional[int] = None) -> None:
+    def load(self, rank: Optional[int] = None) -> None:
+        """Load the proxy (on the device of `rank`) and compute the scorer's fingerprint, once."""
         if self._model is not None:
             return
         from . import __version__
@@ -124,75 +128,67 @@ class GSNRScorer:
         return self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self._tokenizer.eos_token_id
 
     def encode(self, rows: Iterable[Mapping[str, Any]]):
-        self._load()
+        self.load()
         return [self._formatter.encode(row) for row in rows]
 
     def _key(self, row: Mapping[str, Any]) -> str:
         return digest(self._formatter.source(row))
 
     # -- phase 1 --------------------------------------------------------------------------------
-    def fit(self, dataset: Any, batch_size: int = 1000, members: Optional[Sequence[int]] = None) -> None:
-        """Train the ensemble on every scoreable row of `dataset` (a `datasets.Dataset` or a list of dicts).
+    def fit(self, dataset: Any, batch_size: int = 1000, members: Optional[Sequence[int]] = None) -> FittedEnsemble:
+        """Train the ensemble on every scoreable row of `dataset` (a `datasets.Dataset` or a list of dicts);
+        returns the `FittedEnsemble`, also kept as `self.fitted`.
 
         Rows are sorted by content hash first, so the ensemble does not depend on the row order.
         `members` trains only those members: a share of the ensemble, joined with `absorb`.
         """
-        from .ensemble import MANIFEST, Snapshots, train_ensemble
+        from .ensemble import train_ensemble
         from .proxy import resolve_cache_dir
 
-        self._load()
+        self.load()
         self.release()
-        batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [_batch_of(list(dataset))]
-        rows = [row for batch in batches for row in _rows(batch)]
+        batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [batch_of(list(dataset))]
+        rows = [row for batch in batches for row in rows_of(batch)]
         encoded = self.encode(rows)
         scoreable = sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda pair: pair[0])
         keys = [key for key, _ in scoreable]
-        self.counts = dict(Counter(e.status for e in encoded))
-        logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {self.counts}; "
+        counts = dict(Counter(e.status for e in encoded))
+        logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {counts}; "
                     f"{sum(e.truncated for _, e in scoreable)} truncated to max_length={self.config.max_length}.")
-        self.snapshots, self._fitted = None, True
-        self._online_rows = {key: i for i, key in enumerate(keys)} if self.config.score_mode == "online" else {}
-        self.cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, digest(keys))
-                      if self.config.use_cache else None)
+        online_rows = {key: i for i, key in enumerate(keys)} if self.config.score_mode == "online" else {}
+        cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, digest(keys))
+                 if self.config.use_cache else None)
+        fitted = self.fitted = FittedEnsemble(self.fingerprint, counts, online_rows, cache)
         if not scoreable:
             logger.warning("gsnr: no scoreable rows, so no ensemble is trained; every row keeps its reason code.")
-            return
-        if self.cache is not None and self.cache.has_all(keys):
-            logger.info(f"gsnr: all {len(keys)} scoreable rows are in the score cache {self.cache.dir}; "
+            return fitted
+        if cache is not None and cache.has_all(keys):
+            logger.info(f"gsnr: all {len(keys)} scoreable rows are in the score cache {cache.dir}; "
                         "nothing to train or score.")
-            return
-        done = None
-        if self.cache is not None and (self.cache.ensemble_dir / MANIFEST).exists():
-            done = Snapshots.load(self.cache.ensemble_dir)
-            if done.members:
-                logger.info(f"gsnr: reusing trained members {done.members} from {self.cache.ensemble_dir}.")
-        save = (lambda snapshots, member: snapshots.save_member(self.cache.ensemble_dir, member)) if self.cache else None
+            return fitted
+        done = fitted.cached_members()
+        if done is not None and done.members:
+            logger.info(f"gsnr: reusing trained members {done.members} from {cache.ensemble_dir}.")
         started = time.perf_counter()
-        self.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id,
-                                        done=done, on_member=save, members=members)
+        fitted.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id, done=done,
+                                          on_member=fitted.save_member if cache else None, members=members)
         self.timings["train_s"] = time.perf_counter() - started
+        return fitted
 
     def absorb(self, other: "GSNRScorer") -> None:
-        """Join the members that `other` trained (`fit(..., members=...)`) on the same rows with the same options."""
-        from .ensemble import Snapshots
-
-        if (other.fingerprint, other.counts, other._online_rows) != (self.fingerprint, self.counts, self._online_rows):
-            raise ValueError("absorb: the other scorer was fitted with other options, another proxy or other rows.")
-        if other.snapshots is not None:
-            self.snapshots = (other.snapshots if self.snapshots is None
-                              else Snapshots.merge([self.snapshots, other.snapshots]))
+        """Join the members that `other` trained (`fit(..., members=...)`) on the same rows with the same options
+        (`FittedEnsemble.merge`)."""
+        if self.fitted is None or other.fitted is None:
+            raise ValueError("absorb: both scorers must be fitted first.")
+        self.fitted = self.fitted.merge(other.fitted)
         if "train_s" in other.timings:
             self.timings["train_s"] = max(self.timings.get("train_s", 0.0), other.timings["train_s"])
 
     def portable(self) -> "GSNRScorer":
         """Read into memory what scoring takes from the cache (the trained adapters, the cached scores), so
         that a pickled copy scores where `cache_dir` cannot be seen (a Ray actor on another node)."""
-        from .ensemble import MANIFEST
-
-        if self.cache is not None:
-            self.cache.scores()
-            if self.snapshots is None and (self.cache.ensemble_dir / MANIFEST).exists():
-                self._snapshots()
+        if self.fitted is not None:
+            self.fitted.portable()
         return self
 
     def release(self) -> None:
@@ -204,8 +200,8 @@ class GSNRScorer:
     # -- phases 2 and 3 -------------------------------------------------------------------------
     def score_batch(self, batch: Mapping[str, Sequence[Any]], rank: Optional[int] = None) -> dict[str, list]:
         """Score fields for a batch of rows (a dict of columns), in the order of `fields.SCORE_FIELDS`."""
-        self._load(rank)
-        rows = _rows(batch)
+        self.load(rank)
+        rows = rows_of(batch)
         encoded = self.encode(rows)
         out: dict[str, list] = {name: [None] * len(encoded) for name in fields.SCORE_FIELDS}
         out[fields.STATUS] = [e.status for e in encoded]
@@ -215,7 +211,7 @@ class GSNRScorer:
         ok = [i for i, e in enumerate(encoded) if e.ok]
         if not ok:
             return out
-        if not self._fitted:
+        if self.fitted is None:
             raise RuntimeError("GSNRScorer.score_batch needs a trained ensemble: call fit(dataset) first.")
         keys = [self._key(rows[i]) for i in ok]
         if self.cache is not None and self.cache.has_all(keys):
@@ -232,61 +228,23 @@ class GSNRScorer:
     def _compute(self, examples, keys: Sequence[str]) -> list[dict[str, Any]]:
         """Score fields of scoreable examples; a row the proxy fails on alone gets `scoring_error`."""
         if self.config.score_mode == "online":
-            return self._records(self._online_sq_norms(keys))
+            return score_records(self.fitted.online_sq_norms(keys), self.config)
         try:
             sq_norms = self._sq_norms(examples)
         except Exception as batch_error:  # noqa: BLE001 - isolated per row below, re-raised if every row fails
             logger.warning(f"gsnr: a batch of {len(examples)} rows failed ({batch_error!r}); retrying row by row.")
-            return self._compute_one_by_one(examples, batch_error)
-        return self._records(sq_norms)
-
-    def _compute_one_by_one(self, examples, batch_error: Exception) -> list[dict[str, Any]]:
-        records = []
-        for example in examples:
-            try:
-                records.extend(self._records(self._sq_norms([example])))
-            except Exception as error:  # noqa: BLE001 - recorded as the row's reason and logged
-                logger.error(f"gsnr: scoring a row failed: {error!r}")
-                records.append({**{name: None for name in fields.PARTS}, fields.STATUS: fields.SCORING_ERROR})
-        if all(r[fields.STATUS] == fields.SCORING_ERROR for r in records):
-            raise batch_error
-        return records
-
-    def _snapshots(self):
-        from .ensemble import Snapshots
-
-        if self.snapshots is None and self.cache is not None:
-            self.snapshots = Snapshots.load(self.cache.ensemble_dir)
-        return self.snapshots
-
-    def _online_sq_norms(self, keys: Sequence[str]):
-        unseen = sum(key not in self._online_rows for key in keys)
-        if unseen:
-            raise ValueError(f"score_mode: online scores only the rows `fit` trained on, and {unseen} row(s) of this "
-                             "batch were not among them; fit on the dataset you score, or use score_mode: snapshot.")
-        return self._snapshots().online_sq_norms()[:, :, [self._online_rows[key] for key in keys]]
+            return records_row_by_row(examples, lambda one: score_records(self._sq_norms(one), self.config),
+                                      batch_error)
+        return score_records(sq_norms, self.config)
 
     def _sq_norms(self, examples):
-        from .ensemble import EnsembleScorer
+        from .ensemble import ensemble_scorer
 
-        self._snapshots()
+        self.fitted.load_snapshots()
         if self._ensemble is None:
-            self._ensemble = EnsembleScorer(self._model, self.snapshots, self.config, self.pad_id,
+            self._ensemble = ensemble_scorer(self._model, self.snapshots, self.config, self.pad_id,
                                             workers=self.config.member_workers)
         return self._ensemble.sq_norms(examples)
-
-    def _records(self, sq_norms) -> list[dict[str, Any]]:
-        from .gsnr import gsnr_from_sq_norms
-
-        parts = gsnr_from_sq_norms(sq_norms, norm=self.config.norm, noise=self.config.noise, eps=self.config.eps)
-        records = []
-        for j in range(sq_norms.shape[2]):
-            values = {fields.EARLY: parts.early[j], fields.LATE: parts.late[j], fields.DROP: parts.drop[j],
-                      fields.NOISE: parts.noise[j], fields.GSNR: parts.gsnr[j]}
-            record = {name: _finite_or_none(value) for name, value in values.items()}
-            record[fields.STATUS] = fields.OK if record[fields.GSNR] is not None else fields.NON_FINITE
-            records.append(record)
-        return records
 
     def score(self, dataset: Any, batch_size: int = 256, num_proc: Optional[int] = None) -> Any:
         """Fit (unless fitted) and return `dataset` with the score columns added."""
@@ -295,7 +253,7 @@ class GSNRScorer:
             for name in fields.SCORE_FIELDS:
                 dataset = dataset.add_column(name, [])
             return dataset
-        if not self._fitted:
+        if self.fitted is None:
             self.fit(dataset)
         started = time.perf_counter()
         try:
@@ -311,25 +269,7 @@ class GSNRScorer:
 
     def manifest(self) -> dict[str, Any]:
         """What a run needs to be reproduced: versions, seeds, options, fingerprints, counts, timings."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        versions = {"python": platform.python_version()}
-        for package in ("gradfilter-ops", "torch", "transformers", "peft", "datasets", "py-data-juicer"):
-            try:
-                versions[package] = version(package)
-            except PackageNotFoundError:
-                versions[package] = None
-        return {
-            "versions": versions,
-            "config": self.config.to_dict(),
-            "precision": self.precision.to_dict() if self.precision is not None else None,
-            "member_seeds": [self.config.seed + m for m in range(self.config.num_members)],
-            "scorer_fingerprint": self.fingerprint,
-            "cache_entry": str(self.cache.dir) if self.cache else None,
-            "rows": self.counts,
-            "summary": self.summary,
-            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
-        }
+        return run_manifest(self)
 
     def write_manifest(self, path: Optional[str | Path] = None) -> list[Path]:
         """Write the manifest into the cache entry, and to `path` when given; returns where it went."""
@@ -342,28 +282,6 @@ class GSNRScorer:
 
 def map_num_proc(num_proc: Optional[int]) -> Optional[int]:
     """`num_proc` for a `datasets` map of `score_batch`. `datasets` forks a worker even for
-    `num_proc=1`, and a forked worker must run torch on one thread (`__setstate__`), so one process
+    `num_proc=1`, and a forked worker must run torch on one thread (`thread_policy`), so one process
     means this process (`None`), where torch keeps every thread."""
     return None if num_proc == 1 else num_proc
-
-
-def summarize(statuses: Sequence[str], drops: Sequence[Optional[float]]) -> dict[str, Any]:
-    """Counts per reason code and the share of scored rows whose gradient grew (negative drop)."""
-    finite = [d for d in drops if d is not None and math.isfinite(d)]
-    return {
-        "rows": len(statuses),
-        "statuses": dict(Counter(statuses)),
-        "negative_drop_share": (sum(d < 0 for d in finite) / len(finite)) if finite else None,
-    }
-
-
-def log_summary(summary: Mapping[str, Any]) -> None:
-    share = summary["negative_drop_share"]
-    logger.info(f"gsnr: scored {summary['rows']} rows; statuses {summary['statuses']}; "
-                f"negative drop share {share if share is None else round(share, 3)}.")
-    if share is not None and share > NEGATIVE_DROP_WARN_SHARE:
-        logger.warning(
-            f"gsnr: the gradient norm grew from the early to the late epoch for {share:.0%} of rows, so the "
-            "drop mostly measures LoRA growth rather than learning (see docs/method.md). With lora_init: "
-            "zero_b, switch to lora_init: random (the default); more rows per optimizer step also help."
-        )

@@ -63,8 +63,8 @@ def test_overall_table_describes_the_gsnr_stats(analysis):
     assert float(overall[fields.GSNR]["mean"]) == pytest.approx(statistics.fmean(scores), rel=1e-9)
     assert float(overall[fields.GSNR]["min"]) == pytest.approx(min(scores), rel=1e-9)
     assert float(overall[fields.GSNR]["max"]) == pytest.approx(max(scores), rel=1e-9)
-    tokens = [s[fields.NUM_TOKENS] for s in stats]
-    assert float(overall[fields.NUM_TOKENS]["mean"]) == pytest.approx(statistics.fmean(tokens), rel=1e-9)
+    tokens = [s[fields.RESPONSE_TOKENS] for s in stats]
+    assert float(overall[fields.RESPONSE_TOKENS]["mean"]) == pytest.approx(statistics.fmean(tokens), rel=1e-9)
     assert overall[fields.STATUS]["top"] == fields.OK and float(overall[fields.STATUS]["unique"]) == 2
     for name in (fields.EARLY, fields.LATE, fields.DROP, fields.NOISE):
         assert float(overall[name]["count"]) == 12, name

@@ -17,7 +17,7 @@ from gradfilter_ops.evaluation.cli import parse_set, run
 from gradfilter_ops.evaluation.corrupt import (CLEAN, KINDS, REFUSALS, REPEAT_PHRASE_WORDS, TRUNCATE_KEEP,
                                               corrupt_dataset, corrupt_response)
 from gradfilter_ops.evaluation.data import load_rows
-from gradfilter_ops.evaluation.gradients import per_example_parts, snapshot_norms, snapshot_pairs, train_all_epochs
+from gradfilter_ops.evaluation.gradients import per_example_parts, snapshot_norms, train_all_epochs
 from gradfilter_ops.evaluation.metrics import (auroc, bootstrap_auroc, contamination, kept_indices, kind_survival,
                                               paired_auroc_difference)
 from gradfilter_ops.evaluation.readings import Reading, reading_scores
@@ -183,13 +183,6 @@ def tiny_setup(tiny_gpt2_dir):
     proxy = load_frozen_proxy(config.hf_model, device=config.device)
     encoded = [PromptFormatter(config, proxy.tokenizer).encode(r) for r in seed_tasks(6)]
     return config, proxy.model, proxy.pad_id, encoded
-
-
-def test_snapshot_pairs_hold_every_epoch():
-    assert snapshot_pairs(2) == [(1, 2)]
-    assert snapshot_pairs(3) == [(1, 2), (2, 3)]
-    assert snapshot_pairs(4) == [(1, 2), (3, 4)]
-    assert snapshot_pairs(5) == [(1, 2), (3, 4), (4, 5)]
 
 
 def test_training_and_norm_parts_match_the_package(tiny_setup):

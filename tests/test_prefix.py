@@ -99,17 +99,14 @@ def test_training_and_scoring_skip_the_frozen_layers(proxy, rows, lower_layer_ca
 
 @pytest.mark.parametrize("stack", [1, 2])
 @pytest.mark.parametrize("mode", ["snapshot", "online"])
-def test_prefix_trains_the_same_members_as_every_layer(proxy, rows, monkeypatch, stack, mode):
+def test_prefix_trains_the_same_members_as_every_layer(proxy, rows, stack, mode):
     """Same adapters and norms with the prefix as with the adapted layers run from the embeddings."""
-    import gradfilter_ops.ensemble as ensemble
+    from gradfilter_ops.ensemble import EnsembleTrainer
 
     results = []
     for fed in (True, False):
-        if not fed:
-            monkeypatch.setattr(ensemble, "_prefix_store", lambda *args: None)
         c = config(stack_members=stack, score_mode=mode)
-        snapshots = train_ensemble(proxy, rows, c, pad_id=0, progress=False)
-        results.append(snapshots)
+        results.append(EnsembleTrainer(proxy, c, pad_id=0, reuse_prefix=fed).train(rows, progress=False))
     for key, state in results[0].states.items():
         for name, value in state.items():
             torch.testing.assert_close(value, results[1].states[key][name], rtol=1e-4, atol=1e-6)

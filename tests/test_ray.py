@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from gradfilter_ops import GSNRScorer, fields
 from gradfilter_ops.selection import select
+from gradfilter_ops.threads import FORKED_MAP_WORKER
 
 from helpers import seed_tasks
 
@@ -40,7 +41,7 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
         mine = GSNRScorer(on_ray)
         scored = score_dataset(mine, ray.data.from_items(rows, override_num_blocks=3), train_tasks=2, batch_size=8)
         # Only the copies sent to Ray workers keep every thread; these stay safe for `datasets`' forked maps.
-        assert mine._one_thread_when_unpickled and scored.scorer._one_thread_when_unpickled
+        assert mine.thread_policy == scored.scorer.thread_policy == FORKED_MAP_WORKER
         got = {row["id"]: row for row in scored.dataset.take_all()}
         assert len(got) == len(rows), run
         for row in expected:

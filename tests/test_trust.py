@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-import gradfilter_ops.ensemble as ensemble
+from gradfilter_ops.ensemble import EnsembleTrainer, Snapshots, scoring
 from gradfilter_ops import GSNRScorer, fields
 
 from helpers import seed_tasks
@@ -41,8 +41,8 @@ def test_cache_makes_a_rerun_free_and_exact(tiny_config, monkeypatch, stack_memb
         def no_proxy_work(*args, **kwargs):
             raise AssertionError("the proxy ran although every score was cached")
 
-        monkeypatch.setattr(ensemble, "_train_member", no_proxy_work)
-        monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", no_proxy_work)
+        monkeypatch.setattr(EnsembleTrainer, "train", no_proxy_work)
+        monkeypatch.setattr(scoring, "per_example_grad_sq_norms", no_proxy_work)
         second, again = scored(config, rows=list(reversed(ROWS)))  # row order does not matter
     finally:
         hook.remove()
@@ -105,21 +105,21 @@ def test_sigkill_mid_scoring_resumes_to_identical_scores(tiny_config, tmp_path):
 @pytest.mark.parametrize("score_mode", ["snapshot", "online"])
 def test_training_resumes_from_finished_members(tiny_config, monkeypatch, score_mode):
     config = tiny_config(use_cache=True, num_members=3, score_mode=score_mode)
-    calls = []
-    real = ensemble._train_member
+    calls = []  # members as they finish training: each one is saved then
+    real = Snapshots.save_member
 
-    def crash_on_member_2(model, lora, examples, cfg, pad_id, member, *rest, **options):
+    def crash_on_member_2(snapshots, directory, member):
         calls.append(member)
         if member == 2 and len(calls) == 3:
             raise KeyboardInterrupt("killed")
-        return real(model, lora, examples, cfg, pad_id, member, *rest, **options)
+        return real(snapshots, directory, member)
 
-    monkeypatch.setattr(ensemble, "_train_member", crash_on_member_2)
+    monkeypatch.setattr(Snapshots, "save_member", crash_on_member_2)
     with pytest.raises(KeyboardInterrupt):
         scored(config)
     _, resumed = scored(config)
     assert calls == [0, 1, 2, 2]  # members 0 and 1 were not trained again
-    monkeypatch.setattr(ensemble, "_train_member", real)
+    monkeypatch.setattr(Snapshots, "save_member", real)
     _, clean = scored(tiny_config(use_cache=False, num_members=3, score_mode=score_mode))
     assert resumed[fields.GSNR] == clean[fields.GSNR]
 
@@ -127,7 +127,7 @@ def test_training_resumes_from_finished_members(tiny_config, monkeypatch, score_
 @pytest.mark.parametrize("stack", [1, 2])
 def test_out_of_memory_halves_the_batch(tiny_config, monkeypatch, stack):
     _, reference = scored(tiny_config(stack_members=stack))
-    real = ensemble.per_example_grad_sq_norms
+    real = scoring.per_example_grad_sq_norms
     sizes, stacked = [], set()
 
     def small_gpu(model, activations, batch, *args, blocks=1):
@@ -138,7 +138,7 @@ def test_out_of_memory_halves_the_batch(tiny_config, monkeypatch, stack):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, activations, batch, *args, blocks=blocks)
 
-    monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", small_gpu)
+    monkeypatch.setattr(scoring, "per_example_grad_sq_norms", small_gpu)
     _, halved = scored(tiny_config(stack_members=stack))
     assert 4 in sizes and 2 in sizes and 1 in sizes
     assert stacked == {1 if stack == 1 else 2 * stack}  # the 2 x 2 adapters of 2 members in one pass
@@ -158,7 +158,7 @@ def test_non_finite_gradients_are_recorded(tiny_config):
 
 
 def test_a_row_the_proxy_fails_on_gets_scoring_error(tiny_config, monkeypatch):
-    real = ensemble.per_example_grad_sq_norms
+    real = scoring.per_example_grad_sq_norms
     longest = max(range(len(ROWS)), key=lambda i: len(ROWS[i]["output"]))
 
     def fails_on_longest(model, activations, batch, *args):
@@ -166,7 +166,7 @@ def test_a_row_the_proxy_fails_on_gets_scoring_error(tiny_config, monkeypatch):
             raise ValueError("simulated kernel failure")
         return real(model, activations, batch, *args)
 
-    monkeypatch.setattr(ensemble, "per_example_grad_sq_norms", fails_on_longest)
+    monkeypatch.setattr(scoring, "per_example_grad_sq_norms", fails_on_longest)
     _, out = scored(tiny_config())
     failed = [i for i, s in enumerate(out[fields.STATUS]) if s == fields.SCORING_ERROR]
     assert longest in failed and len(failed) < len(ROWS)
@@ -236,14 +236,14 @@ def test_damaged_adapters_and_ensemble_manifest_are_trained_again(tiny_config, m
         part.unlink()  # so the members are needed again
     swapped = entry / "ensemble" / "member1_epoch2" / "adapter_model.safetensors"
     swapped.write_bytes((entry / "ensemble" / "member0_epoch2" / "adapter_model.safetensors").read_bytes())
-    calls = []
-    real = ensemble._train_member
+    calls = []  # members as they finish training: each one is saved then
+    real = Snapshots.save_member
 
-    def spy(model, lora, examples, cfg, pad_id, member, *rest, **options):
+    def spy(snapshots, directory, member):
         calls.append(member)
-        return real(model, lora, examples, cfg, pad_id, member, *rest, **options)
+        return real(snapshots, directory, member)
 
-    monkeypatch.setattr(ensemble, "_train_member", spy)
+    monkeypatch.setattr(Snapshots, "save_member", spy)
     _, again = scored(config)
     assert calls == [1] and again[fields.GSNR] == reference[fields.GSNR]
     assert any(f"damaged cache file {swapped}" in m and "member 1 is trained again" in m for m in warnings_logged)

@@ -40,7 +40,7 @@ def test_member_workers_must_be_positive(tiny_config):
 
 
 def test_snapshot_norms_computed_in_workers_equal_norms_computed_here(tiny_gpt2_dir, tiny_config):
-    from gradfilter_ops.ensemble import EnsembleScorer
+    from gradfilter_ops.ensemble import ensemble_scorer
 
     model, tokenizer = load_proxy(str(tiny_gpt2_dir))
     for p in model.parameters():
@@ -50,7 +50,7 @@ def test_snapshot_norms_computed_in_workers_equal_norms_computed_here(tiny_gpt2_
     snapshots = train_ensemble(model, examples, config, tokenizer.eos_token_id, progress=False)
     results = {}
     for workers in (1, 2):
-        scorer = EnsembleScorer(model, snapshots, config, tokenizer.eos_token_id, workers=workers)
+        scorer = ensemble_scorer(model, snapshots, config, tokenizer.eos_token_id, workers=workers)
         try:
             results[workers] = (scorer.sq_norms(examples, progress=False), scorer.sq_norms(examples[4:], progress=False))
         finally:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from gradfilter_ops.config import GSNRConfig
-from gradfilter_ops.ensemble import EnsembleScorer, lora_config, train_ensemble
+from gradfilter_ops.ensemble import EnsembleScorer, ensemble_scorer, lora_config, train_ensemble
 from gradfilter_ops.precision import resolve as resolve_precision
 from gradfilter_ops.grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets,
                                   per_example_grad_sq_norms, per_example_grad_sq_norms_loop, response_loss_sums,
@@ -158,7 +158,7 @@ def gsnr_flops(weights: tuple[int, int], examples: Sequence[Encoded], config: GS
 
 def training_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[int]]:
     """The row batches `train_ensemble` trains on, all members and epochs (`grads.shuffled_length_batches`
-    with each member's generator, as `ensemble._train_members` calls it), to count their padding."""
+    with each member's generator, as `ensemble.EnsembleTrainer` trains), to count their padding."""
     return [batch for member in member_batches(lengths, config) for batch in member]
 
 
@@ -635,7 +635,7 @@ def section_workers(args: argparse.Namespace) -> dict[str, Any]:
         def fit_and_score() -> np.ndarray:
             this = replace(config, member_workers=workers)
             snapshots = train_ensemble(model, examples, this, pad_id, progress=False)
-            scorer = EnsembleScorer(model, snapshots, this, pad_id, workers=workers)
+            scorer = ensemble_scorer(model, snapshots, this, pad_id, workers=workers)
             try:
                 return scorer.sq_norms(examples, progress=False)
             finally:

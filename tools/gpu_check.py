@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 import bench_speed  # noqa: E402  (tools/, next to this file)
 from gradfilter_ops import fields  # noqa: E402
 from gradfilter_ops.config import SCORE_MODES, GSNRConfig  # noqa: E402
-from gradfilter_ops.ensemble import EnsembleScorer, adapters_per_pass, stack_size, train_ensemble  # noqa: E402
+from gradfilter_ops.ensemble import adapters_per_pass, ensemble_scorer, stack_size, train_ensemble  # noqa: E402
 from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
 from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
 from gradfilter_ops.proxy import freeze, resolve_device  # noqa: E402
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def score() -> np.ndarray:
         if config.score_mode == "online":
             return snapshots.online_sq_norms()
-        scorer = EnsembleScorer(model, snapshots, config, pad_id, workers=config.member_workers)
+        scorer = ensemble_scorer(model, snapshots, config, pad_id, workers=config.member_workers)
         try:
             return np.concatenate([scorer.sq_norms(examples[i: i + bench_speed.SCORE_CHUNK], progress=False)
                                    for i in range(0, len(examples), bench_speed.SCORE_CHUNK)], axis=2)

@@ -8,43 +8,21 @@ import dataclasses
 import numpy as np
 
 
-def snapshot_pairs(num_epochs: int) -> list[tuple[int, int]]:
-    """(early, late) pairs that together hold every epoch 1..num_epochs: (1, 2), (3, 4), ..., and
-    (T - 1, T) for an odd T."""
-    pairs = [(e, e + 1) for e in range(1, num_epochs, 2)]
-    if num_epochs % 2:
-        pairs.append((num_epochs - 1, num_epochs))
-    return pairs
-
-
 def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True):
-    """The package's own ensemble training (`ensemble.train_ensemble`), with every epoch's adapters kept.
+    """The package's own ensemble training (`ensemble.EnsembleTrainer`), run once, every epoch's
+    adapters kept (`keep_epochs` 1..num_epochs).
 
-    `train_ensemble` keeps two epochs (the config's early and late one), so it runs once per pair of
-    `snapshot_pairs`, each time stopping at the pair's late epoch. Member m trains with seed + m
-    alone and nothing after an epoch changes what came before it, so every run repeats the same
-    training and each epoch's adapters are those of one long run (the test suite checks them against
-    `train_ensemble`). The runs record the online norms (`score_mode: online`, over `A` + `B`), one
-    member at a time unless `stack_members` is set, as the scorer trains on a CPU. Returns `Snapshots`
-    whose `epochs` are 1..num_epochs; its `online_norms` hold, for every epoch, each row's squared
-    `A` + `B` norm read off that epoch's training steps.
+    The run records the online norms (`score_mode: online`, over `A` + `B`), one member at a time
+    unless `stack_members` is set, as the scorer trains on a CPU. Returns `Snapshots` whose `epochs`
+    are 1..num_epochs; its `online_norms` hold, for every epoch, each row's squared `A` + `B` norm
+    read off that epoch's training steps.
     """
-    from ..ensemble import Snapshots, train_ensemble
+    from ..ensemble import EnsembleTrainer
 
-    epochs = tuple(range(1, config.num_epochs + 1))
     recording = dataclasses.replace(config, grad_params="AB", score_mode="online",
                                     stack_members=config.stack_members or 1)
-    states, lora = {}, None
-    online = {m: np.full((len(epochs), len(examples)), np.nan) for m in range(config.num_members)}
-    for early, late in snapshot_pairs(config.num_epochs):
-        part = train_ensemble(model, examples, dataclasses.replace(recording, num_epochs=late, early_epoch=early,
-                                                                   late_epoch=late), pad_id, progress=progress)
-        states.update(part.states)
-        lora = part.lora
-        for member, norms in part.online_norms.items():
-            online[member][[early - 1, late - 1]] = norms
-    return Snapshots(epochs=epochs, states=states, lora=lora, online_norms=online)
-
+    trainer = EnsembleTrainer(model, recording, pad_id, keep_epochs=range(1, config.num_epochs + 1))
+    return trainer.train(examples, progress=progress)
 
 
 def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: float = 1.0) -> dict:

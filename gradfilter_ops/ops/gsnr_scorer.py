@@ -14,8 +14,8 @@ from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_option
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
 from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
 from ..selection import in_range, range_drops
-from ..scorer import GSNRScorer, _rows, log_summary, map_num_proc, summarize
 
 OP_NAME = "gsnr_scorer"
 DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
@@ -29,7 +29,7 @@ def proven_rows(scorer: GSNRScorer, batch: dict) -> list[bool]:
     if stats is None:
         return [False] * len(next(iter(batch.values()), []))
     fingerprint = scorer_fingerprint(scorer)
-    rows = _rows({key: values for key, values in batch.items() if key != Fields.stats})
+    rows = rows_of({key: values for key, values in batch.items() if key != Fields.stats})
     return [carries_proof(fingerprint, scorer.config, row, s) for row, s in zip(rows, stats)]
 
 
@@ -152,7 +152,7 @@ class GSNRScorerOp(Filter):
         columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
         scores = self.scorer.score_batch(columns, rank=rank)
         fingerprint = scorer_fingerprint(self.scorer)
-        for j, (i, row) in enumerate(zip(todo, _rows(columns))):
+        for j, (i, row) in enumerate(zip(todo, rows_of(columns))):
             record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
             record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
             # A row of partly scored input has null stats.

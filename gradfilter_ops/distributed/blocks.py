@@ -1,0 +1,117 @@
+"""Score fields block by block: reading them from a block (as columns or inside a stats struct),
+and a block with its rows' scores added (`add_scores`), keeping the scores a row can prove."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from .. import fields
+from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..scorer import GSNRScorer
+
+
+def arrow_types() -> dict[str, Any]:
+    import pyarrow as pa
+
+    types = {name: pa.float64() for name in fields.PARTS}
+    types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.RESPONSE_TOKENS: pa.int64(),
+                  fields.TOTAL_TOKENS: pa.int64(), fields.PROOF: pa.string()})
+    return types
+
+
+
+def block_fields(block, stats_column: Optional[str], names: Sequence[str], group_by: Optional[str] = None):
+    """The score fields `names` of one block (None where absent), and its `group_by` values."""
+    import pyarrow as pa
+
+    out: dict[str, list] = {}
+    if stats_column is None:
+        source = {name: block.column(name) for name in names if name in block.column_names}
+    elif stats_column in block.column_names:
+        stats = block.column(stats_column).combine_chunks()
+        present = {stats.type.field(k).name for k in range(stats.type.num_fields)} if pa.types.is_struct(stats.type) \
+            else set()
+        source = {name: stats.field(name) for name in names if name in present}
+    else:
+        source = {}
+    for name in names:
+        out[name] = source[name].to_pylist() if name in source else [None] * block.num_rows
+    if group_by is not None:
+        if group_by not in block.column_names:
+            raise ValueError(f"`group_by: {group_by}` is not a field of the dataset; fields: {block.column_names}.")
+        out["group"] = [str(g) for g in block.column(group_by).to_pylist()]
+    return out
+
+
+def fields_by_block(refs, stats_column: Optional[str], names: Sequence[str], group_by: Optional[str] = None):
+    import ray
+
+    read = ray.remote(block_fields)
+    return ray.get([read.remote(ref, stats_column, names, group_by) for ref in refs])
+
+
+def joined(parts: Sequence[dict], name: str) -> list:
+    return [value for part in parts for value in part[name]]
+
+
+def read_fields(dataset, names: Sequence[str], stats_column: Optional[str] = None) -> dict[str, list]:
+    """The score fields `names` of every row of a materialized `dataset`, in block order (None where absent)."""
+    parts = fields_by_block(dataset.to_arrow_refs(), stats_column, names)
+    return {name: joined(parts, name) for name in names}
+
+
+
+def score_inputs(block, stats_column: Optional[str]):
+    """`block` without its stats: the fields a row is scored on."""
+    return block.drop_columns([c for c in block.column_names if c == stats_column or c in fields.STATS_FIELDS])
+
+
+def proven_rows(block, stats_column: str, fingerprint: str, config) -> list[bool]:
+    """For each row of `block`, whether its `stats_column` holds a score this scorer wrote for it."""
+    existing = block_fields(block, stats_column, fields.STATS_FIELDS)
+    rows = score_inputs(block, stats_column).to_pylist()
+    return [carries_proof(fingerprint, config, row, {name: existing[name][i] for name in fields.STATS_FIELDS})
+            for i, row in enumerate(rows)]
+
+
+def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
+    """`block` (a `pyarrow.Table`) with the score fields of its rows; rows whose `stats_column`
+    already holds a score this scorer wrote for them (`provenance`) keep it and are not scored again."""
+    import pyarrow as pa
+
+    types = arrow_types()
+    n = block.num_rows
+    names = fields.STATS_FIELDS if stats_column else fields.SCORE_FIELDS
+    existing = block_fields(block, stats_column, names) if stats_column else None
+    proven = proven_rows(block, stats_column, scorer_fingerprint(scorer), scorer.config) if stats_column else [False] * n
+    todo = [i for i in range(n) if not proven[i]]
+    values = existing or {name: [None] * n for name in names}
+    if todo:
+        inputs = score_inputs(block, stats_column).take(pa.array(todo))
+        scores = scorer.score_batch(inputs.to_pydict())
+        rows = inputs.to_pylist()
+        for j, i in enumerate(todo):
+            record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+            if stats_column:
+                record[fields.PROOF] = proof(scorer.fingerprint, scorer.config, rows[j], record)
+            for name in names:
+                values[name][i] = record[name]
+    arrays = {name: pa.array(values[name], type=types[name]) for name in names}
+    if stats_column is None:
+        for name, array in arrays.items():
+            block = (block.set_column(block.column_names.index(name), name, array) if name in block.column_names
+                     else block.append_column(name, array))
+        return block
+    names, children = [], []
+    if stats_column in block.column_names:
+        stats = block.column(stats_column).combine_chunks()
+        if pa.types.is_struct(stats.type):
+            for k, child in enumerate(stats.flatten()):
+                if stats.type.field(k).name not in arrays:
+                    names.append(stats.type.field(k).name)
+                    children.append(child)
+    struct = pa.StructArray.from_arrays(children + list(arrays.values()), names=names + list(arrays))
+    if stats_column in block.column_names:
+        return block.set_column(block.column_names.index(stats_column), stats_column, struct)
+    return block.append_column(stats_column, struct)
+

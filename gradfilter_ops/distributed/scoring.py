@@ -1,0 +1,91 @@
+"""Scoring on Ray: a pool of actors maps over the blocks, each with one proxy and the trained
+adapters, which it gets through Ray's object store, not through `cache_dir`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from loguru import logger
+
+from .. import fields
+from ..config import require_positive_int
+from ..provenance import scorer_fingerprint
+from ..scorer import GSNRScorer, log_summary, summarize
+from ..threads import use_ray_assigned_cpus
+from .blocks import add_scores, proven_rows, read_fields
+from .resources import task_resources
+from .training import fit_dataset, shipped
+
+
+@dataclass
+class Scored:
+    dataset: Any  # a materialized `ray.data.Dataset` with the score fields
+    scorer: GSNRScorer  # the fitted scorer: counts, summary, timings, `manifest()`
+
+
+class _ScoreBlocks:
+    """A Ray actor of the scoring pool: one proxy, the trained adapters, called once per batch."""
+
+    def __init__(self, scorer: GSNRScorer, stats_column: Optional[str]):
+        use_ray_assigned_cpus()
+        self.scorer, self.stats_column = scorer, stats_column
+
+    def __call__(self, block):
+        return add_scores(block, self.scorer, self.stats_column)
+
+
+def _unproven(scorer: GSNRScorer, dataset, stats_column: str) -> int:
+    """Rows of a materialized `dataset` whose stats this scorer did not write for them (logged)."""
+    import ray
+
+    check = ray.remote(proven_rows)
+    fingerprint = scorer_fingerprint(scorer)
+    flags = [flag for part in ray.get([check.remote(ref, stats_column, fingerprint, scorer.config)
+                                       for ref in dataset.to_arrow_refs()]) for flag in part]
+    unproven = flags.count(False)
+    if unproven:
+        logger.warning(f"gsnr: {unproven} row(s) arrived with G-SNR stats that this scorer did not write for them "
+                       "(another proxy or options, or edited or made-up scores); scoring them again.")
+    return unproven
+
+
+def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = None, concurrency: int = 1,
+                  batch_size: int = 256, train_tasks: int = 1, num_cpus: Optional[float] = None,
+                  num_gpus: Optional[float] = None) -> Scored:
+    """Fit on every row of `dataset` and score them with a pool of `concurrency` Ray actors.
+
+    With a `stats_column`, rows that already carry a score keep it, and when every row does, nothing
+    is trained. `num_cpus` / `num_gpus` are per task and per actor: by default one GPU each when the
+    cluster has GPUs (and `device` allows), else a node's CPUs shared out among them.
+    """
+    import ray
+
+    require_positive_int("concurrency", concurrency)
+    require_positive_int("train_tasks", train_tasks)
+    dataset = dataset.materialize()
+    statuses = read_fields(dataset, [fields.STATUS], stats_column)[fields.STATUS]
+    if not statuses:
+        logger.warning("gsnr: the dataset is empty; nothing to score.")
+        return Scored(dataset, scorer)
+    exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
+    if stats_column and all(status is not None for status in statuses) and not _unproven(scorer, dataset, stats_column):
+        logger.info("gsnr: every row already has a G-SNR score; training nothing.")
+        fitted = scorer
+    else:
+        fitted = fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude, num_cpus=num_cpus,
+                             num_gpus=num_gpus)
+    cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
+    started = time.perf_counter()
+    scored = dataset.map_batches(_ScoreBlocks,
+                                 fn_constructor_kwargs={"scorer": shipped(fitted), "stats_column": stats_column},
+                                 batch_size=batch_size, batch_format="pyarrow",
+                                 compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
+                                 num_gpus=gpus).materialize()
+    fitted.timings["score_s"] = time.perf_counter() - started
+    values = read_fields(scored, [fields.STATUS, fields.DROP], stats_column)
+    fitted.summary = summarize(values[fields.STATUS], values[fields.DROP])
+    log_summary(fitted.summary)
+    return Scored(scored, fitted)
+

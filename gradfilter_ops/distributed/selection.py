@@ -1,0 +1,107 @@
+"""Selection on Ray: a few numbers per row come to the driver, `selection.select` runs over them in
+block order, and each block is cut where it lies; dropped rows stream to one JSON-lines file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from loguru import logger
+
+from .. import fields
+from ..dropped import write_dropped_rows
+from ..selection import Selection, select, validate_budget
+from .blocks import fields_by_block, joined
+
+
+class MissingScores(ValueError):
+    """A selection met rows without G-SNR stats."""
+
+
+@dataclass
+class Selected:
+    dataset: Any  # the kept rows, in their order
+    selection: Selection  # indices in block order, and the reason of every dropped row
+    rows: int  # rows it chose from
+    groups: Optional[list[str]]  # every row's `group_by` value, when grouped
+    dropped_path: Optional[Path]  # where the dropped rows went, if anywhere
+
+
+def _take(block, indices: list[int]):
+    import pyarrow as pa
+
+    return block.take(pa.array(indices, type=pa.int64()))
+
+
+def _num_rows(block) -> int:
+    return block.num_rows
+
+
+def _local(indices: Sequence[int], offsets: Sequence[int]) -> list[list[int]]:
+    """Global row indices -> per-block local indices (blocks start at `offsets`, one past the end last)."""
+    import bisect
+
+    out: list[list[int]] = [[] for _ in offsets[:-1]]
+    for i in indices:
+        b = bisect.bisect_right(offsets, i) - 1
+        out[b].append(i - offsets[b])
+    return out
+
+
+def _offsets(refs) -> list[int]:
+    import ray
+
+    count = ray.remote(_num_rows)
+    offsets = [0]
+    for size in ray.get([count.remote(ref) for ref in refs]):
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+def split_rows(dataset, reasons: dict[int, str], dropped_path: Optional[str | Path] = None):
+    """The rows of a materialized `dataset` that `reasons` (row index -> why) leaves out, cut block by
+    block; the others, each with its `gsnr_drop_reason`, go to `dropped_path` as JSON lines (one
+    block in memory at a time) when it is given. Returns (kept dataset, the path written or None)."""
+    import ray
+
+    refs = dataset.to_arrow_refs()
+    offsets = _offsets(refs)
+    take = ray.remote(_take)
+    keep = [i for i in range(offsets[-1]) if i not in reasons]
+    kept = ray.data.from_arrow_refs([take.remote(ref, local) for ref, local in zip(refs, _local(keep, offsets))])
+    if not dropped_path or not reasons:
+        return kept, None
+    dropped = sorted(reasons)
+
+    def dropped_rows():  # one block in memory at a time
+        for ref, indices in zip(refs, _local(dropped, offsets)):
+            if indices:
+                yield from ray.get(take.remote(ref, indices)).to_pylist()
+
+    return kept, write_dropped_rows(dropped_path, dropped_rows(), [reasons[i] for i in dropped])
+
+
+def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
+                   max_tokens: Optional[int] = None, stats_column: Optional[str] = None,
+                   group_by: Optional[str] = None, group_quota: str = "proportional", min_per_group: int = 0,
+                   dropped_path: Optional[str | Path] = None) -> Selected:
+    """Keep the best rows by G-SNR under one budget (`selection.select`, ties by block order) and
+    write the dropped ones, with their reasons, to `dropped_path` when given."""
+    validate_budget(top_k, top_ratio, max_tokens)
+    dataset = dataset.materialize()
+    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS]
+    parts = fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
+    statuses = joined(parts, fields.STATUS)
+    if not statuses:
+        logger.warning("gsnr: the dataset is empty; nothing to select.")
+        return Selected(dataset, Selection(keep=[]), 0, None, None)
+    if any(status is None for status in statuses):
+        raise MissingScores(f"{sum(s is None for s in statuses)} of {len(statuses)} rows have no G-SNR stats "
+                            f"(`{fields.STATUS}`); score them before selecting.")
+    groups = joined(parts, "group") if group_by else None
+    selection = select(joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in joined(parts, fields.TOTAL_TOKENS)],
+                       groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,
+                       top_ratio=top_ratio, max_tokens=max_tokens)
+    kept, written = split_rows(dataset, selection.reasons, dropped_path)
+    return Selected(kept, selection, len(statuses), groups, written)

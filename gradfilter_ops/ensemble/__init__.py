@@ -1,0 +1,23 @@
+"""The LoRA ensemble on one frozen proxy: training (phase 1) and per-example gradient norms (phase 2).
+
+- `snapshots`: `Snapshots`, each member's adapter after the kept epochs (by default the early and
+  the late one), as plain peft adapter folders that can be saved, shipped and loaded.
+- `policy`: what the ensemble is built from a `GSNRConfig` (`lora_config`, `prefix_split`,
+  `stack_size`, `adapters_per_pass`).
+- `training`: `EnsembleTrainer` (and `train_ensemble`), which trains members one at a time,
+  `stack_members` at a time in one stacked forward (`stacking.StackedLora`), or `member_workers` at a
+  time in worker processes, with the same arithmetic. With `score_mode: online` its steps also record
+  every training row's squared gradient norm (`Snapshots.online_norms`), so no scoring pass is needed.
+- `scoring`: `EnsembleScorer` reads the snapshots and never trains; `PooledEnsembleScorer` runs it in
+  worker processes; `ensemble_scorer` picks one.
+- `workers`: the spawned process pool both use, sharing the frozen proxy.
+"""
+
+from .policy import adapters_per_pass, lora_config, prefix_split, stack_size
+from .scoring import EnsembleScorer, PooledEnsembleScorer, ensemble_scorer
+from .snapshots import MANIFEST, ONLINE_NORMS, Snapshots, adapter_name
+from .training import EnsembleTrainer, train_ensemble
+
+__all__ = ["MANIFEST", "ONLINE_NORMS", "EnsembleScorer", "EnsembleTrainer", "PooledEnsembleScorer", "Snapshots",
+           "adapter_name", "adapters_per_pass", "ensemble_scorer", "lora_config", "prefix_split", "stack_size",
+           "train_ensemble"]
