@@ -40,6 +40,23 @@ def test_batched_norms_match_one_example_loop(setup, grad_params):
     torch.testing.assert_close(batched, looped, rtol=1e-4, atol=0)
 
 
+def losses_norms_and_gradients(model, batch):
+    """Per-row response losses, per-example norms, and the LoRA gradients of a loss that weighs row i by i + 1
+    (so a wrong gradient in any row shows)."""
+    from gradfilter_ops import grads
+
+    activations = LoraActivations(model)
+    try:
+        norms = per_example_grad_sq_norms(model, activations, batch)
+    finally:
+        activations.remove()
+    sums, _ = grads.response_loss_sums(model, batch)
+    (sums * torch.arange(1, len(sums) + 1)).sum().backward()
+    gradients = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return sums.detach(), norms, gradients
+
+
 def test_chunked_lm_head_gives_the_same_losses_norms_and_gradients(setup, monkeypatch):
     """Past `HEAD_CHUNK` response positions the autograd head runs in recomputed chunks: nothing else may change."""
     from gradfilter_ops import grads
@@ -50,22 +67,9 @@ def test_chunked_lm_head_gives_the_same_losses_norms_and_gradients(setup, monkey
     batch = collate(examples, pad_id)
     assert len(batch["targets"]) > 3 * 50  # several chunks below, one of them partial
 
-    def run():
-        activations = LoraActivations(model)
-        try:
-            norms = per_example_grad_sq_norms(model, activations, batch)
-        finally:
-            activations.remove()
-        sums, _ = grads.response_loss_sums(model, batch)
-        sums.sum().backward()
-        params = [p for p in model.parameters() if p.requires_grad]
-        gradients = [p.grad.clone() for p in params]
-        model.zero_grad(set_to_none=True)
-        return sums.detach(), norms, gradients
-
-    whole = run()
+    whole = losses_norms_and_gradients(model, batch)
     monkeypatch.setattr(grads, "HEAD_CHUNK", 50)
-    chunked = run()
+    chunked = losses_norms_and_gradients(model, batch)
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-4, atol=0)
     for a, b in zip(chunked[2], whole[2]):
@@ -157,16 +161,7 @@ def test_fused_frozen_head_matches_autograd(setup, monkeypatch):
     def run(fused: bool, chunk_positions: int = 1 << 20):
         monkeypatch.setattr(grads, "FUSED_HEAD", fused)
         monkeypatch.setattr(head, "CHUNK_LOGITS", chunk_positions * vocab)
-        activations = LoraActivations(model)
-        try:
-            norms = per_example_grad_sq_norms(model, activations, batch)
-        finally:
-            activations.remove()
-        sums, _ = grads.response_loss_sums(model, batch)
-        (sums * torch.arange(1, len(sums) + 1)).sum().backward()  # a different weight per row reaches every row
-        gradients = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        model.zero_grad(set_to_none=True)
-        return sums.detach(), norms, gradients
+        return losses_norms_and_gradients(model, batch)
 
     reference = run(fused=False)
     assert len(batch["targets"]) > 3 * 37
