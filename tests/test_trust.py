@@ -181,7 +181,10 @@ def test_tiny_and_repetitive_datasets(tiny_config, rows):
     gsnr = out[fields.GSNR]
     assert all(math.isfinite(g) for g in gsnr)
     if len(rows) == 6:
-        assert gsnr[:3] == gsnr[3:]  # a duplicate gets its twin's score
+        # A duplicate gets its twin's score, up to float rounding: on some CPUs (AVX2, one thread) a row's result
+        # depends on its place in the batch in the last digits.
+        assert gsnr[:3] == pytest.approx(gsnr[3:], rel=1e-5)
+        assert len({round(g, 2) for g in gsnr[:3]}) == 3  # while the three distinct rows differ
 
 
 def test_unusual_text_is_scored_end_to_end(tiny_config):
