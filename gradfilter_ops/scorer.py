@@ -87,33 +87,25 @@ class GSNRScorer:
         state.get("thread_policy", FORKED_MAP_WORKER).apply(state.pop("_pickled_by", None))
         self.__dict__.update(state)
 
-    def _resolve_device(self, rank: Optional[int] = None):
-        import torch
-
-        wanted = self.config.device
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("`device: cuda` was asked for, but torch sees no CUDA device.")
-        if wanted == "cpu" or not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", (rank or 0) % torch.cuda.device_count())
-
     def load(self, rank: Optional[int] = None) -> None:
         """Load the proxy (on the device of `rank`) and compute the scorer's fingerprint, once."""
         if self._model is not None:
             return
+        import torch
+
         from . import __version__
         from .prompts import PromptFormatter
         from .precision import resolve as resolve_precision
-        from .proxy import check_proxy_limits, load_proxy, proxy_fingerprint
+        from .proxy import load_frozen_proxy, proxy_fingerprint, resolve_device
 
         started = time.perf_counter()
-        self._device = self._resolve_device(rank)
+        self._device = resolve_device(self.config.device, rank)
         self.precision = resolve_precision(self.config.precision, self._device)
         logger.info(f"gsnr: precision {self.precision.name} on {self._device.type} ({self.precision.reason}).")
-        model, tokenizer = load_proxy(self.config.hf_model, cache_dir=self.config.cache_dir)
-        check_proxy_limits(model, tokenizer, self.config.max_length)
-        for param in model.parameters():
-            param.requires_grad_(False)
+        # Loaded on the CPU, where the fingerprint hashes the weights, then moved to the device.
+        proxy = load_frozen_proxy(self.config.hf_model, cache_dir=self.config.cache_dir, device=torch.device("cpu"),
+                                  max_length=self.config.max_length)
+        model, tokenizer = proxy.model, proxy.tokenizer
         if self.fingerprint is None:
             options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS}
             self.fingerprint = digest({"proxy": proxy_fingerprint(self.config.hf_model, model), "options": options,
@@ -125,7 +117,9 @@ class GSNRScorer:
 
     @property
     def pad_id(self) -> int:
-        return self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else self._tokenizer.eos_token_id
+        from .proxy import pad_id_of
+
+        return pad_id_of(self._tokenizer)
 
     def encode(self, rows: Iterable[Mapping[str, Any]]):
         self.load()
