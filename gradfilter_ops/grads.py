@@ -218,13 +218,18 @@ def _wanted(activations: LoraRecorder, grad_params: str) -> list[tuple[torch.Ten
     return wanted
 
 
+def layer_sq_norms(inp: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
+    """Per-example squared norm of one linear map's weight gradient `sum_t delta_t h_t^T` ([B, T, in] inputs h,
+    [B, T, out] output gradients delta): float32 [B]."""
+    with torch.no_grad():
+        return torch.bmm(output_grad.float().transpose(1, 2), inp.float()).pow(2).sum(dim=(1, 2))  # [B, out, in]
+
+
 def _sq_norms(wanted: Sequence[tuple[torch.Tensor, torch.Tensor]], output_grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-example squared norms of `sum_t delta_t h_t^T`, summed over the recorded layers: float32 [B]."""
     sq_norms = torch.zeros(output_grads[0].shape[0], dtype=torch.float32, device=output_grads[0].device)
-    with torch.no_grad():
-        for (inp, _), grad in zip(wanted, output_grads):
-            per_example = torch.bmm(grad.float().transpose(1, 2), inp.float())  # [B, out, in]
-            sq_norms += per_example.pow(2).sum(dim=(1, 2))
+    for (inp, _), grad in zip(wanted, output_grads):
+        sq_norms += layer_sq_norms(inp, grad)
     return sq_norms
 
 

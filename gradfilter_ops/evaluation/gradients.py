@@ -39,7 +39,7 @@ def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: f
     import torch
 
     device_type = batch["input_ids"].device.type
-    from ..grads import response_loss_sums
+    from ..grads import layer_sq_norms, response_loss_sums
 
     with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                                  enabled=autocast_dtype is not None):
@@ -53,8 +53,8 @@ def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: f
     pending_x = None
     with torch.no_grad():
         for (kind, inp, _), grad in zip(records, grads):
+            out[kind] += layer_sq_norms(inp, grad)  # the A or B part, as `grad_params` counts it
             g, h = grad.float(), inp.float()
-            out[kind] += torch.bmm(g.transpose(1, 2), h).pow(2).sum(dim=(1, 2))
             if kind == "A":
                 pending_x = h  # the layer input x; B of the same layer runs next
             else:
