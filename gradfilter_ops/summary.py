@@ -3,23 +3,19 @@ grew from the early to the late epoch (negative drop), with a warning when it is
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
 
 from loguru import logger
 
-NEGATIVE_DROP_WARN_SHARE = 0.5
+from .gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
+
+__all__ = ["NEGATIVE_DROP_WARN_SHARE", "log_summary", "summarize"]
 
 
 def summarize(statuses: Sequence[str], drops: Sequence[Optional[float]]) -> dict[str, Any]:
     """Counts per reason code and the share of scored rows whose gradient grew (negative drop)."""
-    finite = [d for d in drops if d is not None and math.isfinite(d)]
-    return {
-        "rows": len(statuses),
-        "statuses": dict(Counter(statuses)),
-        "negative_drop_share": (sum(d < 0 for d in finite) / len(finite)) if finite else None,
-    }
+    return {"rows": len(statuses), "statuses": dict(Counter(statuses)), "negative_drop_share": negative_drop_share(drops)}
 
 
 def log_summary(summary: Mapping[str, Any]) -> None:
