@@ -186,8 +186,3 @@ TAKES = {int: "an integer", float: "a finite number", PositiveInt: "a positive i
          NonNegativeFloat: "a finite number >= 0", LayerFraction: "a number in (0, 1]",
          DropoutRate: "a number in [0, 1)"}
 
-
-def field_help() -> dict[str, str]:
-    """The help text of every field, for the Data-Juicer op docstring and the README table."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(GSNRConfig)}
-
