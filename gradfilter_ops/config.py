@@ -19,7 +19,7 @@ from .proxy import DEFAULT_PROXY
 # Types of the fields: `__post_init__` checks every value against its field's type.
 Format = Literal["auto", "alpaca", "chat", "custom"]
 Norm = Literal["l2sq", "l2"]
-Noise = Literal["var", "std"]
+Noise = Literal["var", "std", "relvar"]
 GradParams = Literal["AB", "B"]
 LoraInit = Literal["zero_b", "random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -97,7 +97,9 @@ class GSNRConfig:
     score_batch_size: PositiveInt = _help("Examples per per-example-gradient pass.", default=16)
     grad_params: GradParams = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")
     norm: Norm = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")
-    noise: Noise = _help("Noise term: `var` (population variance over members, reading) or `std`.", default="var")
+    noise: Noise = _help("Noise term: `var` (population variance over members, reading), `std`, or `relvar` "
+                         "(variance / mean^2: scale-free, so the score no longer follows the gradient's size).",
+                         default="var")
     eps: NonNegativeFloat = _help("Added to both denominators of the G-SNR.", default=1e-8)
 
     def __post_init__(self) -> None:

@@ -4,7 +4,8 @@
     mu_s   = mean over members of a at the early snapshot
     mu_t   = mean over members of a at the late snapshot
     drop   = (mu_s - mu_t) / (mu_s + eps)
-    noise  = population variance over members of a at the late snapshot (or its square root)
+    noise  = population variance over members of a at the late snapshot (`var`), its square root
+             (`std`), or the variance over mu_t^2 (`relvar`, scale-free)
     gsnr   = drop / (noise + eps)
 """
 
@@ -52,7 +53,15 @@ def gsnr_from_sq_norms(sq_norms: np.ndarray, *, norm: str = "l2sq", noise: str =
     mu_s, mu_t = early.mean(axis=0), late.mean(axis=0)
     drop = (mu_s - mu_t) / (mu_s + eps)
     spread = late.var(axis=0)  # population variance (ddof=0)
-    noise_term = spread if noise == "var" else np.sqrt(spread)
+    if noise == "var":
+        noise_term = spread
+    elif noise == "std":
+        noise_term = np.sqrt(spread)
+    elif noise == "relvar":  # the squared coefficient of variation: unchanged when every norm is rescaled
+        with np.errstate(divide="ignore", invalid="ignore"):
+            noise_term = spread / (mu_t * mu_t)
+    else:
+        raise ValueError(f"Unknown noise {noise!r}; expected var, std or relvar.")
     with np.errstate(divide="ignore", invalid="ignore"):
         score = drop / (noise_term + eps)
     return GSNRParts(early=mu_s, late=mu_t, drop=drop, noise=noise_term, gsnr=score)

@@ -81,6 +81,12 @@ def test_it_runs_end_to_end_and_writes_the_table_curves_plot_and_meta(downstream
     assert meta["recipe"]["steps"] == STEPS and meta["seeds"] == list(SEEDS)
     assert meta["budgets"] == {"10%": 4, "30%": 12}
     assert meta["pool_corrupted"] == 12  # round(0.3 x 40); the held-out rows are never corrupted
+    # the same scores also answer the corruption check, for the pool, in OUT/scores
+    separation = (out / "scores" / "report.md").read_text()
+    assert "| G-SNR |" in separation and "40 rows: 28 clean" in separation
+    pool = _read(out / "pool.jsonl")
+    scored = {r["eval_index"]: r for r in _read(out / "scores" / "scores.jsonl")}
+    assert all(scored[r["eval_index"]]["G-SNR"] == pytest.approx(r["G-SNR"]) for r in pool if r["G-SNR"] is not None)
     with open(out / "curves.csv", newline="") as f:
         points = list(csv.DictReader(f))
     assert len(points) == 11 * len(SEEDS) * len(CURVE)  # 11 selections x 2 seeds x 3 points

@@ -19,7 +19,7 @@ from gradfilter_ops.evaluation.corrupt import (CLEAN, KINDS, REFUSALS, REPEAT_PH
 from gradfilter_ops.evaluation.data import load_rows
 from gradfilter_ops.evaluation.gradients import per_example_parts, snapshot_norms, train_all_epochs
 from gradfilter_ops.evaluation.metrics import (auroc, bootstrap_auroc, contamination, kept_indices, kind_survival,
-                                              paired_auroc_difference)
+                                              paired_auroc_difference, spearman)
 from gradfilter_ops.evaluation.readings import Reading, reading_scores
 from gradfilter_ops.evaluation.runs import merge_members
 from helpers import DEMO_DATA, seed_tasks
@@ -128,6 +128,13 @@ def test_auroc_on_hand_made_scores():
     perfect = bootstrap_auroc([6, 5, 4, 3, 2, 1], [True] * 3 + [False] * 3, np.random.default_rng(1), rounds=50)
     assert perfect == (1.0, 1.0)
     assert all(np.isnan(bootstrap_auroc([1, 2, 3], [True] * 3, np.random.default_rng(1), rounds=20)))
+
+
+def test_spearman_on_hand_made_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, np.nan], [1, 3, 2, 4, 0]) == pytest.approx(0.8)  # the nan pair is left out
+    assert np.isnan(spearman([1, 2], [1, 2]))
 
 
 def test_top_k_contamination_on_hand_made_scores():
@@ -270,12 +277,16 @@ def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
     np.testing.assert_allclose([s["random"] for s in scores], random)
     with open(out / "readings.csv", newline="") as f:
         readings = list(csv.DictReader(f))
-    # 1 snapshot pair (epochs 1, 2) and M=2: 3 parts x 2 norms x 2 noises x 4 eps = 48 G-SNR readings,
-    # 3 parts x 3 ablation signals + the loss drop = 10, and 4 online signals
-    assert len(readings) == 62
+    # 1 snapshot pair (epochs 1, 2) and M=2: 3 parts x 2 norms x 3 noises x 4 eps = 72 G-SNR readings,
+    # 3 parts x 3 ablation signals + the loss drop = 10, 3 online ablation signals and the online G-SNR
+    # readings (2 norms x 3 noises x 4 eps = 24)
+    assert len(readings) == 72 + 10 + 3 + 24
     online = next(r for r in readings if r["params"] == "online" and r["signal"] == "gsnr")
     assert (online["early"], online["late"], online["members"], online["norm"], online["noise"]) == \
         ("1", "2", "2", "l2sq", "var")
+    # score_mode: online is the package default, so the main table's G-SNR is the online reading
+    assert summary["signals"]["G-SNR"]["auroc"] == pytest.approx(float(online["auroc"]))
+    assert "How the parts follow the response's length" in report and "online s1-t2 M2 l2sq relvar" in report
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "roc.png").stat().st_size > 1000
     # --reuse re-analyses the saved norms without training again

@@ -28,6 +28,20 @@ def test_plain_norm_and_std_options():
     assert parts.gsnr[0] == pytest.approx(0.5)
 
 
+def test_relvar_is_the_variance_over_the_squared_mean_and_ignores_scale():
+    parts = gsnr_from_sq_norms(norms([4, 6], [1, 3]), noise="relvar", eps=0.0)
+    assert parts.noise[0] == pytest.approx(1 / 4)  # var 1 over mu_t^2 = 4
+    assert parts.gsnr[0] == pytest.approx(0.6 / 0.25)
+    # An example whose every norm is 100x larger (a short response under a token-mean loss) scores the
+    # same with relvar, and 10^4 x lower with var.
+    both = np.concatenate([norms([4, 6], [1, 3]), 100 * norms([4, 6], [1, 3])], axis=2)
+    relvar = gsnr_from_sq_norms(both, noise="relvar", eps=0.0).gsnr
+    var = gsnr_from_sq_norms(both, noise="var", eps=0.0).gsnr
+    assert relvar[0] == pytest.approx(relvar[1]) and var[0] == pytest.approx(1e4 * var[1])
+    with pytest.raises(ValueError, match="Unknown noise"):
+        gsnr_from_sq_norms(norms([4, 6], [1, 3]), noise="mad")
+
+
 def test_eps_guards_zero_variance_and_zero_norms():
     parts = gsnr_from_sq_norms(norms([2, 2], [1, 1]), eps=1e-8)
     assert parts.noise[0] == 0

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import sys
@@ -19,17 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 from jsonargparse import ArgumentParser
 
-from ..selection import rows_for_ratio
-from .corrupt import CLEAN, KINDS, corrupt_dataset
+from .corrupt import KINDS, corrupt_dataset
 from .data import build_chatterbot, load_rows
-from .plot import plot_separation
-from .readings import config_reading, evaluate_readings, norms_of, parse_reading, reading_grid, reading_scores
 from .runs import compute, merge_members
-from .signals import evaluate_signal, signals_for
-from .tables import compare_runs, main_table, render_report
+from .separation import write_separation
+from .tables import compare_runs
 
 PROG = "gsnr-eval"
 DOWNSTREAM = "downstream"  # the subcommand: gsnr-eval downstream ...
@@ -135,52 +130,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     kinds_wanted = tuple(args.kinds.split(",")) if args.kinds else KINDS
     rows = corrupt_dataset(rows, args.corrupt_fraction, args.seed, kinds_wanted, config.instruction_field,
                            config.input_field, config.output_field)
-    kinds = [r["eval_corruption"] for r in rows]
     timings: dict[str, float] = {}
     started = time.time()
     result = compute(rows, config, out_dir, args.skip_ifd, args.reuse, not args.quiet, timings, args.baselines_from)
 
-    base = config_reading(config, **parse_reading(args.main_reading))
-    signals = signals_for(result, config, args.seed, base)
-    rng = np.random.default_rng(args.seed)
-    evals = [evaluate_signal(s, kinds, rng, args.bootstrap, reference=signals[0].score) for s in signals]
-    for ev in evals:
-        ev["want10"], ev["want30"] = rows_for_ratio(len(rows), 0.10), rows_for_ratio(len(rows), 0.30)
-    grid_rows = evaluate_readings(result, kinds, reading_grid(config, result))
-    with open(out_dir / "readings.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(grid_rows[0]))
-        writer.writeheader()
-        writer.writerows(grid_rows)
-
-    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
-        g = reading_scores(norms_of(result), result["epochs"], base)
-        for i, row in enumerate(rows):
-            rec = {k: row.get(k) for k in ("eval_index", "eval_corruption", "id", config.instruction_field,
-                                           config.input_field, config.output_field)}
-            rec.update({s.name: (float(s.score[i]) if np.isfinite(s.score[i]) else None) for s in signals})
-            rec.update({f"gsnr_{k}": float(g[k][i]) for k in ("early", "late", "drop", "noise")})
-            if "ifd" in result:
-                rec["ifd"] = float(result["ifd"][i])
-            rec["proxy_loss"] = float(result["proxy_loss"][i])
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-    plotted = plot_separation(out_dir / "roc.png", signals, kinds, result, base)
     command = f"{PROG} " + " ".join(quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    report = render_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, timings,
-                           args.corrupt_fraction, plotted)
-    (out_dir / "report.md").write_text(report)
-    summary = {
-        "rows": len(rows), "corrupted": int(sum(k != CLEAN for k in kinds)),
-        "signals": {s.name: {k: v for k, v in ev.items() if k not in ("want10", "want30")}
-                    for s, ev in zip(signals, evals)},
-        "negative_drop_share": signals[0].negative_drop_share,
-        "snapshot_loss": norms_of(result)["loss"].mean(axis=(0, 2)).tolist(),
-        "timings": timings, "total_s": time.time() - started,
-    }
+    summary = write_separation(rows, result, config, out_dir, command, timings, seed=args.seed,
+                               main_reading=args.main_reading, bootstrap=args.bootstrap,
+                               corrupt_fraction=args.corrupt_fraction, quiet=args.quiet)
+    summary["total_s"] = time.time() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    if not args.quiet:
-        print(main_table(signals, evals, args.corrupt_fraction))
-        print(f"\nwrote {out_dir / 'report.md'}")
     return summary
 
 

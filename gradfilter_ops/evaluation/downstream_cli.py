@@ -64,6 +64,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--reuse", action="store_true", help="reuse the scores in OUT/scores of an earlier run on the same pool")
     p.add_argument("--baselines-from", type=Optional[str], metavar="DIR",
                    help="take perplexity and IFD from an earlier gsnr-eval folder (same rows and proxy setup)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap rounds of the pool's separation report in OUT/scores (0: none)")
     p.add_argument("--out", type=str, default="downstream_out", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress and no table on stdout")
     return p
@@ -80,6 +82,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from .finetune import FinetuneRecipe
     from .readings import config_reading, parse_reading
     from .runs import compute
+    from .separation import write_separation
     from .signals import signals_for
 
     argv = list(sys.argv[2:] if argv is None else argv)
@@ -116,6 +119,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     # Score once (cached in OUT/scores as gsnr-eval caches its norms); every budget cuts the same ranking.
     result = compute(pool, config, out_dir / "scores", args.skip_ifd, args.reuse, not args.quiet, timings,
                      args.baselines_from)
+    command = "gsnr-eval downstream " + " ".join(quote(a) for a in argv)
+    # The pool's corruptions are known, so the same scores also say how well each signal keeps them out.
+    write_separation(pool, result, config, out_dir / "scores", command, timings, seed=args.seed,
+                     main_reading=args.main_reading, bootstrap=args.bootstrap,
+                     corrupt_fraction=args.corrupt_fraction, quiet=True)
     reading = config_reading(config, **parse_reading(args.main_reading))
     signals = pick_signals(signals_for(result, config, args.seed, reading), args.signals)
     selections = select_budgets(signals, args.budgets, len(pool))
@@ -151,7 +159,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     plotted = plot_curves(out_dir / "curves.png", records)
     timings["total"] = time.time() - started
 
-    command = "gsnr-eval downstream " + " ".join(quote(a) for a in argv)
     meta = {
         "command": command, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "config": config.to_dict(), "recipe": dataclasses.asdict(recipe), "reading": dataclasses.asdict(reading),

@@ -25,6 +25,16 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return (starts + (counts + 1) / 2.0)[inverse]
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation over the pairs where both are finite (nan with fewer than 3)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    ra, rb = average_ranks(a[ok]), average_ranks(b[ok])
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
     """P(score of a random positive row > that of a random negative one), ties counted as 1/2.
 

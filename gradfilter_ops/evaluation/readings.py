@@ -96,8 +96,16 @@ def norms_of(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def config_reading(config, members: Optional[int] = None, **changes) -> Reading:
-    """The reading a `GSNRConfig` scores with, with `changes` (fields of `Reading`) on top."""
-    base = Reading(params=config.grad_params, early=config.early_epoch, late=config.resolved_late_epoch,
+    """The reading a `GSNRConfig` scores with, with `changes` (fields of `Reading`) on top: with
+    `score_mode: online` (the package default) the online norms, which the evaluation records over `A`
+    and `B` only."""
+    params = config.grad_params
+    if config.score_mode == "online":
+        if config.grad_params != "AB":
+            raise ValueError("The evaluation records online norms over A and B only: with grad_params "
+                             f"{config.grad_params!r} set score_mode=snapshot, or read params=online.")
+        params = "online"
+    base = Reading(params=params, early=config.early_epoch, late=config.resolved_late_epoch,
                    members=members or config.num_members, norm=config.norm, noise=config.noise, eps=config.eps)
     return dataclasses.replace(base, **changes)
 
@@ -110,7 +118,7 @@ def reading_grid(config, result) -> list[Reading]:
     pairs = [(s, t) for s, t in itertools.combinations(epochs, 2)]
     grid = []
     for params, (s, t), m, norm, noise, eps in itertools.product(
-            ("AB", "B", "W"), pairs, ms, ("l2sq", "l2"), ("var", "std"), (1e-8, 1e-4, 1e-2, 1.0)):
+            ("AB", "B", "W"), pairs, ms, ("l2sq", "l2"), ("var", "std", "relvar"), (1e-8, 1e-4, 1e-2, 1.0)):
         grid.append(Reading(params=params, early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
     for params, (s, t), m in itertools.product(("AB", "B", "W"), pairs, ms):
         for signal in ("drop", "raw_drop", "neg_late_norm"):
@@ -120,6 +128,8 @@ def reading_grid(config, result) -> list[Reading]:
         for (s, t), m in itertools.product(pairs, ms):
             for signal in ("gsnr", "drop", "raw_drop", "neg_late_norm"):
                 grid.append(Reading(params="online", early=s, late=t, members=m, signal=signal))
+            for norm, noise, eps in itertools.product(("l2sq", "l2"), ("var", "std", "relvar"), (1e-8, 1e-4, 1e-2, 1.0)):
+                grid.append(Reading(params="online", early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
     return list(dict.fromkeys(grid))
 
 

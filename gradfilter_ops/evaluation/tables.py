@@ -14,6 +14,7 @@ import numpy as np
 
 from ..gsnr import negative_drop_share
 from .corrupt import CLEAN
+from .metrics import spearman
 from .readings import Reading, norms_of, reading_scores
 from .signals import Signal
 
@@ -78,6 +79,19 @@ def parts_table(result: Mapping[str, Any], reading: Reading, kinds: Sequence[str
     return "\n".join(lines)
 
 
+def length_table(result: Mapping[str, Any], readings: Sequence[Reading], kinds: Sequence[str]) -> str:
+    """How each part of a reading follows the response's length: Spearman's rho with the number of
+    response tokens, over the clean rows (a score that only follows length is a length filter)."""
+    clean = np.array([k == CLEAN for k in kinds])
+    tokens = np.asarray(result["response_tokens"])[clean]
+    lines = ["| reading | early norm | late norm | drop | noise | G-SNR |", "|---|---|---|---|---|---|"]
+    for reading in readings:
+        g = reading_scores(norms_of(result), result["epochs"], reading)
+        rhos = [spearman(np.asarray(g[k])[clean], tokens) for k in ("early", "late", "drop", "noise", "gsnr")]
+        lines.append(f"| {reading.label()} | " + " | ".join(f"{r:+.2f}" for r in rhos) + " |")
+    return "\n".join(lines)
+
+
 def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: Sequence[int]) -> str:
     """One-factor-at-a-time views of the grid around the config's reading, plus the best readings."""
     def pick(**fixed):
@@ -101,7 +115,7 @@ def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: 
          [(f"s={s}, t={t}", pick(early=s, late=t)) for s, t in itertools.combinations(epochs, 2)]),
         ("num_members", [(f"M={m}", pick(members=m)) for m in (2, 4, 8)]),
         ("norm", [(f"`{n}`", pick(norm=n)) for n in ("l2sq", "l2")]),
-        ("noise", [(f"`{n}`", pick(noise=n)) for n in ("var", "std")]),
+        ("noise", [(f"`{n}`", pick(noise=n)) for n in ("var", "std", "relvar")]),
         ("eps", [(f"{e:g}", pick(eps=e)) for e in (1e-8, 1e-4, 1e-2, 1.0)]),
         ("signal (paper ablations; loss drop = the ensemble's own loss drop, a reference)",
          [(s, pick(signal=s, norm="l2sq", noise="var", eps=1e-8, **({"params": "AB"} if s == "loss_drop" else {})))
@@ -185,6 +199,10 @@ def render_report(command, config, rows, kinds, signals, evals, result, base, gr
         "### G-SNR parts by kind (medians)",
         "",
         parts_table(result, base, kinds),
+        "",
+        "### How the parts follow the response's length (Spearman's rho with response tokens, clean rows)",
+        "",
+        length_table(result, list(dict.fromkeys([base, dataclasses.replace(base, noise="relvar")])), kinds),
         "",
     ]
     if plotted:
