@@ -53,15 +53,14 @@ def gsnr_from_sq_norms(sq_norms: np.ndarray, *, norm: str = "l2sq", noise: str =
     mu_s, mu_t = early.mean(axis=0), late.mean(axis=0)
     drop = (mu_s - mu_t) / (mu_s + eps)
     spread = late.var(axis=0)  # population variance (ddof=0)
-    if noise == "var":
-        noise_term = spread
-    elif noise == "std":
-        noise_term = np.sqrt(spread)
-    elif noise == "relvar":  # the squared coefficient of variation: unchanged when every norm is rescaled
-        with np.errstate(divide="ignore", invalid="ignore"):
-            noise_term = spread / (mu_t * mu_t)
-    else:
+    if noise not in ("var", "std", "relvar"):
         raise ValueError(f"Unknown noise {noise!r}; expected var, std or relvar.")
     with np.errstate(divide="ignore", invalid="ignore"):
+        if noise == "var":
+            noise_term = spread
+        elif noise == "std":
+            noise_term = np.sqrt(spread)
+        else:  # relvar, the squared coefficient of variation: unchanged when every norm is rescaled
+            noise_term = spread / (mu_t * mu_t)
         score = drop / (noise_term + eps)
     return GSNRParts(early=mu_s, late=mu_t, drop=drop, noise=noise_term, gsnr=score)

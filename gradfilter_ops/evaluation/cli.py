@@ -22,8 +22,10 @@ from jsonargparse import ArgumentParser
 
 from .corrupt import KINDS, corrupt_dataset
 from .data import build_chatterbot, load_rows
+from .readings import config_reading, parse_reading
 from .runs import compute, merge_members
 from .separation import write_separation
+from .signals import signals_for
 from .tables import compare_runs
 
 PROG = "gsnr-eval"
@@ -135,8 +137,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result = compute(rows, config, out_dir, args.skip_ifd, args.reuse, not args.quiet, timings, args.baselines_from)
 
     command = f"{PROG} " + " ".join(quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    summary = write_separation(rows, result, config, out_dir, command, timings, seed=args.seed,
-                               main_reading=args.main_reading, bootstrap=args.bootstrap,
+    base = config_reading(config, **parse_reading(args.main_reading))
+    summary = write_separation(rows, result, config, signals_for(result, config, args.seed, base), base, out_dir,
+                               command, timings, seed=args.seed, bootstrap=args.bootstrap,
                                corrupt_fraction=args.corrupt_fraction, quiet=args.quiet)
     summary["total_s"] = time.time() - started
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -120,12 +120,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result = compute(pool, config, out_dir / "scores", args.skip_ifd, args.reuse, not args.quiet, timings,
                      args.baselines_from)
     command = "gsnr-eval downstream " + " ".join(quote(a) for a in argv)
-    # The pool's corruptions are known, so the same scores also say how well each signal keeps them out.
-    write_separation(pool, result, config, out_dir / "scores", command, timings, seed=args.seed,
-                     main_reading=args.main_reading, bootstrap=args.bootstrap,
-                     corrupt_fraction=args.corrupt_fraction, quiet=True)
     reading = config_reading(config, **parse_reading(args.main_reading))
-    signals = pick_signals(signals_for(result, config, args.seed, reading), args.signals)
+    every_signal = signals_for(result, config, args.seed, reading)
+    # The pool's corruptions are known, so the same scores also say how well each signal keeps them out.
+    write_separation(pool, result, config, every_signal, reading, out_dir / "scores", command, timings,
+                     seed=args.seed, bootstrap=args.bootstrap, corrupt_fraction=args.corrupt_fraction, quiet=True)
+    signals = pick_signals(every_signal, args.signals)
     selections = select_budgets(signals, args.budgets, len(pool))
 
     start = time.time()

@@ -9,9 +9,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..config import NOISES, NORMS
 from ..gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .metrics import auroc, contamination
+
+
+EPS_GRID = (1e-8, 1e-4, 1e-2, 1.0)  # the eps values every grid reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +122,7 @@ def reading_grid(config, result) -> list[Reading]:
     pairs = [(s, t) for s, t in itertools.combinations(epochs, 2)]
     grid = []
     for params, (s, t), m, norm, noise, eps in itertools.product(
-            ("AB", "B", "W"), pairs, ms, ("l2sq", "l2"), ("var", "std", "relvar"), (1e-8, 1e-4, 1e-2, 1.0)):
+            ("AB", "B", "W"), pairs, ms, NORMS, NOISES, EPS_GRID):
         grid.append(Reading(params=params, early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
     for params, (s, t), m in itertools.product(("AB", "B", "W"), pairs, ms):
         for signal in ("drop", "raw_drop", "neg_late_norm"):
@@ -128,7 +132,7 @@ def reading_grid(config, result) -> list[Reading]:
         for (s, t), m in itertools.product(pairs, ms):
             for signal in ("gsnr", "drop", "raw_drop", "neg_late_norm"):
                 grid.append(Reading(params="online", early=s, late=t, members=m, signal=signal))
-            for norm, noise, eps in itertools.product(("l2sq", "l2"), ("var", "std", "relvar"), (1e-8, 1e-4, 1e-2, 1.0)):
+            for norm, noise, eps in itertools.product(NORMS, NOISES, EPS_GRID):
                 grid.append(Reading(params="online", early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
     return list(dict.fromkeys(grid))
 

@@ -7,26 +7,24 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..selection import rows_for_ratio
 from .corrupt import CLEAN
 from .plot import plot_separation
-from .readings import config_reading, evaluate_readings, norms_of, parse_reading, reading_grid, reading_scores
-from .signals import evaluate_signal, signals_for
+from .readings import Reading, evaluate_readings, norms_of, reading_grid, reading_scores
+from .signals import Signal, evaluate_signal
 from .tables import main_table, render_report
 
 
-def write_separation(rows: list[dict], result: Mapping[str, Any], config, out_dir: Path, command: str,
-                     timings: Mapping[str, float], *, seed: int, main_reading: Optional[str], bootstrap: int,
+def write_separation(rows: list[dict], result: Mapping[str, Any], config, signals: Sequence[Signal], base: Reading,
+                     out_dir: Path, command: str, timings: Mapping[str, float], *, seed: int, bootstrap: int,
                      corrupt_fraction: float, quiet: bool) -> dict[str, Any]:
-    """Evaluate every signal (and every reading of G-SNR) on `rows`, whose `eval_corruption` names what
-    was done to each; write the outputs into `out_dir` and return the summary."""
+    """Evaluate `signals` (G-SNR, read with `base`, first) and every reading of G-SNR on `rows`, whose
+    `eval_corruption` names what was done to each; write the outputs into `out_dir`, return the summary."""
     kinds = [r["eval_corruption"] for r in rows]
-    base = config_reading(config, **parse_reading(main_reading))
-    signals = signals_for(result, config, seed, base)
     rng = np.random.default_rng(seed)
     evals = [evaluate_signal(s, kinds, rng, bootstrap, reference=signals[0].score) for s in signals]
     for ev in evals:

@@ -15,7 +15,8 @@ import numpy as np
 from ..gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .metrics import spearman
-from .readings import Reading, norms_of, reading_scores
+from ..config import NOISES, NORMS
+from .readings import EPS_GRID, Reading, norms_of, reading_scores
 from .signals import Signal
 
 
@@ -114,9 +115,9 @@ def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: 
         ("snapshots (early_epoch, late_epoch)",
          [(f"s={s}, t={t}", pick(early=s, late=t)) for s, t in itertools.combinations(epochs, 2)]),
         ("num_members", [(f"M={m}", pick(members=m)) for m in (2, 4, 8)]),
-        ("norm", [(f"`{n}`", pick(norm=n)) for n in ("l2sq", "l2")]),
-        ("noise", [(f"`{n}`", pick(noise=n)) for n in ("var", "std", "relvar")]),
-        ("eps", [(f"{e:g}", pick(eps=e)) for e in (1e-8, 1e-4, 1e-2, 1.0)]),
+        ("norm", [(f"`{n}`", pick(norm=n)) for n in NORMS]),
+        ("noise", [(f"`{n}`", pick(noise=n)) for n in NOISES]),
+        ("eps", [(f"{e:g}", pick(eps=e)) for e in EPS_GRID]),
         ("signal (paper ablations; loss drop = the ensemble's own loss drop, a reference)",
          [(s, pick(signal=s, norm="l2sq", noise="var", eps=1e-8, **({"params": "AB"} if s == "loss_drop" else {})))
           for s in ("gsnr", "drop", "raw_drop", "neg_late_norm", "loss_drop")]),
