@@ -20,6 +20,7 @@ from .proxy import DEFAULT_PROXY
 Format = Literal["auto", "alpaca", "chat", "custom"]
 Norm = Literal["l2sq", "l2"]
 Noise = Literal["var", "std", "relvar"]
+ExampleLoss = Literal["mean", "sum"]
 GradParams = Literal["AB", "B"]
 LoraInit = Literal["zero_b", "random"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -29,6 +30,7 @@ LayerFraction = restricted_number_type("LayerFraction", float, [(">", 0), ("<=",
 DropoutRate = restricted_number_type("DropoutRate", float, [(">=", 0), ("<", 1)])  # [0, 1)
 
 FORMATS, NORMS, NOISES = get_args(Format), get_args(Norm), get_args(Noise)
+EXAMPLE_LOSSES = get_args(ExampleLoss)
 GRAD_PARAMS, LORA_INITS, DEVICES = get_args(GradParams), get_args(LoraInit), get_args(Device)
 PRECISIONS, SCORE_MODES = get_args(Precision), get_args(ScoreMode)
 
@@ -96,6 +98,9 @@ class GSNRConfig:
                                   "passes over the adapters saved after them; docs/method.md).", default="online")
     score_batch_size: PositiveInt = _help("Examples per per-example-gradient pass.", default=16)
     grad_params: GradParams = _help("LoRA parameters the gradient norm covers: `AB` (both) or `B` only.", default="AB")
+    example_loss: ExampleLoss = _help("The per-example loss whose gradient is read: `mean` over the response "
+                                      "tokens (reading) or their `sum` (that gradient times the response token "
+                                      "count); training is the same either way.", default="mean")
     norm: Norm = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")
     noise: Noise = _help("Noise term: `var` (population variance over members, reading), `std`, or `relvar` "
                          "(variance / mean^2: scale-free, so the score no longer follows the gradient's size).",

@@ -39,9 +39,8 @@ def collate(examples: Sequence[Encoded], pad_id: int, device: torch.device | str
         n = len(example.input_ids)
         input_ids[row, :n] = example.input_ids
         attention_mask[row, :n] = 1
-        start = max(example.num_prompt, 1)  # token 0 is predicted by nothing
-        targets.append(np.arange(row * length + start - 1, row * length + n - 1))
-        counts[row] = n - start
+        counts[row] = example.num_loss_tokens
+        targets.append(np.arange(row * length + n - counts[row] - 1, row * length + n - 1))
     targets = np.concatenate(targets)
     target_rows = np.repeat(np.arange(len(examples)), counts)
     packed = torch.from_numpy(np.concatenate([input_ids.ravel(), attention_mask.ravel(), targets, target_rows,

@@ -1,6 +1,7 @@
 """The G-SNR formula (phase 3): normalized gradient drop over late-stage ensemble disagreement.
 
-    a      = ||g||^2 (norm="l2sq") or ||g|| (norm="l2"), per member, snapshot and example
+    a      = ||g||^2 (norm="l2sq") or ||g|| (norm="l2"), per member, snapshot and example, g the
+             gradient of the example's mean response-token loss (or, example_loss="sum", of the sum)
     mu_s   = mean over members of a at the early snapshot
     mu_t   = mean over members of a at the late snapshot
     drop   = (mu_s - mu_t) / (mu_s + eps)
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -40,6 +41,13 @@ class GSNRParts:
     def negative_drop_share(self) -> float:
         """Share of finite drops below zero: gradients that grew from the early to the late epoch."""
         return negative_drop_share(self.drop) or 0.0  # 0 without a finite drop, as the tables print it
+
+
+def sum_loss_sq_norms(sq_norms: np.ndarray, response_tokens: Sequence[int]) -> np.ndarray:
+    """Squared norms of the summed-loss gradients from those of the mean-loss gradients
+    ([..., examples]): the gradient of a sum over n tokens is n times that of their mean."""
+    n = np.asarray(response_tokens, dtype=np.float64)
+    return np.asarray(sq_norms, dtype=np.float64) * n * n
 
 
 def gsnr_from_sq_norms(sq_norms: np.ndarray, *, norm: str = "l2sq", noise: str = "var",

@@ -66,6 +66,11 @@ class Encoded:
     def num_response(self) -> int:
         return len(self.input_ids) - self.num_prompt
 
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens whose prediction carries the loss: the response's, less token 0 (predicted by nothing)."""
+        return len(self.input_ids) - max(self.num_prompt, 1)
+
 
 def format_of(config: GSNRConfig, sample: Mapping[str, Any]) -> str:
     if config.format != "auto":

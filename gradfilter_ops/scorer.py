@@ -221,15 +221,17 @@ class GSNRScorer:
 
     def _compute(self, examples, keys: Sequence[str]) -> list[dict[str, Any]]:
         """Score fields of scoreable examples; a row the proxy fails on alone gets `scoring_error`."""
+        tokens = [e.num_loss_tokens for e in examples]
         if self.config.score_mode == "online":
-            return score_records(self.fitted.online_sq_norms(keys), self.config)
+            return score_records(self.fitted.online_sq_norms(keys), self.config, tokens)
         try:
             sq_norms = self._sq_norms(examples)
         except Exception as batch_error:  # noqa: BLE001 - isolated per row below, re-raised if every row fails
             logger.warning(f"gsnr: a batch of {len(examples)} rows failed ({batch_error!r}); retrying row by row.")
-            return records_row_by_row(examples, lambda one: score_records(self._sq_norms(one), self.config),
-                                      batch_error)
-        return score_records(sq_norms, self.config)
+            return records_row_by_row(
+                examples, lambda one: score_records(self._sq_norms(one), self.config, [one[0].num_loss_tokens]),
+                batch_error)
+        return score_records(sq_norms, self.config, tokens)
 
     def _sq_norms(self, examples):
         from .ensemble import ensemble_scorer

@@ -168,6 +168,14 @@ def test_readings_from_raw_norms():
     np.testing.assert_allclose(late["score"], -np.sqrt(norms["B"][:2, 2]).mean(axis=0))
     with pytest.raises(ValueError, match="members"):
         reading_scores(norms, (1, 2, 3), dataclasses.replace(reading, members=8))
+    summed = dataclasses.replace(reading, norm="l2sq", noise="var", example_loss="sum")
+    with pytest.raises(ValueError, match="loss tokens"):
+        reading_scores(norms, (1, 2, 3), summed)
+    tokens = np.arange(1.0, 11.0)
+    got = reading_scores({**norms, "tokens": tokens}, (1, 2, 3), summed)
+    sq = (norms["A"] + norms["B"])[:2][:, [0, 2]] * tokens**2
+    np.testing.assert_allclose(got["score"], gsnr_from_sq_norms(sq, eps=1e-3).gsnr)
+    assert "sum-loss" in summed.label()
 
 
 def test_parse_set_reads_json_values():
@@ -279,8 +287,10 @@ def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
         readings = list(csv.DictReader(f))
     # 1 snapshot pair (epochs 1, 2) and M=2: 3 parts x 2 norms x 3 noises x 4 eps = 72 G-SNR readings,
     # 3 parts x 3 ablation signals + the loss drop = 10, 3 online ablation signals and the online G-SNR
-    # readings (2 norms x 3 noises x 4 eps = 24)
-    assert len(readings) == 72 + 10 + 3 + 24
+    # readings (2 norms x 3 noises x 4 eps = 24), and the summed-loss reading of the config's parts, pair and
+    # M for 2 norms x 3 noises = 6
+    assert len(readings) == 72 + 10 + 3 + 24 + 6
+    assert sum(r["example_loss"] == "sum" for r in readings) == 6
     online = next(r for r in readings if r["params"] == "online" and r["signal"] == "gsnr")
     assert (online["early"], online["late"], online["members"], online["norm"], online["noise"]) == \
         ("1", "2", "2", "l2sq", "var")

@@ -1,5 +1,6 @@
 """Per-example gradient norms from one batched backward pass equal a loop of one-example passes."""
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -38,6 +39,23 @@ def test_batched_norms_match_one_example_loop(setup, grad_params):
     looped = per_example_grad_sq_norms_loop(model, examples, pad_id, grad_params)
     assert (looped > 0).all()
     torch.testing.assert_close(batched, looped, rtol=1e-4, atol=0)
+
+
+def test_sum_loss_norms_are_the_gradient_norms_of_each_rows_summed_loss(setup):
+    from gradfilter_ops.grads import response_loss_sums
+    from gradfilter_ops.gsnr import sum_loss_sq_norms
+
+    model, examples, pad_id = setup
+    mean_norms = per_example_grad_sq_norms_loop(model, examples[:4], pad_id).numpy()
+    params = [p for p in model.parameters() if p.requires_grad]
+    summed = []
+    for example in examples[:4]:
+        sums, _ = response_loss_sums(model, collate([example], pad_id))
+        grads = torch.autograd.grad(sums.sum(), params)
+        summed.append(sum(g.pow(2).sum() for g in grads).item())
+    got = sum_loss_sq_norms(mean_norms, [e.num_loss_tokens for e in examples[:4]])
+    np.testing.assert_allclose(got, summed, rtol=1e-4)
+    assert not np.allclose(got, mean_norms)
 
 
 def losses_norms_and_gradients(model, batch):

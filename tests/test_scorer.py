@@ -53,6 +53,22 @@ def test_same_seed_gives_identical_scores(scored, tiny_config, rows):
     assert other_seed[fields.GSNR] != first[fields.GSNR]
 
 
+@pytest.mark.parametrize("score_mode", ["snapshot", "online"])
+def test_sum_loss_reads_the_same_training_with_each_norm_times_its_tokens_squared(tiny_config, rows, score_mode):
+    mean = GSNRScorer(tiny_config(score_mode=score_mode)).score(Dataset.from_list(rows))
+    summed = GSNRScorer(tiny_config(score_mode=score_mode, example_loss="sum")).score(Dataset.from_list(rows))
+    assert summed[fields.STATUS] == mean[fields.STATUS]
+    for a, b in zip(mean, summed):
+        if a[fields.STATUS] != fields.OK:
+            continue
+        n2 = a[fields.RESPONSE_TOKENS] ** 2
+        assert b[fields.EARLY] == pytest.approx(a[fields.EARLY] * n2, rel=1e-5)
+        assert b[fields.LATE] == pytest.approx(a[fields.LATE] * n2, rel=1e-5)
+        assert b[fields.DROP] == pytest.approx(a[fields.DROP], rel=1e-5, abs=1e-9)
+        assert b[fields.GSNR] == pytest.approx(b[fields.DROP] / (b[fields.NOISE] + 1e-8), rel=1e-9)
+    assert summed[fields.GSNR] != mean[fields.GSNR]
+
+
 def test_scores_do_not_depend_on_batching_or_workers(scored, rows):
     scorer, reference = scored
     ds = Dataset.from_list(rows).remove_columns([])

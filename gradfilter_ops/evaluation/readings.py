@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..config import NOISES, NORMS
-from ..gsnr import negative_drop_share
+from ..gsnr import negative_drop_share, sum_loss_sq_norms
 from .corrupt import CLEAN
 from .metrics import auroc, contamination
 
@@ -32,10 +32,12 @@ class Reading:
     noise: str = "var"
     eps: float = 1e-8
     signal: str = "gsnr"  # gsnr | drop (normalized, no variance) | raw_drop | neg_late_norm | loss_drop
+    example_loss: str = "mean"  # mean | sum: the per-example loss whose gradient is read
 
     def label(self) -> str:
+        loss = " sum-loss" if self.example_loss == "sum" else ""
         return (f"{self.signal} {self.params} s{self.early}-t{self.late} M{self.members} {self.norm} "
-                f"{self.noise} eps={self.eps:g}")
+                f"{self.noise} eps={self.eps:g}{loss}")
 
 
 def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: Reading) -> np.ndarray:
@@ -47,7 +49,12 @@ def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading
     s, t = list(epochs).index(reading.early), list(epochs).index(reading.late)
     if reading.members > part.shape[0]:
         raise ValueError(f"Reading asks for {reading.members} members; the run trained {part.shape[0]}.")
-    return part[: reading.members][:, [s, t], :]
+    sq = part[: reading.members][:, [s, t], :]
+    if reading.example_loss == "sum":
+        if "tokens" not in norms:
+            raise ValueError("A sum-loss reading needs the rows' loss tokens; this run did not record them.")
+        sq = sum_loss_sq_norms(sq, norms["tokens"])
+    return sq
 
 
 def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: Reading) -> dict[str, np.ndarray]:
@@ -95,8 +102,12 @@ def parse_reading(text: Optional[str]) -> dict[str, Any]:
 
 
 def norms_of(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The raw norms of a run (`compute`'s result) by part: A, B, W, loss and, when recorded, online."""
-    return {k: result[f"norm_{k}"] for k in ("A", "B", "W", "loss", "online") if f"norm_{k}" in result}
+    """The raw norms of a run (`compute`'s result) by part: A, B, W, loss and, when recorded, online; and
+    `tokens`, each row's loss tokens (for the sum-loss readings)."""
+    norms = {k: result[f"norm_{k}"] for k in ("A", "B", "W", "loss", "online") if f"norm_{k}" in result}
+    if "loss_tokens" in result:
+        norms["tokens"] = result["loss_tokens"]
+    return norms
 
 
 def config_reading(config, members: Optional[int] = None, **changes) -> Reading:
@@ -110,7 +121,8 @@ def config_reading(config, members: Optional[int] = None, **changes) -> Reading:
                              f"{config.grad_params!r} set score_mode=snapshot, or read params=online.")
         params = "online"
     base = Reading(params=params, early=config.early_epoch, late=config.resolved_late_epoch,
-                   members=members or config.num_members, norm=config.norm, noise=config.noise, eps=config.eps)
+                   members=members or config.num_members, norm=config.norm, noise=config.noise, eps=config.eps,
+                   example_loss=config.example_loss)
     return dataclasses.replace(base, **changes)
 
 
@@ -134,6 +146,10 @@ def reading_grid(config, result) -> list[Reading]:
                 grid.append(Reading(params="online", early=s, late=t, members=m, signal=signal))
             for norm, noise, eps in itertools.product(NORMS, NOISES, EPS_GRID):
                 grid.append(Reading(params="online", early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
+    if "loss_tokens" in result:  # the gradient of the summed loss, for the config's parts, pair and M
+        base = config_reading(config, members=min(config.num_members, members))
+        for norm, noise in itertools.product(NORMS, NOISES):
+            grid.append(dataclasses.replace(base, norm=norm, noise=noise, example_loss="sum"))
     return list(dict.fromkeys(grid))
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from .baselines import ifd_scores, proxy_losses
 from .gradients import snapshot_norms, train_all_epochs
 
-IGNORED_KEYS = ("cache_dir", "use_cache", "device", "score_batch_size")
+# Fields that change neither the raw norms nor the baselines: speed, and how the norms are read.
+IGNORED_KEYS = ("cache_dir", "use_cache", "device", "score_batch_size", "example_loss", "norm", "noise", "eps")
 
 
 def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -61,6 +62,12 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
         meta = json.loads(meta_path.read_text())
         if _same_run(meta["key"], json.loads(json.dumps(key))):
             data = dict(np.load(cache))
+            if "loss_tokens" not in data:  # a run cached before they were recorded: encode the rows again
+                from ..proxy import load_proxy
+
+                formatter = PromptFormatter(config, load_proxy(config.hf_model, cache_dir=config.cache_dir)[1])
+                data["loss_tokens"] = np.array([formatter.encode(r).num_loss_tokens for r in rows], dtype=np.float64)
+                np.savez_compressed(cache, **data)
             timings.update(meta.get("timings", {}))
             return {**{k: data[k] for k in data}, "epochs": tuple(meta["epochs"])}
         print("eval: --reuse ignored: the cached run used other rows or another config", file=sys.stderr)
@@ -78,6 +85,7 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
         "response_tokens": np.array([len(tokenizer(str(r[config.output_field]), add_special_tokens=False)["input_ids"])
                                      for r in rows], dtype=np.float64),
         "truncated": np.array([e.truncated for e in encoded], dtype=bool),
+        "loss_tokens": np.array([e.num_loss_tokens for e in encoded], dtype=np.float64),
     }
     timings["load and encode"] = time.time() - start
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .metrics import spearman
-from ..config import NOISES, NORMS
+from ..config import EXAMPLE_LOSSES, NOISES, NORMS
 from .readings import EPS_GRID, Reading, norms_of, reading_scores
 from .signals import Signal
 
@@ -118,6 +118,8 @@ def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: 
         ("norm", [(f"`{n}`", pick(norm=n)) for n in NORMS]),
         ("noise", [(f"`{n}`", pick(noise=n)) for n in NOISES]),
         ("eps", [(f"{e:g}", pick(eps=e)) for e in EPS_GRID]),
+        ("example_loss (the per-example loss whose gradient is read)",
+         [(f"`{x}`", pick(example_loss=x)) for x in EXAMPLE_LOSSES]),
         ("signal (paper ablations; loss drop = the ensemble's own loss drop, a reference)",
          [(s, pick(signal=s, norm="l2sq", noise="var", eps=1e-8, **({"params": "AB"} if s == "loss_drop" else {})))
           for s in ("gsnr", "drop", "raw_drop", "neg_late_norm", "loss_drop")]),
@@ -152,7 +154,8 @@ def compare_runs(folders: Sequence[str], readings: Sequence[str]) -> str:
         for row in table:
             reading = Reading(params=row["params"], early=int(row["early"]), late=int(row["late"]),
                               members=int(row["members"]), norm=row["norm"], noise=row["noise"],
-                              eps=float(row["eps"]), signal=row["signal"])
+                              eps=float(row["eps"]), signal=row["signal"],
+                              example_loss=row.get("example_loss", "mean"))
             if reading.label() in readings:
                 lines.append(f"| {Path(folder).name} | {training} | {reading.label()} | {float(row['auroc']):.3f} | "
                              f"{fmt_share(float(row['top10']))} | {fmt_share(float(row['top30']))} | "
