@@ -20,8 +20,8 @@ WRONG_TYPE = {
     "early_epoch": "1", "late_epoch": 1.5, "lora_r": None, "lora_alpha": "16", "lora_dropout": "0.1",
     "lora_init": "zeros", "target_modules": "c_attn", "lora_layer_fraction": "0.25", "learning_rate": "2e-4",
     "weight_decay": None, "train_batch_size": 0.5, "member_workers": "2", "stack_members": "all",
-    "score_mode": "offline", "score_batch_size": [16], "grad_params": "A", "example_loss": "total", "norm": "l1", "noise": "mad",
-    "eps": "1e-8",
+    "score_mode": "offline", "score_batch_size": [16], "grad_params": "A", "example_loss": "total",
+    "norm": "l1", "noise": "mad", "eps": "1e-8",
 }
 
 # Values of the right type outside the option's range.
