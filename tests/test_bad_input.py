@@ -159,7 +159,7 @@ def test_forged_and_edited_scores_are_scored_again(rerun):
     (b'', r"rows.jsonl: no rows \(the file is empty\)"),
 ])
 def test_unreadable_input_files_name_the_file_and_line(tmp_path, content, message):
-    from gradfilter_ops.cache import InputFileError, read_jsonl
+    from gradfilter_ops.jsonl import InputFileError, read_jsonl
 
     path = tmp_path / "rows.jsonl"
     path.write_bytes(content)

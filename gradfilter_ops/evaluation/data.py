@@ -9,11 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    from ..cache import read_jsonl as read_rows  # errors name the file and the line
-
-    return read_rows(path)
+from ..jsonl import read_jsonl
 
 
 def load_rows(paths: Sequence[str | Path], rows_per_file: Optional[int] = None, seed: int = 0,

@@ -22,7 +22,8 @@ from jsonargparse import ArgumentParser
 from ..dropped import DROP_REASON
 from .markdown import jsonable, render_markdown
 from .plots import require_matplotlib, write_plots
-from .records import DEFAULT_TOP_RATIO, load_rows, read_jsonl
+from ..jsonl import read_jsonl
+from .records import DEFAULT_TOP_RATIO, load_rows
 from .summary import summarize
 
 PROG = "gsnr-report"
@@ -74,12 +75,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    "output_field": args.output_field, "messages_field": args.messages_field}
     try:
         if args.scored is not None:
-            records = load_rows(scored=read_jsonl(args.scored), top_ratio=args.top_ratio,
+            records = load_rows(scored=read_jsonl(args.scored, allow_empty=True), top_ratio=args.top_ratio,
                                 group_by=args.group_by, text_fields=text_fields)
             mode = "scored"
         else:
-            records = load_rows(kept=read_jsonl(args.kept),
-                                dropped=read_jsonl(args.dropped) if args.dropped is not None else None,
+            records = load_rows(kept=read_jsonl(args.kept, allow_empty=True),
+                                dropped=read_jsonl(args.dropped, allow_empty=True) if args.dropped is not None else None,
                                 group_by=args.group_by, text_fields=text_fields)
             mode = "selection" if args.dropped is not None else "kept_only"
     except ValueError as e:

@@ -8,9 +8,7 @@ fields, kept or not, the reason, its group and its text.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .. import fields
@@ -22,23 +20,6 @@ NO_STATUS = "(no status)"  # a row without a `gsnr_status` (never scored)
 NO_REASON = "(no reason given)"  # a dropped row without a `gsnr_drop_reason`
 NO_GROUP = "(missing)"  # a row without the --group-by field
 DEFAULT_TOP_RATIO = 0.1
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file (blank lines skipped); a clear error names a bad line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}).") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
 
 
 def as_number(value: Any) -> Optional[float]:
