@@ -43,10 +43,10 @@ class GSNRParts:
         return negative_drop_share(self.drop) or 0.0  # 0 without a finite drop, as the tables print it
 
 
-def sum_loss_sq_norms(sq_norms: np.ndarray, response_tokens: Sequence[int]) -> np.ndarray:
+def sum_loss_sq_norms(sq_norms: np.ndarray, loss_tokens: Sequence[int]) -> np.ndarray:
     """Squared norms of the summed-loss gradients from those of the mean-loss gradients
     ([..., examples]): the gradient of a sum over n tokens is n times that of their mean."""
-    n = np.asarray(response_tokens, dtype=np.float64)
+    n = np.asarray(loss_tokens, dtype=np.float64)
     return np.asarray(sq_norms, dtype=np.float64) * n * n
 
 

@@ -20,9 +20,9 @@ from typing import Any, Optional, Sequence
 from jsonargparse import ArgumentParser
 
 from ..dropped import DROP_REASON
+from ..jsonl import read_jsonl
 from .markdown import jsonable, render_markdown
 from .plots import require_matplotlib, write_plots
-from ..jsonl import read_jsonl
 from .records import DEFAULT_TOP_RATIO, load_rows
 from .summary import summarize
 
