@@ -30,6 +30,7 @@ from .tables import compare_runs
 
 PROG = "gsnr-eval"
 DOWNSTREAM = "downstream"  # the subcommand: gsnr-eval downstream ...
+PROTOCOL = "protocol"  # the subcommand: gsnr-eval protocol ...
 DEFAULT_CONFIG = {"hf_model": "smollm2-135m", "device": "cpu"}
 
 
@@ -110,6 +111,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         from .downstream_cli import run as run_downstream
 
         return run_downstream(words[1:])
+    if words[:1] == [PROTOCOL]:
+        from .protocol_cli import run as run_protocol
+
+        return run_protocol(words[1:])
     args = build_parser().parse_args(argv)
     if args.merge:
         members = merge_members(args.merge[0], args.merge[1], args.out)

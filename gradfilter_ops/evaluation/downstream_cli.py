@@ -30,7 +30,6 @@ PROG = "gsnr-eval downstream"
 def build_parser() -> ArgumentParser:
     from .corrupt import KINDS
     from .downstream import DEFAULT_SIGNALS
-    from .finetune import FinetuneRecipe
 
     p = ArgumentParser(prog=PROG, description="Does a selection train a better model? Select the same budget "
                        "with G-SNR and each baseline, fine-tune one target on each selection with the same "
@@ -57,9 +56,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--signals", type=list[str], default=list(DEFAULT_SIGNALS),
                    help="signals to select with (names as in gsnr-eval's tables)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tunes per selection (seed, seed + 1, ...)")
-    hints = get_type_hints(FinetuneRecipe)
-    for f in dataclasses.fields(FinetuneRecipe):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=hints[f.name], default=f.default, help=f.metadata["help"])
+    add_recipe_arguments(p)
     p.add_argument("--skip-ifd", action="store_true", help="leave out the Data-Juicer IFD baseline")
     p.add_argument("--reuse", action="store_true", help="reuse the scores in OUT/scores of an earlier run on the same pool")
     p.add_argument("--baselines-from", type=Optional[str], metavar="DIR",
@@ -69,6 +66,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", type=str, default="downstream_out", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress and no table on stdout")
     return p
+
+
+def add_recipe_arguments(p: ArgumentParser) -> None:
+    """One flag per `FinetuneRecipe` field (`--steps`, `--batch-size`, ...), with its default and help."""
+    from .finetune import FinetuneRecipe
+
+    hints = get_type_hints(FinetuneRecipe)
+    for f in dataclasses.fields(FinetuneRecipe):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=hints[f.name], default=f.default, help=f.metadata["help"])
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

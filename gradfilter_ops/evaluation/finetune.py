@@ -61,11 +61,16 @@ class FinetuneResult:
     optimizer_steps: int
     rows_seen: int  # rows fed to the optimizer in all (with repeats)
     response_tokens_seen: int
-    final_row_losses: np.ndarray = dataclasses.field(repr=False)  # [held-out rows] at the last step
+    row_losses: np.ndarray = dataclasses.field(repr=False)  # [points of the curve, held-out rows]
+
+    @property
+    def final_row_losses(self) -> np.ndarray:
+        """Each held-out row's loss at the last step."""
+        return self.row_losses[-1]
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.pop("final_row_losses")
+        out.pop("row_losses")
         return out
 
 
@@ -107,13 +112,15 @@ def heldout_losses(model, heldout, pad_id: int, batch_size: int, precision: str)
 
 
 def finetune(model, train: Sequence, heldout: Sequence, recipe: FinetuneRecipe, lora, seed: int, pad_id: int,
-             precision: str = "fp32") -> FinetuneResult:
+             precision: str = "fp32", start_losses: Optional[np.ndarray] = None) -> FinetuneResult:
     """Fine-tune a fresh LoRA adapter on `train` (encoded rows) for `recipe.steps` optimizer steps and
     take the held-out loss along the way; the model comes back without the adapter.
 
     `seed` sets the adapter init and the data order (and the target's dropout draws, if it has dropout),
     so the same seed gives every selection the same init, and the same selection the same curve. The loss
     of a step is the token mean of the response tokens of its batch, as in the ensemble's training.
+    The adapter starts as a no-op (B = 0), so the curve's first point is the bare target's held-out loss:
+    pass it as `start_losses` (`heldout_losses` of the target) to measure it once for many fine-tunes.
     """
     import torch
     from peft import get_peft_model
@@ -132,8 +139,9 @@ def finetune(model, train: Sequence, heldout: Sequence, recipe: FinetuneRecipe, 
         optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
         wanted = set(recipe.eval_steps())
         steps, heldout_curve, train_curve = [0], [], [float("nan")]
-        row_losses = heldout_losses(peft_model, heldout, pad_id, recipe.eval_batch_size, precision)
-        heldout_curve.append(float(row_losses.mean()))
+        row_curve = [heldout_losses(peft_model, heldout, pad_id, recipe.eval_batch_size, precision)
+                     if start_losses is None else np.asarray(start_losses, dtype=np.float64)]
+        heldout_curve.append(float(row_curve[-1].mean()))
         since, since_steps, done, rows_seen, tokens_seen = torch.zeros(()), 0, 0, 0, 0
         peft_model.train()
         for step, indices in enumerate(training_batches(len(train), recipe.batch_size, recipe.steps, seed), 1):
@@ -147,13 +155,13 @@ def finetune(model, train: Sequence, heldout: Sequence, recipe: FinetuneRecipe, 
             done, rows_seen, tokens_seen = done + 1, rows_seen + len(indices), tokens_seen + int(batch["counts"].sum())
             since, since_steps = since + loss.detach().float().cpu(), since_steps + 1
             if step in wanted:
-                row_losses = heldout_losses(peft_model, heldout, pad_id, recipe.eval_batch_size, precision)
+                row_curve.append(heldout_losses(peft_model, heldout, pad_id, recipe.eval_batch_size, precision))
                 steps.append(step)
-                heldout_curve.append(float(row_losses.mean()))
+                heldout_curve.append(float(row_curve[-1].mean()))
                 train_curve.append(float(since) / since_steps)
                 since, since_steps = torch.zeros(()), 0
     finally:
         peft_model.unload()  # the target as it came: no adapter, eval mode
         model.eval()
     return FinetuneResult(steps=steps, heldout_loss=heldout_curve, train_loss=train_curve, optimizer_steps=done,
-                          rows_seen=rows_seen, response_tokens_seen=tokens_seen, final_row_losses=row_losses)
+                          rows_seen=rows_seen, response_tokens_seen=tokens_seen, row_losses=np.stack(row_curve))

@@ -24,6 +24,8 @@ def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     added to GSNRConfig later, and those that only change speed, are ignored)."""
     if old["rows"] != new["rows"] or old.get("skip_ifd") != new.get("skip_ifd"):
         return False
+    if old.get("snapshot_pass", True) != new.get("snapshot_pass", True):
+        return False
     shared = (set(old["config"]) & set(new["config"])) - set(IGNORED_KEYS)
     return all(old["config"][k] == new["config"][k] for k in shared)
 
@@ -50,14 +52,20 @@ def _baselines_from(folder: Optional[str], key: Mapping[str, Any]) -> dict[str, 
 
 
 def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool, progress: bool,
-            timings: dict[str, float], baselines_from: Optional[str] = None) -> dict[str, Any]:
-    """Every raw quantity the report needs; cached in `norms.npz` (+ `meta.json`) for `--reuse`."""
+            timings: dict[str, float], baselines_from: Optional[str] = None,
+            snapshot_pass: bool = True) -> dict[str, Any]:
+    """Every raw quantity the report needs; cached in `norms.npz` (+ `meta.json`) for `--reuse`.
+
+    Without `snapshot_pass` only the online norms are recorded (what `score_mode: online` reads): the
+    per-part passes over the saved adapters (A, B, W and the snapshot readings) are skipped."""
     from ..prompts import PromptFormatter, alpaca_prompt
     from ..proxy import hf_folder, load_frozen_proxy
 
     cache, meta_path = out_dir / "norms.npz", out_dir / "meta.json"
     key = {"config": config.to_dict(), "rows": [(r["eval_index"], r["eval_corruption"], r[config.output_field])
                                                 for r in rows], "skip_ifd": skip_ifd}
+    if not snapshot_pass:  # only then, so that the caches of earlier runs (which all made the pass) still match
+        key["snapshot_pass"] = False
     if reuse and cache.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if _same_run(meta["key"], json.loads(json.dumps(key))):
@@ -110,11 +118,12 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
     start = time.time()
     snapshots = train_all_epochs(model, encoded, config, pad_id, progress)
     timings["train ensemble"] = time.time() - start
-    start = time.time()
-    norms = snapshot_norms(model, snapshots, config, encoded, pad_id, progress)
-    timings["per-example gradients"] = time.time() - start
-    for k, v in norms.items():
-        result[f"norm_{k}"] = v
+    if snapshot_pass:
+        start = time.time()
+        norms = snapshot_norms(model, snapshots, config, encoded, pad_id, progress)
+        timings["per-example gradients"] = time.time() - start
+        for k, v in norms.items():
+            result[f"norm_{k}"] = v
     result["norm_online"] = snapshots.online_sq_norms()
     result["epochs"] = tuple(snapshots.epochs)
 
