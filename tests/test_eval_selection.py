@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from gradfilter_ops.evaluation.baselines import superfiltering_keep_score
-from gradfilter_ops.evaluation.cli import parse_set, run
+from gradfilter_ops.evaluation.arguments import parse_set
+from gradfilter_ops.evaluation.cli import run
 from gradfilter_ops.evaluation.corrupt import (CLEAN, KINDS, REFUSALS, REPEAT_PHRASE_WORDS, TRUNCATE_KEEP,
                                               corrupt_dataset, corrupt_response)
 from gradfilter_ops.evaluation.data import load_rows

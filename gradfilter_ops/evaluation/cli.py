@@ -5,7 +5,8 @@
         --set num_members=8 --set num_epochs=3 --set max_length=160 --set precision=bf16 --out docs/eval/run
 
 `run(argv)` does the same from Python and returns the summary (what `summary.json` holds).
-`gsnr-eval downstream ...` is the downstream check (`downstream_cli`): fine-tune on each signal's selection.
+`gsnr-eval downstream ...` is the downstream check (`downstream_cli`): fine-tune on each signal's selection;
+`gsnr-eval protocol ...` is the verdict over several pools (`protocol_cli`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from jsonargparse import ArgumentParser
 
+from .arguments import build_config, parse_set, quote
 from .corrupt import KINDS, corrupt_dataset
 from .data import build_chatterbot, load_rows
 from .readings import config_reading, parse_reading
@@ -31,32 +33,6 @@ from .tables import compare_runs
 PROG = "gsnr-eval"
 DOWNSTREAM = "downstream"  # the subcommand: gsnr-eval downstream ...
 PROTOCOL = "protocol"  # the subcommand: gsnr-eval protocol ...
-DEFAULT_CONFIG = {"hf_model": "smollm2-135m", "device": "cpu"}
-
-
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are read as JSON where they parse (numbers, true, null, lists)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}.")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
-def build_config(hf_model: Optional[str], overrides: Mapping[str, Any]):
-    """The `GSNRConfig` of a run: the evaluation's defaults, `--hf-model`, then the `--set` overrides."""
-    from ..config import GSNRConfig
-
-    values = dict(DEFAULT_CONFIG)
-    if hf_model:
-        values["hf_model"] = hf_model
-    values.update(overrides)
-    return GSNRConfig.from_dict(values)
 
 
 def build_parser() -> ArgumentParser:
@@ -93,11 +69,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--build-chatterbot", type=Optional[str], metavar="FOLDER", help=argparse.SUPPRESS)
     p.add_argument("--build-out", type=Optional[str], help=argparse.SUPPRESS)
     return p
-
-
-def quote(arg: str) -> str:
-    """`arg` as it can be pasted into a shell: bare when it is plain, else JSON-quoted."""
-    return arg if all(c.isalnum() or c in "-_=./:,+" for c in arg) else json.dumps(arg)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

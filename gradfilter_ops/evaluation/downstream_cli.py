@@ -79,7 +79,7 @@ def add_recipe_arguments(p: ArgumentParser) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse `argv` (the arguments after `downstream`) and run; returns what results.json holds."""
-    from .cli import build_config, parse_set, quote
+    from .arguments import build_config, parse_set, quote
     from .corrupt import CLEAN, KINDS, corrupt_dataset
     from .data import load_rows
     from .downstream import (budget_label, budget_size, drop_heldout_rows, encode_all, load_target, pick_signals,

@@ -109,7 +109,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse `argv` (the arguments after `protocol`) and run; returns what verdict.json holds."""
     from ..precision import resolve as resolve_precision
     from ..proxy import resolve_device
-    from .cli import build_config, parse_set, quote
+    from .arguments import build_config, parse_set, quote
     from .downstream import load_target
     from .finetune import FinetuneRecipe, target_lora
     from .protocol import ProtocolSpec, draw_pools, load_records
