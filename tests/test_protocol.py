@@ -174,3 +174,13 @@ def test_the_bare_targets_losses_are_the_first_point_of_every_fine_tune(tiny_gpt
     given = finetune(model, rows[:8], rows[8:], recipe, lora, 0, pad_id, "fp32", start)
     np.testing.assert_array_equal(measured.row_losses, given.row_losses)
     assert measured.heldout_loss == given.heldout_loss and measured.heldout_loss[0] != measured.heldout_loss[-1]
+
+
+def test_the_stratified_auroc_counts_only_pairs_inside_a_group():
+    from gradfilter_ops.evaluation.metrics import auroc, stratified_auroc
+
+    # a score that only follows the group (say, the length bin): informative overall, chance inside the groups
+    score, clean, groups = [1, 1, 1, 0, 0, 0], [True, True, False, True, False, False], [1, 1, 1, 0, 0, 0]
+    assert auroc(score, clean) > 0.6 and stratified_auroc(score, clean, groups) == 0.5
+    # right inside group 0 (1 pair), wrong inside group 1 (2 pairs): 1 of 3 pairs ordered right
+    assert stratified_auroc([2, 1, 1, 2, 3], [True, False, True, False, False], [0, 0, 1, 1, 1]) == 1 / 3

@@ -49,6 +49,21 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def stratified_auroc(scores: Sequence[float], positive: Sequence[bool], groups: Sequence[int]) -> float:
+    """The AUROC with every pair taken inside one group: over all (positive, negative) pairs of the same
+    group, the share the score orders right (ties 1/2). With response-length bins as the groups, a
+    score that only follows length reads about 0.5: what is left is what it adds beyond length."""
+    s, pos, groups = keep_scores(scores), np.asarray(positive, dtype=bool), np.asarray(groups)
+    right = pairs = 0.0
+    for g in np.unique(groups):
+        inside = groups == g
+        n_pos, n_neg = int(pos[inside].sum()), int((~pos[inside]).sum())
+        if n_pos and n_neg:
+            right += auroc(s[inside], pos[inside]) * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return float(right / pairs) if pairs else float("nan")
+
+
 def bootstrap_auroc(scores: Sequence[float], positive: Sequence[bool], rng: np.random.Generator,
                     rounds: int = 1000) -> tuple[float, float]:
     """2.5 % and 97.5 % quantiles of the AUROC over `rounds` resamples of the rows."""

@@ -97,10 +97,11 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
         timings["embeddings"] = time.time() - start
     signals = pool_signals(result, config, seed)
     kinds, rng = [r["eval_corruption"] for r in pool.rows], np.random.default_rng(seed)
-    separation = {name: evaluate_signal(s, kinds, rng, bootstrap, reference=signals["G-SNR"].score)
+    bins = length_bins(result["response_tokens"])
+    separation = {name: evaluate_signal(s, kinds, rng, bootstrap, signals["G-SNR"].score, bins)
                   for name, s in signals.items()}
     (folder / "separation.json").write_text(json.dumps(separation, indent=1, default=float))
-    groups = {"length": length_bins(result["response_tokens"]),
+    groups = {"length": bins,
               "clusters": kmeans_clusters(embeddings, default_num_clusters(len(pool.rows)), seed)}
     return {"signals": signals, "groups": groups, "timings": timings, "separation": separation}
 
@@ -158,7 +159,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     pools_meta = {pool.name: {"rows": len(pool.rows), "corrupted": int(sum(prepared[pool.name]["corrupted"])),
                               "heldout": {k: len(v) for k, v in pool.heldout.items()},
                               "sources": dict(spec_rows[pool.name]),
-                              "auroc": {name: ev["auroc"] for name, ev in prepared[pool.name]["separation"].items()}}
+                              "auroc": {name: ev["auroc"] for name, ev in prepared[pool.name]["separation"].items()},
+                              "auroc_in_length_bins": {name: ev["auroc_in_length_bins"]
+                                                       for name, ev in prepared[pool.name]["separation"].items()}}
                   for pool in pools}
     meta = {"command": command, "spec": spec.to_dict(), "config": config.to_dict(), "precision": precision,
             "recipe": dataclasses.asdict(recipe), "seeds": seeds, "target": args.target or config.hf_model,

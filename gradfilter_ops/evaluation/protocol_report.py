@@ -169,9 +169,12 @@ def render(meta: Mapping[str, Any], result: Mapping[str, Any], records: Sequence
                     values.append(f"{np.mean(list(by_seed.values())):.3f}" if by_seed else "")
                 text.append(f"| {kind} | {budget} | " + " | ".join(values) + " |")
         auroc = meta["pools"][pool].get("auroc", {})
+        inside = meta["pools"][pool].get("auroc_in_length_bins", {})
         if auroc:
-            text += ["", "Corruption AUROC (clean rows ranked above corrupted ones): "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in auroc.items() if not k.startswith("ablation")), ""]
+            text += ["", "Corruption AUROC (clean rows ranked above corrupted ones; in brackets, with every pair "
+                     "taken inside one response-length quintile: what the signal adds beyond length): "
+                     + ", ".join(f"{k} {v:.3f} ({inside.get(k, float('nan')):.3f})" for k, v in auroc.items()
+                                 if not k.startswith("ablation")), ""]
         text.append("")
     text += ["## Every comparison against length and random", "",
              "| reading | baseline | pool | held-out | budget | reading minus baseline, final (95 % CI) | outcome |",

@@ -10,7 +10,8 @@ import numpy as np
 
 from .baselines import superfiltering_keep_score
 from .corrupt import CLEAN
-from .metrics import auroc, bootstrap_auroc, contamination, kept_indices, kind_survival, paired_auroc_difference
+from .metrics import (auroc, bootstrap_auroc, contamination, kept_indices, kind_survival,
+                      paired_auroc_difference, stratified_auroc)
 from .readings import Reading, config_reading, norms_of, reading_scores
 
 
@@ -53,9 +54,11 @@ def signals_for(result: Mapping[str, Any], config, seed: int, reading: Optional[
 
 
 def evaluate_signal(signal: Signal, kinds: Sequence[str], rng: Optional[np.random.Generator],
-                    bootstrap: int = 1000, reference: Optional[np.ndarray] = None) -> dict[str, Any]:
+                    bootstrap: int = 1000, reference: Optional[np.ndarray] = None,
+                    length_bins: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """AUROC (+ bootstrap interval, + paired difference to `reference`, the G-SNR score), top-k
-    contamination, and the per-kind views."""
+    contamination, and the per-kind views; with `length_bins`, also the AUROC inside them (what the
+    signal adds beyond response length)."""
     clean = np.array([k == CLEAN for k in kinds])
     row = {
         "auroc": auroc(signal.score, clean),
@@ -66,6 +69,8 @@ def evaluate_signal(signal: Signal, kinds: Sequence[str], rng: Optional[np.rando
         "per_kind_auroc": {},
         "per_kind_survival30": kind_survival(signal.score, kinds, 0.30, signal.drop_non_finite),
     }
+    if length_bins is not None:
+        row["auroc_in_length_bins"] = stratified_auroc(signal.score, clean, length_bins)
     if rng is not None and bootstrap:
         row["ci"] = bootstrap_auroc(signal.score, clean, rng, bootstrap)
         if reference is not None and reference is not signal.score:
