@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from gradfilter_ops.evaluation.cli import main
-from gradfilter_ops.evaluation.downstream import (FULL_POOL, budget_size, drop_heldout_rows, select_budgets,
+from gradfilter_ops.evaluation.downstream import (FULL_POOL, drop_heldout_rows, select_budgets,
                                                   split_heldout)
 from gradfilter_ops.evaluation.downstream_report import t_interval
 from gradfilter_ops.evaluation.finetune import FinetuneRecipe, finetune, target_lora, training_batches
 from gradfilter_ops.evaluation.signals import Signal
+from gradfilter_ops.selection import rows_for_ratio
 from helpers import DEMO_DATA, seed_tasks
 
 SIGNALS = ("G-SNR", "random", "response length", "proxy perplexity", "IFD (Superfiltering)")
@@ -112,7 +113,7 @@ def test_every_selection_has_the_budget_and_no_heldout_row(downstream_run):
     selections = json.loads((out / "selections.json").read_text())
     assert set(selections) == {f"{b}|{s}" for b in ("10%", "30%") for s in SIGNALS} | {f"all|{FULL_POOL}"}
     for key, indices in selections.items():
-        want = 40 if key.startswith("all") else budget_size(0.1 if key.startswith("10%") else 0.3, 40)
+        want = 40 if key.startswith("all") else rows_for_ratio(40, 0.1 if key.startswith("10%") else 0.3)
         assert len(indices) == len(set(indices)) == want, key
         assert not {(by_index[i]["instruction"], by_index[i].get("input")) for i in indices} & heldout_prompts, key
     # G-SNR's 10 % are its 4 best-scored pool rows

@@ -9,7 +9,6 @@ curves and plot.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..selection import rows_for_ratio
 from .finetune import FinetuneRecipe, FinetuneResult, finetune, target_lora
 
 DEFAULT_SIGNALS = ("G-SNR", "random", "response length", "proxy perplexity", "IFD (Superfiltering)")
@@ -52,17 +52,12 @@ def drop_heldout_rows(pool: Sequence[Mapping[str, Any]], heldout: Sequence[Mappi
     return kept, len(pool) - len(kept)
 
 
-def budget_size(ratio: float, rows: int) -> int:
-    """Rows a budget keeps: floor(ratio x rows), at least 1 (as `metrics.kept_indices`)."""
-    return max(1, math.floor(ratio * rows + 1e-9))
-
-
 def budget_label(ratio: float) -> str:
     return f"{100 * ratio:g}%"
 
 
 @dataclass
-class Selection:
+class SignalSelection:
     """The rows one signal keeps at one budget (indices into the pool, sorted)."""
 
     budget: str
@@ -71,7 +66,7 @@ class Selection:
     rule_dropped: int = 0  # rows kept although the signal's rule drops them (IFD >= 1), to fill the budget
 
 
-def select_budgets(signals: Sequence, budgets: Sequence[float], rows: int) -> list[Selection]:
+def select_budgets(signals: Sequence, budgets: Sequence[float], rows: int) -> list[SignalSelection]:
     """Every signal's top rows at every budget, the same count for all: a signal whose rule drops rows
     (Superfiltering's IFD >= 1) fills the budget with them last, in row order, and says how many. Scores
     are made once; each budget cuts the same ranking."""
@@ -82,9 +77,9 @@ def select_budgets(signals: Sequence, budgets: Sequence[float], rows: int) -> li
         for signal in signals:
             kept = kept_indices(signal.score, ratio)
             dropped = int((~np.isfinite(keep_scores(signal.score)[kept])).sum()) if signal.drop_non_finite else 0
-            assert len(kept) == budget_size(ratio, rows)
-            out.append(Selection(budget_label(ratio), signal.name, kept, dropped))
-    out.append(Selection("all", FULL_POOL, np.arange(rows)))
+            assert len(kept) == rows_for_ratio(rows, ratio)
+            out.append(SignalSelection(budget_label(ratio), signal.name, kept, dropped))
+    out.append(SignalSelection("all", FULL_POOL, np.arange(rows)))
     return out
 
 
@@ -123,7 +118,7 @@ def encode_all(formatter, rows: Sequence[Mapping[str, Any]], what: str) -> list:
     return encoded
 
 
-def run_grid(model, pool_encoded: Sequence, heldout_encoded: Sequence, selections: Sequence[Selection],
+def run_grid(model, pool_encoded: Sequence, heldout_encoded: Sequence, selections: Sequence[SignalSelection],
              recipe: FinetuneRecipe, config, seeds: Sequence[int], pad_id: int, progress: bool = True,
              timings: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
     """Fine-tune every selection with every seed; one record per pair. Two selections with the same rows

@@ -82,9 +82,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from .arguments import build_config, parse_set, quote
     from .corrupt import CLEAN, KINDS, corrupt_dataset
     from .data import load_rows
-    from .downstream import (budget_label, budget_size, drop_heldout_rows, encode_all, load_target, pick_signals,
+    from ..selection import rows_for_ratio
+    from .downstream import (budget_label, drop_heldout_rows, encode_all, load_target, pick_signals,
                              run_grid, select_budgets, split_heldout)
-    from .downstream_report import plot_curves, render_report, results_table, summarize, versions, write_curves
+    from .downstream_report import plot_curves, render_downstream_report, results_table, summarize, versions, write_curves
     from .finetune import FinetuneRecipe
     from .readings import config_reading, parse_reading
     from .runs import compute
@@ -171,12 +172,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "target": args.target or config.hf_model, "seeds": seeds, "pool_rows": len(pool),
         "pool_corrupted": int(sum(k != CLEAN for k in kinds)), "heldout_rows": len(heldout),
         "heldout_source": heldout_source, "pool_rows_dropped_as_heldout": overlap,
-        "budgets": {budget_label(b): budget_size(b, len(pool)) for b in args.budgets},
+        "budgets": {budget_label(b): rows_for_ratio(len(pool), b) for b in args.budgets},
         "negative_drop_share": signals[0].negative_drop_share if signals[0].name == "G-SNR" else None,
         "timings": timings, "versions": versions(),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    (out_dir / "report.md").write_text(render_report(command, table_rows, meta, plotted))
+    (out_dir / "report.md").write_text(render_downstream_report(command, table_rows, meta, plotted))
     summary = {"rows": table_rows, "pool_rows": len(pool), "heldout_rows": len(heldout), "timings": timings}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=float))
     if not args.quiet:

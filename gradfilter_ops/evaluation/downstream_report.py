@@ -81,7 +81,7 @@ def results_table(rows: Sequence[dict[str, Any]], reference: str = "G-SNR") -> s
     return "\n".join(lines)
 
 
-def render_report(command: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any], plotted: bool) -> str:
+def render_downstream_report(command: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any], plotted: bool) -> str:
     """report.md: what was run, and the table."""
     seeds = meta["seeds"]
     text = [

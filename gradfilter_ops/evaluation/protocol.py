@@ -221,9 +221,10 @@ def pool_signals(result: Mapping[str, Any], config, seed: int) -> dict[str, Any]
 
 def pool_selections(signals: Mapping[str, Any], groups: Mapping[str, np.ndarray], budgets: Sequence[float],
                     rows: int, wanted: Sequence[str]) -> list:
-    """Each wanted selection at each budget (`downstream.Selection`), and the full pool. Plain signals keep
+    """Each wanted selection at each budget (`downstream.SignalSelection`), and the full pool. Plain signals keep
     their top rows; the stratified ones rank by G-SNR inside the groups of `groups[kind]`."""
-    from .downstream import Selection, budget_label, budget_size, select_budgets
+    from ..selection import rows_for_ratio
+    from .downstream import SignalSelection, budget_label, select_budgets
 
     unknown = [w for w in wanted if w not in signals and w not in STRATIFIED]
     if unknown:
@@ -231,6 +232,6 @@ def pool_selections(signals: Mapping[str, Any], groups: Mapping[str, np.ndarray]
     out = select_budgets([signals[w] for w in wanted if w not in STRATIFIED], budgets, rows)
     for name in (w for w in wanted if w in STRATIFIED):
         for ratio in budgets:
-            kept = stratified_top(signals["G-SNR"].score, groups[STRATIFIED[name]], budget_size(ratio, rows))
-            out.append(Selection(budget_label(ratio), name, kept))
+            kept = stratified_top(signals["G-SNR"].score, groups[STRATIFIED[name]], rows_for_ratio(rows, ratio))
+            out.append(SignalSelection(budget_label(ratio), name, kept))
     return out

@@ -16,7 +16,7 @@ from .corrupt import CLEAN
 from .plot import plot_separation
 from .readings import Reading, evaluate_readings, norms_of, reading_grid, reading_scores
 from .signals import Signal, evaluate_signal
-from .tables import main_table, render_report
+from .tables import main_table, render_corruption_report
 
 
 def write_separation(rows: list[dict], result: Mapping[str, Any], config, signals: Sequence[Signal], base: Reading,
@@ -48,7 +48,7 @@ def write_separation(rows: list[dict], result: Mapping[str, Any], config, signal
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     plotted = plot_separation(out_dir / "roc.png", signals, kinds, result, base)
-    report = render_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, dict(timings),
+    report = render_corruption_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, dict(timings),
                            corrupt_fraction, plotted)
     (out_dir / "report.md").write_text(report)
     if not quiet:

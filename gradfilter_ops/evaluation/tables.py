@@ -163,7 +163,7 @@ def compare_runs(folders: Sequence[str], readings: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def render_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, timings, fraction,
+def render_corruption_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, timings, fraction,
                   plotted) -> str:
     counts = {k: sum(x == k for x in kinds) for k in [CLEAN] + sorted(set(kinds) - {CLEAN})}
     snap_loss = norms_of(result)["loss"]  # [members, epochs, N]
