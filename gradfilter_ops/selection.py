@@ -19,7 +19,7 @@ from typing import Hashable, Optional, Sequence
 from loguru import logger
 
 from . import fields
-from .config import require_positive_int
+from .config import check_option, require_positive_int
 
 QUOTAS = ("proportional", "equal")
 
@@ -208,6 +208,15 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         else:
             reasons[i] = cut_reason
     return Selection(keep=sorted(kept), reasons=reasons)
+
+
+def validate_range(min_gsnr: Optional[float], max_gsnr: Optional[float]) -> None:
+    """`min_gsnr` and `max_gsnr`: finite numbers or null, and not min > max (which would drop every row)."""
+    for name, value in (("min_gsnr", min_gsnr), ("max_gsnr", max_gsnr)):
+        check_option(name, value, Optional[float])
+    if min_gsnr is not None and max_gsnr is not None and min_gsnr > max_gsnr:
+        raise ValueError(f"`min_gsnr` ({min_gsnr}) is greater than `max_gsnr` ({max_gsnr}), so no row could be kept; "
+                         "swap them or leave one out.")
 
 
 def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:

@@ -165,3 +165,62 @@ def test_unreadable_input_files_name_the_file_and_line(tmp_path, content, messag
     path.write_bytes(content)
     with pytest.raises(InputFileError, match=message):
         read_jsonl(path)
+
+
+def test_a_gsnr_range_that_keeps_nothing_is_refused_when_the_op_is_built():
+    from gradfilter_ops.ops import GSNRScorerOp, RayGSNRScorerOp
+
+    for op in (GSNRScorerOp, RayGSNRScorerOp):
+        with pytest.raises(ValueError, match=r"`min_gsnr` \(5.0\) is greater than `max_gsnr` \(1.0\)"):
+            op(hf_model="x", min_gsnr=5.0, max_gsnr=1.0)
+        with pytest.raises(ValueError, match="`max_gsnr` must be a finite number or null, got nan"):
+            op(hf_model="x", max_gsnr=float("nan"))
+    assert GSNRScorerOp(hf_model="x", min_gsnr=1.0, max_gsnr=1.0).max_gsnr == 1.0
+
+
+@pytest.mark.parametrize("template, message", [
+    ("Q: {question\nA: ", r"is not a valid format string \(unmatched '\{' in format spec\)"),
+    ("Q: {}\nA: ", r"has a positional field \{\}"),
+    ("Q: {0}\nA: ", r"has a positional field \{0\}"),
+    ("Q: {q.text}\nA: ", r"looks up \{q.text\} inside a field"),
+    ("Q: {q!x}\nA: ", r"unknown conversion !x in \{q\}"),
+    ("Q: {q:d}\nA: ", r"cannot format text fields: ValueError: Unknown format code 'd'"),
+])
+def test_a_malformed_prompt_template_is_refused_when_the_config_is_built(template, message):
+    from gradfilter_ops.ops import GSNRScorerOp
+
+    with pytest.raises(ValueError, match=message):
+        GSNRConfig(format="custom", prompt_template=template, response_field="a")
+    with pytest.raises(ValueError, match=message):
+        GSNRScorerOp(hf_model="x", format="custom", prompt_template=template, response_field="a")
+
+
+def test_a_prompt_template_field_no_row_has_is_refused_before_training(tiny_config):
+    from datasets import Dataset
+
+    rows = [{"id": i, "question": f"What is {i} + 1?", "answer": f"It is {i + 1}."} for i in range(4)]
+    scorer = GSNRScorer(tiny_config(format="custom", prompt_template="Q: {question}\nHint: {hint}\nA: ",
+                                    response_field="answer"))
+    with pytest.raises(ValueError, match=r"`prompt_template` 'Q: \{question\}\\nHint: \{hint\}\\nA: ' reads the field "
+                                         r"'hint', which no row has; the rows' fields: \['answer', 'id', 'question'\]"):
+        scorer.fit(Dataset.from_list(rows))
+    assert scorer.fitted is None  # nothing trained
+    wrong_response = GSNRScorer(tiny_config(format="custom", prompt_template="Q: {question}\nA: ",
+                                            response_field="answr"))
+    with pytest.raises(ValueError, match="`response_field` 'answr' is not a field of any row"):
+        wrong_response.fit(rows)
+
+
+def test_stats_that_are_not_a_mapping_name_the_row(tiny_gpt2_dir):
+    from data_juicer.core.data import NestedDataset
+    from datasets import Dataset
+
+    from gradfilter_ops.ops import GSNRScorerOp, GSNRTopKFilter
+
+    rows = [{**row, STATS: "high"} for row in seed_tasks(3)]
+    dataset = NestedDataset(Dataset.from_list(rows))
+    message = rf"row 0 \(id '{rows[0]['id']}'\) has `__dj__stats__` = 'high' \(str\), not a mapping of stats"
+    with pytest.raises(ValueError, match="gsnr_scorer: " + message):
+        GSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False).run(dataset)
+    with pytest.raises(ValueError, match="gsnr_top_k_filter: " + message):
+        GSNRTopKFilter(top_k=1).run(dataset)

@@ -11,11 +11,12 @@ from loguru import logger
 
 from .. import fields
 from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_options, reject_unknown_options
+from ._stats import checked_stats
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
 from ..provenance import carries_proof, proof, scorer_fingerprint
 from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
-from ..selection import in_range, range_drops
+from ..selection import in_range, range_drops, validate_range
 
 OP_NAME = "gsnr_scorer"
 DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
@@ -99,6 +100,7 @@ class GSNRScorerOp(Filter):
     def __init__(self, *args, **kwargs):
         config, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         min_gsnr, max_gsnr = config.pop("min_gsnr"), config.pop("max_gsnr")
+        validate_range(min_gsnr, max_gsnr)
         # Data-Juicer skips a batch that raises when skip_op_error is on: that would drop rows silently.
         kwargs["skip_op_error"] = False
         kwargs.setdefault("batch_size", 256)  # rows per map batch; bucketed by length inside
@@ -116,6 +118,7 @@ class GSNRScorerOp(Filter):
         return map_num_proc(procs) if self._mapping and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        checked_stats(OP_NAME, dataset)
         if len(dataset) and not _unproven(self.scorer, dataset):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
         else:

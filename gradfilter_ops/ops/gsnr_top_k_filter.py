@@ -7,11 +7,11 @@ from collections import Counter
 from typing import Optional
 
 from data_juicer.ops.base_op import OPERATORS, Selector
-from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
 from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknown_options
+from ._stats import checked_stats
 from ..dropped import write_dropped_rows
 from ..selection import Selection, select, validate_options
 
@@ -84,7 +84,7 @@ class GSNRTopKFilter(Selector):
         if len(dataset) == 0:
             logger.warning(f"{OP_NAME}: the dataset is empty; nothing to select.")
             return dataset
-        stats = dataset[Fields.stats] if Fields.stats in dataset.column_names else []
+        stats = checked_stats(OP_NAME, dataset)
         if not stats or any(not s or s.get(fields.STATUS) is None for s in stats):
             raise ValueError(
                 f"{OP_NAME} needs the G-SNR stats of every row: put a `gsnr_scorer` step before it in the recipe."

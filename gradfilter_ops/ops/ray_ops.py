@@ -24,7 +24,7 @@ from loguru import logger
 from .. import fields
 from ..config import GSNRConfig, require_positive_int
 from ..scorer import GSNRScorer
-from ..selection import range_drops
+from ..selection import range_drops, validate_range
 from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, config_options, recipe_options,
                        reject_unknown_options)
 from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, log_range_drops
@@ -57,6 +57,7 @@ class RayGSNRScorerOp(Pipeline):
         options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         self.train_tasks = require_positive_int("train_tasks", options.pop("train_tasks"))
         self.min_gsnr, self.max_gsnr = options.pop("min_gsnr"), options.pop("max_gsnr")
+        validate_range(self.min_gsnr, self.max_gsnr)
         self.actors = require_positive_int("num_proc", kwargs.get("num_proc") or 1)
         self.resources = {name: kwargs.get(name) for name in ("num_cpus", "num_gpus")}
         kwargs.setdefault("batch_size", 256)  # rows per actor call; bucketed by length inside
