@@ -157,6 +157,8 @@ def test_forged_and_edited_scores_are_scored_again(rerun):
     (b'{"a": 1}\n\n{"a": \n', r"rows.jsonl:3: not JSON"),
     (b'[1, 2]\n', r"rows.jsonl:1: a JSON list, not an object"),
     (b'', r"rows.jsonl: no rows \(the file is empty\)"),
+    (b'{"a": "ok \\ud83d\\ude00"}\n{"a": ["x", {"b": "\\ud800 alone"}]}\n',
+     r"rows.jsonl:2: a string with a lone surrogate"),
 ])
 def test_unreadable_input_files_name_the_file_and_line(tmp_path, content, message):
     from gradfilter_ops.jsonl import InputFileError, read_jsonl
@@ -224,3 +226,107 @@ def test_stats_that_are_not_a_mapping_name_the_row(tiny_gpt2_dir):
         GSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False).run(dataset)
     with pytest.raises(ValueError, match="gsnr_top_k_filter: " + message):
         GSNRTopKFilter(top_k=1).run(dataset)
+
+
+def demo_recipe(scorer_args: dict, data: Path, **top_k) -> dict:
+    """The shipped demo recipe (its loader settings and text ops) with the tiny proxy, on `data`."""
+    recipe = yaml.safe_load((REPO / "recipes" / "gsnr_demo.yaml").read_text())
+    for step in recipe["process"]:
+        if "gsnr_scorer" in step:
+            step["gsnr_scorer"] = scorer_args
+        if "gsnr_top_k_filter" in step:
+            step["gsnr_top_k_filter"] = top_k
+    return {**recipe, "dataset_path": str(data)}
+
+
+@pytest.mark.integration
+def test_our_export_fed_back_with_new_rows_loses_no_row(mixed_run, scorer_args, tmp_path):
+    """The shipped recipe on its own output plus new rows: the loader used to drop every new row, since the
+    exported rows carried `__dj__suffix__` and so it was not added to the new ones."""
+    exported, dropped_before, _, _ = mixed_run
+    assert all("__dj__suffix__" not in r for r in exported + dropped_before)
+    new = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(21)[8:]]
+    inputs = exported + new
+    assert len(inputs) == 20
+    rc, log, rows, dropped = run_dj(demo_recipe(scorer_args, write_jsonl(tmp_path / "again.jsonl", inputs),
+                                                top_ratio=0.5), tmp_path)
+    assert rc == 0, log[-3000:]
+    assert sorted(r["id"] for r in rows + dropped) == sorted(r["id"] for r in inputs), log[-5000:]
+    assert len(rows) == 10 and {r["gsnr_drop_reason"] for r in dropped} == {fields.BELOW_CUTOFF}
+
+
+@pytest.mark.integration
+def test_two_top_k_steps_write_a_dropped_file_each(tmp_path, scorer_args):
+    rows = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(20)]
+    recipe = {"project_name": "two", "dataset_path": str(write_jsonl(tmp_path / "rows.jsonl", rows)), "text_keys": "id",
+              "process": [{"gsnr_scorer": scorer_args}, {"gsnr_top_k_filter": {"top_ratio": 0.5}},
+                          {"gsnr_top_k_filter": {"top_ratio": 0.3}}]}  # Data-Juicer merges a repeated op's
+    rc, log, kept, _ = run_dj(recipe, tmp_path)  # options over its earlier steps': the same budget kind in both
+    assert rc == 0, log[-3000:]
+    job = next((tmp_path / "out").glob("*/gsnr_dropped_step2.jsonl")).parent
+    second, third = ([json.loads(line) for line in (job / f"gsnr_dropped_step{n}.jsonl").open()] for n in (2, 3))
+    assert not (job / "gsnr_dropped.jsonl").exists()
+    assert (len(kept), len(second), len(third)) == (3, 10, 7)
+    assert sorted(r["id"] for r in kept + second + third) == sorted(r["id"] for r in rows)  # each row once
+    best = sorted(second + third + kept, key=lambda r: -r[STATS][fields.GSNR])
+    assert {r["id"] for r in kept} == {r["id"] for r in best[:3]}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["dropped_path_is_the_dataset", "not_utf8", "suffix_in_some_rows"])
+def test_bad_recipes_and_files_fail_before_training_and_name_the_cause(tmp_path, scorer_args, case):
+    rows = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(6)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    if case == "dropped_path_is_the_dataset":
+        recipe = {"project_name": case, "dataset_path": str(data), "text_keys": "id",
+                  "process": [{"gsnr_scorer": scorer_args},
+                              {"gsnr_top_k_filter": {"top_k": 2, "dropped_path": str(data)}}]}
+        message = f"step 2 (`gsnr_top_k_filter`): its dropped-rows file {data} is the dataset (`dataset_path`)"
+    elif case == "not_utf8":
+        data.write_bytes(data.read_bytes() + b'{"id": "x", "output": "caf\xe9"}\n')
+        recipe = demo_recipe(scorer_args, data, top_k=2)
+        message = f"{data}:7: not valid UTF-8"
+    else:  # an old export (with the loader's `__dj__suffix__`) plus new rows, in the shipped recipe
+        data = write_jsonl(data, [{**r, "__dj__suffix__": ".jsonl"} for r in rows[:3]] + rows[3:])
+        recipe = demo_recipe(scorer_args, data, top_k=2)
+        message = f"{data}:4: 3 of 6 rows have no `__dj__suffix__`"
+    before = data.read_bytes()
+    rc, log, kept, dropped = run_dj(recipe, tmp_path)
+    assert rc != 0 and kept == [] and dropped == []
+    assert message in log, log[-3000:]
+    assert "training LoRA ensemble" not in log
+    assert data.read_bytes() == before
+
+
+def test_dropped_files_that_would_replace_rows_are_refused(tmp_path):
+    from jsonargparse import Namespace
+
+    from gradfilter_ops.ops._recipe import check_dropped_files, dropped_files
+
+    def recipe(*steps, work_dir=str(tmp_path / "job")):
+        return Namespace(dataset_path=str(tmp_path / "rows.jsonl"), export_path=str(tmp_path / "out.jsonl"),
+                         work_dir=work_dir, process=list(steps))
+
+    scorer = {"gsnr_scorer": {"min_gsnr": 0.0}}
+    two = recipe(scorer, {"gsnr_top_k_filter": {"top_ratio": 0.5}}, {"gsnr_top_k_filter": {"top_k": 1}})
+    check_dropped_files(two)
+    assert [Path(p).name for _, p in dropped_files(two)] == ["gsnr_scorer_dropped.jsonl", "gsnr_dropped_step2.jsonl",
+                                                            "gsnr_dropped_step3.jsonl"]
+    cases = [
+        (recipe({"gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "out.jsonl")}}),
+         "step 1 \\(`gsnr_top_k_filter`\\): its dropped-rows file .*out.jsonl is the export \\(`export_path`\\)"),
+        (recipe({"gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "out_stats.jsonl")}}),
+         "is the export's stats file"),
+        (recipe({"gsnr_top_k_filter": {"top_k": 2, "dropped_path": str(tmp_path / "d.jsonl")}},
+                {"ray_gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "d.jsonl")}}),
+         "step 2 \\(`ray_gsnr_top_k_filter`\\): .* is the dropped-rows file of step 1 \\(`gsnr_top_k_filter`\\)"),
+        (recipe(scorer, {"gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "job" /
+                                                                                 "gsnr_scorer_dropped.jsonl")}}),
+         "is the dropped-rows file of step 1 \\(`gsnr_scorer`\\)"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_dropped_files(cfg)
+    kept = recipe({"gsnr_top_k_filter": {"top_k": 1, "keep_dropped": False,
+                                         "dropped_path": str(tmp_path / "out.jsonl")}})
+    check_dropped_files(kept)  # writes no dropped rows at all

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from typing import Optional
 
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
@@ -11,6 +12,8 @@ from loguru import logger
 
 from .. import fields
 from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_options, reject_unknown_options
+from ._recipe import (SCORER_DROPPED_FILE, SCORER_STEPS, check_dropped_files, default_dropped_file, recipe,
+                      restore_prior_stats, step_index)
 from ._stats import checked_stats
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
@@ -19,7 +22,6 @@ from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
 from ..selection import in_range, range_drops, validate_range
 
 OP_NAME = "gsnr_scorer"
-DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
 MANIFEST_FILE = "gsnr_manifest.json"
 
 
@@ -46,6 +48,14 @@ def _unproven(scorer: GSNRScorer, dataset) -> int:
         logger.warning(f"{OP_NAME}: {claimed - proven} row(s) arrived with G-SNR stats that this scorer did not write "
                        "for them (another proxy or options, or edited or made-up scores); scoring them again.")
     return len(dataset) - proven
+
+
+def scorer_dropped_path(op) -> Optional[str]:
+    """Where a scorer op writes the rows outside its range: `<work_dir>/gsnr_scorer_dropped.jsonl`
+    (`gsnr_scorer_dropped_step<N>.jsonl` for step N of a recipe with several scorer steps)."""
+    cfg = recipe()
+    name = default_dropped_file(SCORER_DROPPED_FILE, SCORER_STEPS, step_index(op, cfg) if cfg else None, cfg)
+    return os.path.join(op.work_dir, name) if op.work_dir else None
 
 
 def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:
@@ -109,6 +119,7 @@ class GSNRScorerOp(Filter):
         self.scorer = GSNRScorer(GSNRConfig(**config))
         self.min_gsnr = min_gsnr
         self.max_gsnr = max_gsnr
+        check_dropped_files(recipe())
         self._mapping = False
 
     def runtime_np(self):
@@ -118,6 +129,7 @@ class GSNRScorerOp(Filter):
         return map_num_proc(procs) if self._mapping and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        dataset = restore_prior_stats(dataset)
         checked_stats(OP_NAME, dataset)
         if len(dataset) and not _unproven(self.scorer, dataset):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
@@ -142,8 +154,7 @@ class GSNRScorerOp(Filter):
         log_range_drops(OP_NAME, len(stats), reasons)
         dropped = sorted(reasons)
         if dropped and self.work_dir:
-            path = write_dropped_rows(os.path.join(self.work_dir, DROPPED_FILE), scored.select(dropped),
-                                      [reasons[i] for i in dropped])
+            path = write_dropped_rows(scorer_dropped_path(self), scored.select(dropped), [reasons[i] for i in dropped])
             logger.info(f"{OP_NAME}: wrote the dropped rows to {path}.")
         return scored.select([i for i in range(len(stats)) if i not in reasons])
 

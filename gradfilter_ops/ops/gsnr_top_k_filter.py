@@ -11,6 +11,8 @@ from loguru import logger
 
 from .. import fields
 from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknown_options
+from ._recipe import (SUFFIX_FIELD, TOP_K_DROPPED_FILE, TOP_K_STEPS, check_dropped_files, default_dropped_file, recipe,
+                      restore_prior_stats, step_index)
 from ._stats import checked_stats
 from ..dropped import write_dropped_rows
 from ..selection import Selection, select, validate_options
@@ -35,12 +37,15 @@ def log_selection(op_name: str, selection: Selection, rows: int, groups: Optiona
 
 
 def dropped_path_of(op) -> Optional[str]:
-    """Where a top-k op writes its dropped rows: `dropped_path`, else `<work_dir>/gsnr_dropped.jsonl`."""
+    """Where a top-k op writes its dropped rows: `dropped_path`, else `<work_dir>/gsnr_dropped.jsonl`
+    (`gsnr_dropped_step<N>.jsonl` for step N of a recipe with several top-k steps)."""
     if not op.keep_dropped:
         return None
     if op.dropped_path is not None:
         return op.dropped_path
-    return os.path.join(op.work_dir, "gsnr_dropped.jsonl") if op.work_dir else None
+    cfg = recipe()
+    name = default_dropped_file(TOP_K_DROPPED_FILE, TOP_K_STEPS, step_index(op, cfg) if cfg else None, cfg)
+    return os.path.join(op.work_dir, name) if op.work_dir else None
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -79,8 +84,10 @@ class GSNRTopKFilter(Selector):
         self.group_by, self.group_quota = options["group_by"], options["group_quota"]
         self.min_per_group = options["min_per_group"]
         self.budget = {name: options[name] for name in ("top_k", "top_ratio", "max_tokens")}
+        check_dropped_files(recipe())
 
     def process(self, dataset):
+        dataset = restore_prior_stats(dataset)
         if len(dataset) == 0:
             logger.warning(f"{OP_NAME}: the dataset is empty; nothing to select.")
             return dataset
@@ -104,4 +111,6 @@ class GSNRTopKFilter(Selector):
         if dropped and path is not None:
             write_dropped_rows(path, dataset.select(dropped), [selection.reasons[i] for i in dropped])
             logger.info(f"{OP_NAME}: wrote the {len(dropped)} dropped rows to {path}.")
-        return dataset.select(selection.keep)
+        kept = dataset.select(selection.keep)
+        # The loader's own field: an export that kept it would make the loader drop the rows added to it later.
+        return kept.remove_columns([SUFFIX_FIELD]) if SUFFIX_FIELD in kept.column_names else kept
