@@ -330,3 +330,27 @@ def test_dropped_files_that_would_replace_rows_are_refused(tmp_path):
     kept = recipe({"gsnr_top_k_filter": {"top_k": 1, "keep_dropped": False,
                                          "dropped_path": str(tmp_path / "out.jsonl")}})
     check_dropped_files(kept)  # writes no dropped rows at all
+
+
+def test_a_token_budget_that_keeps_nothing_warns_through_the_op(tmp_path):
+    from data_juicer.core.data import NestedDataset
+    from datasets import Dataset
+    from loguru import logger
+
+    from gradfilter_ops.ops import GSNRTopKFilter
+
+    rows = [{"id": f"r{i}", STATS: {fields.GSNR: 1.0 + i, fields.STATUS: fields.OK, fields.TOTAL_TOKENS: 90 - 10 * i}}
+            for i in range(3)]  # the best row, r2, has the fewest tokens: 70
+    seen = []
+    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
+    try:
+        out = GSNRTopKFilter(max_tokens=50, dropped_path=str(tmp_path / "dropped.jsonl")).run(
+            NestedDataset(Dataset.from_list(rows)))
+    finally:
+        logger.remove(handle)
+    assert len(out) == 0
+    assert any("max_tokens=50 keeps no row: the best row has 70 tokens and the smallest scored row 70" in m
+               for m in seen), seen
+    dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").open()]
+    assert [(r["id"], r["gsnr_drop_reason"]) for r in dropped] == [(f"r{i}", fields.OVER_TOKEN_BUDGET)
+                                                                   for i in range(3)]

@@ -44,7 +44,9 @@ def steps(cfg: Any) -> list[tuple[str, dict]]:
 def step_index(op: Any, cfg: Any) -> Optional[int]:
     """The position of `op` in the recipe's `process` (Data-Juicer gives each op its step as `_op_cfg`)."""
     step = getattr(op, "_op_cfg", None)
-    return next((i for i, each in enumerate(cfg.get("process") or []) if each is step), None) if step else None
+    if cfg is None or step is None:
+        return None
+    return next((i for i, each in enumerate(cfg.get("process") or []) if each is step), None)
 
 
 def default_dropped_file(base: str, kinds: tuple[str, ...], index: Optional[int], cfg: Any) -> str:
@@ -54,6 +56,14 @@ def default_dropped_file(base: str, kinds: tuple[str, ...], index: Optional[int]
         return base
     stem, ext = os.path.splitext(base)
     return f"{stem}_step{index + 1}{ext}"
+
+
+def scorer_dropped_path(op) -> Optional[str]:
+    """Where a scorer op writes the rows outside its range: `<work_dir>/gsnr_scorer_dropped.jsonl`
+    (`gsnr_scorer_dropped_step<N>.jsonl` for step N of a recipe with several scorer steps)."""
+    cfg = recipe()
+    name = default_dropped_file(SCORER_DROPPED_FILE, SCORER_STEPS, step_index(op, cfg), cfg)
+    return os.path.join(op.work_dir, name) if op.work_dir else None
 
 
 def dropped_files(cfg: Any) -> list[tuple[str, str]]:

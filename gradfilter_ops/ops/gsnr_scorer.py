@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Optional
 
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
@@ -12,8 +11,7 @@ from loguru import logger
 
 from .. import fields
 from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_options, reject_unknown_options
-from ._recipe import (SCORER_DROPPED_FILE, SCORER_STEPS, check_dropped_files, default_dropped_file, recipe,
-                      restore_prior_stats, step_index)
+from ._recipe import check_dropped_files, recipe, restore_prior_stats, scorer_dropped_path
 from ._stats import checked_stats
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
@@ -48,14 +46,6 @@ def _unproven(scorer: GSNRScorer, dataset) -> int:
         logger.warning(f"{OP_NAME}: {claimed - proven} row(s) arrived with G-SNR stats that this scorer did not write "
                        "for them (another proxy or options, or edited or made-up scores); scoring them again.")
     return len(dataset) - proven
-
-
-def scorer_dropped_path(op) -> Optional[str]:
-    """Where a scorer op writes the rows outside its range: `<work_dir>/gsnr_scorer_dropped.jsonl`
-    (`gsnr_scorer_dropped_step<N>.jsonl` for step N of a recipe with several scorer steps)."""
-    cfg = recipe()
-    name = default_dropped_file(SCORER_DROPPED_FILE, SCORER_STEPS, step_index(op, cfg) if cfg else None, cfg)
-    return os.path.join(op.work_dir, name) if op.work_dir else None
 
 
 def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:

@@ -44,7 +44,7 @@ def dropped_path_of(op) -> Optional[str]:
     if op.dropped_path is not None:
         return op.dropped_path
     cfg = recipe()
-    name = default_dropped_file(TOP_K_DROPPED_FILE, TOP_K_STEPS, step_index(op, cfg) if cfg else None, cfg)
+    name = default_dropped_file(TOP_K_DROPPED_FILE, TOP_K_STEPS, step_index(op, cfg), cfg)
     return os.path.join(op.work_dir, name) if op.work_dir else None
 
 
@@ -58,12 +58,17 @@ class GSNRTopKFilter(Selector):
     dataset order; rows without a finite score rank last. Kept rows stay in their original order.
 
     With `group_by`, the row budget is split into per-group quotas (`proportional` to group size,
-    or `equal`), each group at least `min_per_group` rows, so a rare source is never wiped out.
+    or `equal`), each group at least `min_per_group` rows, so a rare source is never wiped out; the
+    seats left over after each group's whole share go to the groups whose next row scores best.
 
     Every dropped row gets a reason: `below_top_k_cutoff`, `over_token_budget`, `group_quota_full`,
     or its `gsnr_status` when it has no score. The log counts them, and the dropped rows are written
-    with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`),
-    so every input row ends up either in the output or in that file. On Data-Juicer's Ray executor,
+    with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`,
+    or `gsnr_dropped_step<N>.jsonl` for step N of a recipe with several top-k steps), so every input row
+    ends up either in the output or in that file. A `dropped_path` that is the dataset, the export or
+    another step's dropped-rows file is refused when the op is built. The output and the dropped rows
+    leave out the loader's `__dj__suffix__`, so that they can be fed back in with new rows (see
+    `recipes/gsnr.yaml`'s `text_keys`). On Data-Juicer's Ray executor,
     use `ray_gsnr_top_k_filter` (same options).
 
     Recipe step:

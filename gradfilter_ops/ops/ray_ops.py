@@ -27,8 +27,8 @@ from ..scorer import GSNRScorer
 from ..selection import range_drops, validate_range
 from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, config_options, recipe_options,
                        reject_unknown_options)
-from ._recipe import check_dropped_files, recipe
-from .gsnr_scorer import MANIFEST_FILE, log_range_drops, scorer_dropped_path
+from ._recipe import check_dropped_files, recipe, scorer_dropped_path
+from .gsnr_scorer import MANIFEST_FILE, log_range_drops
 from .gsnr_top_k_filter import check_selection_options, dropped_path_of, log_selection
 
 SCORER_NAME = "ray_gsnr_scorer"
