@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 
 from .proxy import DEFAULT_PROXY
+from .template import template_fields
 
 # Types of the fields: `__post_init__` checks every value against its field's type.
 Format = Literal["auto", "alpaca", "chat", "custom"]
@@ -126,6 +127,8 @@ class GSNRConfig:
             raise ValueError("`format: custom` needs both `prompt_template` and `response_field`.")
         if self.format != "custom" and self.prompt_template is not None:
             raise ValueError("`prompt_template` is only used with `format: custom`; set `format: custom`.")
+        if self.prompt_template is not None:
+            template_fields(self.prompt_template)
 
     @property
     def resolved_late_epoch(self) -> int:

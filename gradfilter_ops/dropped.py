@@ -1,4 +1,4 @@
-"""The side file of dropped rows: each row as it came, plus the reason it was not kept.
+"""The side file of dropped rows: each row as it came (less `LOADER_FIELDS`), plus the reason it was not kept.
 
 One writer serves every path, as datatrove's exclusion writer does: a `datasets.Dataset` (the Data-Juicer
 ops, the `datasets` API) and the rows of Ray blocks, fetched one block at a time, go through
@@ -15,6 +15,9 @@ from typing import Any, Iterable, Iterator, Mapping
 from .cache import atomic_write
 
 DROP_REASON = "gsnr_drop_reason"
+# Data-Juicer's loader adds it to every row of a file without it, and drops the rows without it of a file
+# with it (in the recipes' `text_keys`): left out, so that dropped rows fed back in are not lost.
+LOADER_FIELDS = ("__dj__suffix__",)
 _MISSING = object()
 
 
@@ -31,7 +34,8 @@ def write_dropped_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], reas
             for row, reason in zip_longest(rows, reasons, fillvalue=_MISSING):
                 if row is _MISSING or reason is _MISSING:
                     raise ValueError(f"dropped rows and reasons differ in number (they part after {written}).")
-                f.write(json.dumps({**row, DROP_REASON: reason}, ensure_ascii=False, default=str) + "\n")
+                kept = {k: v for k, v in row.items() if k not in LOADER_FIELDS}
+                f.write(json.dumps({**kept, DROP_REASON: reason}, ensure_ascii=False, default=str) + "\n")
                 written += 1
 
     atomic_write(path, write)

@@ -30,6 +30,7 @@ from .fitted import FittedEnsemble
 from .manifest import run_manifest
 from .records import batch_of, records_row_by_row, rows_of, score_records
 from .summary import NEGATIVE_DROP_WARN_SHARE, log_summary, summarize
+from .template import check_template_fields
 from .threads import FORKED_MAP_WORKER, ThreadPolicy
 
 __all__ = ["NEGATIVE_DROP_WARN_SHARE", "FittedEnsemble", "GSNRScorer", "batch_of", "log_summary", "map_num_proc",
@@ -143,6 +144,7 @@ class GSNRScorer:
         self.release()
         batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [batch_of(list(dataset))]
         rows = [row for batch in batches for row in rows_of(batch)]
+        check_template_fields(self.config.prompt_template, self.config.response_field, rows)
         encoded = self.encode(rows)
         scoreable = sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda pair: pair[0])
         keys = [key for key, _ in scoreable]

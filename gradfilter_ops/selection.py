@@ -19,7 +19,7 @@ from typing import Hashable, Optional, Sequence
 from loguru import logger
 
 from . import fields
-from .config import require_positive_int
+from .config import check_option, require_positive_int
 
 QUOTAS = ("proportional", "equal")
 
@@ -105,46 +105,48 @@ class Selection:
     reasons: dict[int, str] = field(default_factory=dict)  # dropped row index -> reason code
 
 
-def quotas(sizes: dict[Hashable, int], budget: int, mode: str = "proportional",
+def quotas(ranks: dict[Hashable, Sequence[int]], budget: int, mode: str = "proportional",
            minimum: int = 0) -> dict[Hashable, int]:
-    """Split a row budget over groups of the given sizes; each quota is at most its group's size.
+    """Split a row budget over groups; each quota is at most its group's size.
 
-    The budget is apportioned by largest remainder (ties by group name), proportionally to size or
-    equally. Groups below min(minimum, size) are then raised to it, taking rows back from the
-    largest quotas; when the minimums alone exceed the budget, the minimums win.
+    `ranks[g]` holds the positions of group g's rows in the overall ranking (0 is the best row), best
+    first; a group's size is their number. Each group gets the whole part of its share (proportional
+    to size, or equal), and the seats left over go, one per group, to the groups whose next row ranks
+    best. Groups below min(minimum, size) are then raised to it, taking rows back from the largest
+    quotas (of equal ones, the quota whose last row ranks worst); when the minimums alone exceed the
+    budget, the minimums win.
     """
     if mode not in QUOTAS:
         raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {mode!r}.")
-    quota = _apportion({g: (n if mode == "proportional" else 1) for g, n in sizes.items()}, sizes, budget)
-    floor = {g: min(minimum, n) for g, n in sizes.items()}
+    quota = _apportion({g: (len(r) if mode == "proportional" else 1) for g, r in ranks.items()}, ranks, budget)
+    floor = {g: min(minimum, len(r)) for g, r in ranks.items()}
     quota = {g: max(q, floor[g]) for g, q in quota.items()}
     excess = sum(quota.values()) - budget
     while excess > 0:
         above = [g for g in quota if quota[g] > floor[g]]
         if not above:
             break
-        largest = min(above, key=lambda g: (-quota[g], str(g)))
+        largest = min(above, key=lambda g: (-quota[g], -ranks[g][quota[g] - 1]))
         quota[largest] -= 1
         excess -= 1
     return quota
 
 
-def _apportion(weights: dict[Hashable, float], caps: dict[Hashable, int], budget: int) -> dict[Hashable, int]:
-    """Largest-remainder apportionment of `budget` by `weights`, never above `caps`."""
+def _apportion(weights: dict[Hashable, float], ranks: dict[Hashable, Sequence[int]],
+               budget: int) -> dict[Hashable, int]:
+    """`budget` apportioned by `weights`, never above a group's size: the whole part of each share, then
+    one leftover seat each to the groups whose next row ranks best (`ranks` as in `quotas`)."""
+    caps = {g: len(r) for g, r in ranks.items()}
     quota = {g: 0 for g in weights}
     left = min(budget, sum(caps.values()))
     while left > 0:
         open_groups = [g for g in weights if quota[g] < caps[g]]
         total = sum(weights[g] for g in open_groups)
-        shares = {g: left * weights[g] / total for g in open_groups}
-        grants = {g: min(math.floor(shares[g]), caps[g] - quota[g]) for g in open_groups}
+        grants = {g: min(math.floor(left * weights[g] / total), caps[g] - quota[g]) for g in open_groups}
         spare = left - sum(grants.values())
-        for g in sorted(open_groups, key=lambda g: (-(shares[g] - math.floor(shares[g])), str(g))):
-            if spare == 0:
-                break
-            if quota[g] + grants[g] < caps[g]:
-                grants[g] += 1
-                spare -= 1
+        growing = [g for g in open_groups if quota[g] + grants[g] < caps[g]]
+        for g in sorted(growing, key=lambda g: ranks[g][quota[g] + grants[g]])[:spare]:
+            grants[g] += 1
         for g, extra in grants.items():
             quota[g] += extra
         left = min(budget, sum(caps.values())) - sum(quota.values())
@@ -175,6 +177,10 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
                 break
             keep.append(i)
             used += tokens[i]
+        if order and not keep:
+            logger.warning(f"gsnr: the token budget max_tokens={max_tokens} keeps no row: the best row has "
+                           f"{tokens[order[0]]} tokens and the smallest scored row {min(tokens[i] for i in order)}; "
+                           "raise `max_tokens` or lower `max_length`.")
         cut_reason = fields.OVER_TOKEN_BUDGET
     else:
         budget = num_to_keep(n, top_k, top_ratio)
@@ -185,11 +191,11 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         cut_reason = fields.BELOW_CUTOFF
         if groups is not None:
             unstratified = set(keep)
-            group_rows = defaultdict(list)  # group -> its scored rows, best first
-            for i in order:
-                group_rows[groups[i]].append(i)
-            quota = quotas({g: len(rows) for g, rows in group_rows.items()}, budget, group_quota, min_per_group)
-            keep = [i for g, rows in group_rows.items() for i in rows[: quota[g]]]
+            group_ranks = defaultdict(list)  # group -> the rank positions of its scored rows, best first
+            for position, i in enumerate(order):
+                group_ranks[groups[i]].append(position)
+            quota = quotas(group_ranks, budget, group_quota, min_per_group)
+            keep = [order[p] for g, positions in group_ranks.items() for p in positions[: quota[g]]]
     kept = set(keep)
     reasons = {}
     for i in range(n):
@@ -202,6 +208,15 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
         else:
             reasons[i] = cut_reason
     return Selection(keep=sorted(kept), reasons=reasons)
+
+
+def validate_range(min_gsnr: Optional[float], max_gsnr: Optional[float]) -> None:
+    """`min_gsnr` and `max_gsnr`: finite numbers or null, and not min > max (which would drop every row)."""
+    for name, value in (("min_gsnr", min_gsnr), ("max_gsnr", max_gsnr)):
+        check_option(name, value, Optional[float])
+    if min_gsnr is not None and max_gsnr is not None and min_gsnr > max_gsnr:
+        raise ValueError(f"`min_gsnr` ({min_gsnr}) is greater than `max_gsnr` ({max_gsnr}), so no row could be kept; "
+                         "swap them or leave one out.")
 
 
 def in_range(gsnr: Optional[float], min_gsnr: Optional[float], max_gsnr: Optional[float]) -> bool:

@@ -157,6 +157,8 @@ def test_forged_and_edited_scores_are_scored_again(rerun):
     (b'{"a": 1}\n\n{"a": \n', r"rows.jsonl:3: not JSON"),
     (b'[1, 2]\n', r"rows.jsonl:1: a JSON list, not an object"),
     (b'', r"rows.jsonl: no rows \(the file is empty\)"),
+    (b'{"a": "ok \\ud83d\\ude00"}\n{"a": ["x", {"b": "\\ud800 alone"}]}\n',
+     r"rows.jsonl:2: a string with a lone surrogate"),
 ])
 def test_unreadable_input_files_name_the_file_and_line(tmp_path, content, message):
     from gradfilter_ops.jsonl import InputFileError, read_jsonl
@@ -165,3 +167,190 @@ def test_unreadable_input_files_name_the_file_and_line(tmp_path, content, messag
     path.write_bytes(content)
     with pytest.raises(InputFileError, match=message):
         read_jsonl(path)
+
+
+def test_a_gsnr_range_that_keeps_nothing_is_refused_when_the_op_is_built():
+    from gradfilter_ops.ops import GSNRScorerOp, RayGSNRScorerOp
+
+    for op in (GSNRScorerOp, RayGSNRScorerOp):
+        with pytest.raises(ValueError, match=r"`min_gsnr` \(5.0\) is greater than `max_gsnr` \(1.0\)"):
+            op(hf_model="x", min_gsnr=5.0, max_gsnr=1.0)
+        with pytest.raises(ValueError, match="`max_gsnr` must be a finite number or null, got nan"):
+            op(hf_model="x", max_gsnr=float("nan"))
+    assert GSNRScorerOp(hf_model="x", min_gsnr=1.0, max_gsnr=1.0).max_gsnr == 1.0
+
+
+@pytest.mark.parametrize("template, message", [
+    ("Q: {question\nA: ", r"is not a valid format string \(unmatched '\{' in format spec\)"),
+    ("Q: {}\nA: ", r"has a positional field \{\}"),
+    ("Q: {0}\nA: ", r"has a positional field \{0\}"),
+    ("Q: {q.text}\nA: ", r"looks up \{q.text\} inside a field"),
+    ("Q: {q!x}\nA: ", r"unknown conversion !x in \{q\}"),
+    ("Q: {q:d}\nA: ", r"cannot format text fields: ValueError: Unknown format code 'd'"),
+])
+def test_a_malformed_prompt_template_is_refused_when_the_config_is_built(template, message):
+    from gradfilter_ops.ops import GSNRScorerOp
+
+    with pytest.raises(ValueError, match=message):
+        GSNRConfig(format="custom", prompt_template=template, response_field="a")
+    with pytest.raises(ValueError, match=message):
+        GSNRScorerOp(hf_model="x", format="custom", prompt_template=template, response_field="a")
+
+
+def test_a_prompt_template_field_no_row_has_is_refused_before_training(tiny_config):
+    from datasets import Dataset
+
+    rows = [{"id": i, "question": f"What is {i} + 1?", "answer": f"It is {i + 1}."} for i in range(4)]
+    scorer = GSNRScorer(tiny_config(format="custom", prompt_template="Q: {question}\nHint: {hint}\nA: ",
+                                    response_field="answer"))
+    with pytest.raises(ValueError, match=r"`prompt_template` 'Q: \{question\}\\nHint: \{hint\}\\nA: ' reads the field "
+                                         r"'hint', which no row has; the rows' fields: \['answer', 'id', 'question'\]"):
+        scorer.fit(Dataset.from_list(rows))
+    assert scorer.fitted is None  # nothing trained
+    wrong_response = GSNRScorer(tiny_config(format="custom", prompt_template="Q: {question}\nA: ",
+                                            response_field="answr"))
+    with pytest.raises(ValueError, match="`response_field` 'answr' is not a field of any row"):
+        wrong_response.fit(rows)
+
+
+def test_stats_that_are_not_a_mapping_name_the_row(tiny_gpt2_dir):
+    from data_juicer.core.data import NestedDataset
+    from datasets import Dataset
+
+    from gradfilter_ops.ops import GSNRScorerOp, GSNRTopKFilter
+
+    rows = [{**row, STATS: "high"} for row in seed_tasks(3)]
+    dataset = NestedDataset(Dataset.from_list(rows))
+    message = rf"row 0 \(id '{rows[0]['id']}'\) has `__dj__stats__` = 'high' \(str\), not a mapping of stats"
+    with pytest.raises(ValueError, match="gsnr_scorer: " + message):
+        GSNRScorerOp(hf_model=str(tiny_gpt2_dir), device="cpu", use_cache=False).run(dataset)
+    with pytest.raises(ValueError, match="gsnr_top_k_filter: " + message):
+        GSNRTopKFilter(top_k=1).run(dataset)
+
+
+def demo_recipe(scorer_args: dict, data: Path, **top_k) -> dict:
+    """The shipped demo recipe (its loader settings and text ops) with the tiny proxy, on `data`."""
+    recipe = yaml.safe_load((REPO / "recipes" / "gsnr_demo.yaml").read_text())
+    for step in recipe["process"]:
+        if "gsnr_scorer" in step:
+            step["gsnr_scorer"] = scorer_args
+        if "gsnr_top_k_filter" in step:
+            step["gsnr_top_k_filter"] = top_k
+    return {**recipe, "dataset_path": str(data)}
+
+
+@pytest.mark.integration
+def test_our_export_fed_back_with_new_rows_loses_no_row(mixed_run, scorer_args, tmp_path):
+    """The shipped recipe on its own output plus new rows: the loader used to drop every new row, since the
+    exported rows carried `__dj__suffix__` and so it was not added to the new ones."""
+    exported, dropped_before, _, _ = mixed_run
+    assert all("__dj__suffix__" not in r for r in exported + dropped_before)
+    new = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(21)[8:]]
+    inputs = exported + new
+    assert len(inputs) == 20
+    rc, log, rows, dropped = run_dj(demo_recipe(scorer_args, write_jsonl(tmp_path / "again.jsonl", inputs),
+                                                top_ratio=0.5), tmp_path)
+    assert rc == 0, log[-3000:]
+    assert sorted(r["id"] for r in rows + dropped) == sorted(r["id"] for r in inputs), log[-5000:]
+    assert len(rows) == 10 and {r["gsnr_drop_reason"] for r in dropped} == {fields.BELOW_CUTOFF}
+
+
+@pytest.mark.integration
+def test_two_top_k_steps_write_a_dropped_file_each(tmp_path, scorer_args):
+    rows = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(20)]
+    recipe = {"project_name": "two", "dataset_path": str(write_jsonl(tmp_path / "rows.jsonl", rows)), "text_keys": "id",
+              "process": [{"gsnr_scorer": scorer_args}, {"gsnr_top_k_filter": {"top_ratio": 0.5}},
+                          {"gsnr_top_k_filter": {"top_ratio": 0.3}}]}  # Data-Juicer merges a repeated op's
+    rc, log, kept, _ = run_dj(recipe, tmp_path)  # options over its earlier steps': the same budget kind in both
+    assert rc == 0, log[-3000:]
+    job = next((tmp_path / "out").glob("*/gsnr_dropped_step2.jsonl")).parent
+    second, third = ([json.loads(line) for line in (job / f"gsnr_dropped_step{n}.jsonl").open()] for n in (2, 3))
+    assert not (job / "gsnr_dropped.jsonl").exists()
+    assert (len(kept), len(second), len(third)) == (3, 10, 7)
+    assert sorted(r["id"] for r in kept + second + third) == sorted(r["id"] for r in rows)  # each row once
+    best = sorted(second + third + kept, key=lambda r: -r[STATS][fields.GSNR])
+    assert {r["id"] for r in kept} == {r["id"] for r in best[:3]}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["dropped_path_is_the_dataset", "not_utf8", "suffix_in_some_rows"])
+def test_bad_recipes_and_files_fail_before_training_and_name_the_cause(tmp_path, scorer_args, case):
+    rows = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(6)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    if case == "dropped_path_is_the_dataset":
+        recipe = {"project_name": case, "dataset_path": str(data), "text_keys": "id",
+                  "process": [{"gsnr_scorer": scorer_args},
+                              {"gsnr_top_k_filter": {"top_k": 2, "dropped_path": str(data)}}]}
+        message = f"step 2 (`gsnr_top_k_filter`): its dropped-rows file {data} is the dataset (`dataset_path`)"
+    elif case == "not_utf8":
+        data.write_bytes(data.read_bytes() + b'{"id": "x", "output": "caf\xe9"}\n')
+        recipe = demo_recipe(scorer_args, data, top_k=2)
+        message = f"{data}:7: not valid UTF-8"
+    else:  # an old export (with the loader's `__dj__suffix__`) plus new rows, in the shipped recipe
+        data = write_jsonl(data, [{**r, "__dj__suffix__": ".jsonl"} for r in rows[:3]] + rows[3:])
+        recipe = demo_recipe(scorer_args, data, top_k=2)
+        message = f"{data}:4: 3 of 6 rows have no `__dj__suffix__`"
+    before = data.read_bytes()
+    rc, log, kept, dropped = run_dj(recipe, tmp_path)
+    assert rc != 0 and kept == [] and dropped == []
+    assert message in log, log[-3000:]
+    assert "training LoRA ensemble" not in log
+    assert data.read_bytes() == before
+
+
+def test_dropped_files_that_would_replace_rows_are_refused(tmp_path):
+    from jsonargparse import Namespace
+
+    from gradfilter_ops.ops._recipe import check_dropped_files, dropped_files
+
+    def recipe(*steps, work_dir=str(tmp_path / "job")):
+        return Namespace(dataset_path=str(tmp_path / "rows.jsonl"), export_path=str(tmp_path / "out.jsonl"),
+                         work_dir=work_dir, process=list(steps))
+
+    scorer = {"gsnr_scorer": {"min_gsnr": 0.0}}
+    two = recipe(scorer, {"gsnr_top_k_filter": {"top_ratio": 0.5}}, {"gsnr_top_k_filter": {"top_k": 1}})
+    check_dropped_files(two)
+    assert [Path(p).name for _, p in dropped_files(two)] == ["gsnr_scorer_dropped.jsonl", "gsnr_dropped_step2.jsonl",
+                                                            "gsnr_dropped_step3.jsonl"]
+    cases = [
+        (recipe({"gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "out.jsonl")}}),
+         "step 1 \\(`gsnr_top_k_filter`\\): its dropped-rows file .*out.jsonl is the export \\(`export_path`\\)"),
+        (recipe({"gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "out_stats.jsonl")}}),
+         "is the export's stats file"),
+        (recipe({"gsnr_top_k_filter": {"top_k": 2, "dropped_path": str(tmp_path / "d.jsonl")}},
+                {"ray_gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "d.jsonl")}}),
+         "step 2 \\(`ray_gsnr_top_k_filter`\\): .* is the dropped-rows file of step 1 \\(`gsnr_top_k_filter`\\)"),
+        (recipe(scorer, {"gsnr_top_k_filter": {"top_k": 1, "dropped_path": str(tmp_path / "job" /
+                                                                                 "gsnr_scorer_dropped.jsonl")}}),
+         "is the dropped-rows file of step 1 \\(`gsnr_scorer`\\)"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_dropped_files(cfg)
+    kept = recipe({"gsnr_top_k_filter": {"top_k": 1, "keep_dropped": False,
+                                         "dropped_path": str(tmp_path / "out.jsonl")}})
+    check_dropped_files(kept)  # writes no dropped rows at all
+
+
+def test_a_token_budget_that_keeps_nothing_warns_through_the_op(tmp_path):
+    from data_juicer.core.data import NestedDataset
+    from datasets import Dataset
+    from loguru import logger
+
+    from gradfilter_ops.ops import GSNRTopKFilter
+
+    rows = [{"id": f"r{i}", STATS: {fields.GSNR: 1.0 + i, fields.STATUS: fields.OK, fields.TOTAL_TOKENS: 90 - 10 * i}}
+            for i in range(3)]  # the best row, r2, has the fewest tokens: 70
+    seen = []
+    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
+    try:
+        out = GSNRTopKFilter(max_tokens=50, dropped_path=str(tmp_path / "dropped.jsonl")).run(
+            NestedDataset(Dataset.from_list(rows)))
+    finally:
+        logger.remove(handle)
+    assert len(out) == 0
+    assert any("max_tokens=50 keeps no row: the best row has 70 tokens and the smallest scored row 70" in m
+               for m in seen), seen
+    dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").open()]
+    assert [(r["id"], r["gsnr_drop_reason"]) for r in dropped] == [(f"r{i}", fields.OVER_TOKEN_BUDGET)
+                                                                   for i in range(3)]

@@ -172,3 +172,24 @@ def test_ray_selection_never_keeps_an_unscored_row(tmp_path):
     assert set(selected.selection.reasons.values()) == {fields.EMPTY_RESPONSE}
     with pytest.raises(NoScoredRows, match="None of the 2 rows"):
         select_dataset(ray.data.from_items(rows[:2]), stats_column=STATS, top_k=1)
+
+
+def test_ray_warns_of_unproven_stats_when_only_some_rows_carry_stats(tiny_config):
+    from loguru import logger
+
+    from gradfilter_ops.distributed import score_dataset
+
+    forged = {**seed_tasks(5)[4], STATS: {fields.GSNR: 1e12, fields.STATUS: fields.OK}}  # made up: no proof
+    rows = [{**row, STATS: None} for row in seed_tasks(4)] + [forged]
+    seen = []
+    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
+    try:
+        scored = score_dataset(GSNRScorer(tiny_config()), ray.data.from_items(rows, override_num_blocks=2),
+                               stats_column=STATS, batch_size=8)
+    finally:
+        logger.remove(handle)
+    assert any("1 row(s) arrived with G-SNR stats that this scorer did not write" in m for m in seen), seen
+    got = {row["id"]: row[STATS] for row in scored.dataset.take_all()}
+    assert sorted(got) == sorted(r["id"] for r in rows)
+    assert got[forged["id"]][fields.GSNR] != 1e12 and got[forged["id"]][fields.PROOF]
+    assert all(stats[fields.STATUS] == fields.OK for stats in got.values())

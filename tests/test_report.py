@@ -250,6 +250,11 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
             main(argv)
         assert e.value.code == 2
     assert "no such file" in capsys.readouterr().err
+    for out in (f, f / "report"):  # --out at a file, or under one: a usage error, not a traceback
+        with pytest.raises(SystemExit) as e:
+            main(["--scored", str(f), "--out", str(out), "--no-plots"])
+        assert e.value.code == 2
+        assert f"--out must be a folder, but {f} is a file" in capsys.readouterr().err
 
 
 def test_missing_matplotlib_names_the_install(monkeypatch):

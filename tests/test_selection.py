@@ -83,12 +83,70 @@ def test_group_quotas_keep_a_rare_source():
     assert equal.keep == [0, 1, 6, 7]
 
 
+def interleaved(sizes: dict[str, int]) -> dict[str, list[int]]:
+    """Rank positions for groups of `sizes` whose rows take turns down the ranking, in the order given."""
+    ranks, position, left = {g: [] for g in sizes}, 0, dict(sizes)
+    while any(left.values()):
+        for g in sizes:
+            if left[g]:
+                ranks[g].append(position)
+                position, left[g] = position + 1, left[g] - 1
+    return ranks
+
+
 def test_quotas_respect_sizes_and_budget():
-    assert quotas({"a": 90, "b": 9, "c": 1}, 10) == {"a": 9, "b": 1, "c": 0}
-    assert quotas({"a": 90, "b": 9, "c": 1}, 10, minimum=1) == {"a": 8, "b": 1, "c": 1}
-    assert quotas({"a": 2, "b": 50}, 10, mode="equal") == {"a": 2, "b": 8}
-    assert sum(quotas({"x": 3, "y": 3, "z": 3}, 7).values()) == 7
-    assert quotas({"a": 1, "b": 1}, 1, minimum=1) == {"a": 1, "b": 1}  # the minimums win over the budget
+    assert quotas(interleaved({"a": 90, "b": 9, "c": 1}), 10) == {"a": 9, "b": 1, "c": 0}
+    assert quotas(interleaved({"c": 1, "b": 9, "a": 90}), 10) == {"a": 9, "b": 0, "c": 1}  # c's row ranks best
+    assert quotas(interleaved({"a": 90, "b": 9, "c": 1}), 10, minimum=1) == {"a": 8, "b": 1, "c": 1}
+    assert quotas(interleaved({"a": 2, "b": 50}), 10, mode="equal") == {"a": 2, "b": 8}
+    assert sum(quotas(interleaved({"x": 3, "y": 3, "z": 3}), 7).values()) == 7
+    assert quotas(interleaved({"a": 1, "b": 1}), 1, minimum=1) == {"a": 1, "b": 1}  # the minimums win over the budget
+
+
+def test_leftover_seats_go_to_the_groups_whose_next_row_scores_best():
+    # 8 sources of 3 rows, budget 6: each share is 0.75, so all 6 seats are leftovers. Sources g and h
+    # (named last) hold the best rows and must get seats; the two with the worst best rows get none.
+    sources = "abcdefgh"
+    best = {"g": 100.0, "h": 90.0, "a": 80.0, "b": 70.0, "c": 60.0, "d": 50.0, "e": 40.0, "f": 30.0}
+    scores, groups = [], []
+    for source in sources:
+        scores += [best[source], best[source] - 1, best[source] - 2]
+        groups += [source] * 3
+    result = select(scores, [OK] * 24, top_k=6, groups=groups)
+    assert sorted({groups[i] for i in result.keep}) == ["a", "b", "c", "d", "g", "h"]
+    assert result.keep == [0, 3, 6, 9, 18, 21]  # each source's best row
+    assert {result.reasons[i] for i in (12, 15)} == {fields.BELOW_CUTOFF}  # e's and f's best rows
+    assert result.reasons[19] == fields.GROUP_QUOTA_FULL  # g's second row made the plain top 6
+
+
+def test_group_by_id_keeps_the_top_k_rows():
+    scores = [0.1, 0.9, 0.5, 0.8, 0.2, 0.7]
+    result = select(scores, [OK] * 6, top_k=3, groups=[f"row{i}" for i in range(6)])
+    assert result.keep == [1, 3, 5] == select(scores, [OK] * 6, top_k=3).keep
+    assert result.reasons == {0: fields.BELOW_CUTOFF, 2: fields.BELOW_CUTOFF, 4: fields.BELOW_CUTOFF}
+
+
+def test_raised_minimum_takes_the_seat_of_the_worst_row():
+    # a and b get 2 seats each of 4; c's minimum takes one back from the group whose last kept row ranks
+    # worst: b (its row 3), not a (its row 2), whatever the names.
+    result = select([7, 6, 5, 4, 3, 2, 1], [OK] * 7, top_k=4, groups=["a", "b", "a", "b", "a", "b", "c"],
+                    min_per_group=1)
+    assert result.keep == [0, 1, 2, 6]
+    assert result.reasons[3] == fields.GROUP_QUOTA_FULL and result.reasons[4] == fields.BELOW_CUTOFF
+
+
+def test_token_budget_that_keeps_nothing_warns_with_the_smallest_row():
+    from loguru import logger
+
+    seen = []
+    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
+    try:
+        result = select([0.9, 0.8, 0.7], [OK] * 3, max_tokens=40, tokens=[120, 300, 64])
+    finally:
+        logger.remove(handle)
+    assert result.keep == [] and set(result.reasons.values()) == {fields.OVER_TOKEN_BUDGET}
+    assert any("max_tokens=40 keeps no row" in m and "best row has 120 tokens" in m and "smallest scored row 64" in m
+               for m in seen)
 
 
 def test_budget_combinations_are_rejected():

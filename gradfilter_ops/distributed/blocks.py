@@ -29,9 +29,12 @@ def block_fields(block, stats_column: Optional[str], names: Sequence[str], group
         source = {name: block.column(name) for name in names if name in block.column_names}
     elif stats_column in block.column_names:
         stats = block.column(stats_column).combine_chunks()
-        present = {stats.type.field(k).name for k in range(stats.type.num_fields)} if pa.types.is_struct(stats.type) \
-            else set()
-        source = {name: stats.field(name) for name in names if name in present}
+        # flatten(), unlike field(), gives null where a row's whole stats are null (rows not scored yet)
+        if not (pa.types.is_struct(stats.type) or pa.types.is_null(stats.type)):
+            raise_not_a_mapping(block, stats_column)
+        children = dict(zip((stats.type.field(k).name for k in range(stats.type.num_fields)), stats.flatten())) \
+            if pa.types.is_struct(stats.type) else {}
+        source = {name: children[name] for name in names if name in children}
     else:
         source = {}
     for name in names:
@@ -41,6 +44,16 @@ def block_fields(block, stats_column: Optional[str], names: Sequence[str], group
             raise ValueError(f"`group_by: {group_by}` is not a field of the dataset; fields: {block.column_names}.")
         out["group"] = [str(g) for g in block.column(group_by).to_pylist()]
     return out
+
+
+def raise_not_a_mapping(block, stats_column: str) -> None:
+    """A ValueError naming the first row of `block` whose `stats_column` holds a value that is not a mapping."""
+    values = block.column(stats_column).to_pylist()
+    i = next(i for i, value in enumerate(values) if value is not None)
+    row_id = block.column("id")[i].as_py() if "id" in block.column_names else None
+    named = f"a row (id {row_id!r})" if row_id is not None else f"row {i} of a block"
+    raise ValueError(f"{named} has `{stats_column}` = {str(values[i])[:80]!r} ({type(values[i]).__name__}), not a "
+                     "mapping of stats; remove the field from that row or give it the stats as an object.")
 
 
 def fields_by_block(refs, stats_column: Optional[str], names: Sequence[str], group_by: Optional[str] = None):

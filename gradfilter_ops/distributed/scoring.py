@@ -36,15 +36,16 @@ class _ScoreBlocks:
         return add_scores(block, self.scorer, self.stats_column)
 
 
-def _unproven(scorer: GSNRScorer, dataset, stats_column: str) -> int:
-    """Rows of a materialized `dataset` whose stats this scorer did not write for them (logged)."""
+def _unproven(scorer: GSNRScorer, dataset, stats_column: str, statuses: list) -> int:
+    """Rows of a materialized `dataset` whose stats claim a score (`statuses`, in block order) that this
+    scorer did not write for them; logged, whether every row or only some carry stats."""
     import ray
 
     check = ray.remote(proven_rows)
     fingerprint = scorer_fingerprint(scorer)
     flags = [flag for part in ray.get([check.remote(ref, stats_column, fingerprint, scorer.config)
                                        for ref in dataset.to_arrow_refs()]) for flag in part]
-    unproven = flags.count(False)
+    unproven = sum(status is not None and not proven for status, proven in zip(statuses, flags))
     if unproven:
         logger.warning(f"gsnr: {unproven} row(s) arrived with G-SNR stats that this scorer did not write for them "
                        "(another proxy or options, or edited or made-up scores); scoring them again.")
@@ -70,7 +71,8 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         logger.warning("gsnr: the dataset is empty; nothing to score.")
         return Scored(dataset, scorer)
     exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
-    if stats_column and all(status is not None for status in statuses) and not _unproven(scorer, dataset, stats_column):
+    claimed = sum(status is not None for status in statuses) if stats_column else 0
+    if claimed and not _unproven(scorer, dataset, stats_column, statuses) and claimed == len(statuses):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
     else:

@@ -60,7 +60,8 @@ TOP_K_OPTIONS = (
     Option("group_quota", str, "proportional", "`proportional` (to group size) or `equal`."),
     Option("min_per_group", int, 0, "rows every group keeps at least (if it has them), even past the budget."),
     Option("dropped_path", Optional[str], None,
-           "jsonl file for the dropped rows; default `<work_dir>/gsnr_dropped.jsonl`."),
+           "jsonl file for the dropped rows; default `<work_dir>/gsnr_dropped.jsonl` (`gsnr_dropped_step<N>.jsonl` "
+           "for step N of a recipe with several top-k steps); not the dataset, the export or another step's file."),
     Option("keep_dropped", bool, True, "write the dropped rows at all."),
 )
 

@@ -11,14 +11,15 @@ from loguru import logger
 
 from .. import fields
 from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_options, reject_unknown_options
+from ._recipe import check_dropped_files, recipe, restore_prior_stats, scorer_dropped_path
+from ._stats import checked_stats
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
 from ..provenance import carries_proof, proof, scorer_fingerprint
 from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
-from ..selection import in_range, range_drops
+from ..selection import in_range, range_drops, validate_range
 
 OP_NAME = "gsnr_scorer"
-DROPPED_FILE = "gsnr_scorer_dropped.jsonl"  # in the work_dir: rows outside min_gsnr / max_gsnr
 MANIFEST_FILE = "gsnr_manifest.json"
 
 
@@ -99,6 +100,7 @@ class GSNRScorerOp(Filter):
     def __init__(self, *args, **kwargs):
         config, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         min_gsnr, max_gsnr = config.pop("min_gsnr"), config.pop("max_gsnr")
+        validate_range(min_gsnr, max_gsnr)
         # Data-Juicer skips a batch that raises when skip_op_error is on: that would drop rows silently.
         kwargs["skip_op_error"] = False
         kwargs.setdefault("batch_size", 256)  # rows per map batch; bucketed by length inside
@@ -107,6 +109,7 @@ class GSNRScorerOp(Filter):
         self.scorer = GSNRScorer(GSNRConfig(**config))
         self.min_gsnr = min_gsnr
         self.max_gsnr = max_gsnr
+        check_dropped_files(recipe())
         self._mapping = False
 
     def runtime_np(self):
@@ -116,6 +119,8 @@ class GSNRScorerOp(Filter):
         return map_num_proc(procs) if self._mapping and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
+        dataset = restore_prior_stats(dataset)
+        checked_stats(OP_NAME, dataset)
         if len(dataset) and not _unproven(self.scorer, dataset):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
         else:
@@ -139,8 +144,7 @@ class GSNRScorerOp(Filter):
         log_range_drops(OP_NAME, len(stats), reasons)
         dropped = sorted(reasons)
         if dropped and self.work_dir:
-            path = write_dropped_rows(os.path.join(self.work_dir, DROPPED_FILE), scored.select(dropped),
-                                      [reasons[i] for i in dropped])
+            path = write_dropped_rows(scorer_dropped_path(self), scored.select(dropped), [reasons[i] for i in dropped])
             logger.info(f"{OP_NAME}: wrote the dropped rows to {path}.")
         return scored.select([i for i in range(len(stats)) if i not in reasons])
 

@@ -7,11 +7,13 @@ from collections import Counter
 from typing import Optional
 
 from data_juicer.ops.base_op import OPERATORS, Selector
-from data_juicer.utils.constant import Fields
 from loguru import logger
 
 from .. import fields
 from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknown_options
+from ._recipe import (SUFFIX_FIELD, TOP_K_DROPPED_FILE, TOP_K_STEPS, check_dropped_files, default_dropped_file, recipe,
+                      restore_prior_stats, step_index)
+from ._stats import checked_stats
 from ..dropped import write_dropped_rows
 from ..selection import Selection, select, validate_options
 
@@ -35,12 +37,15 @@ def log_selection(op_name: str, selection: Selection, rows: int, groups: Optiona
 
 
 def dropped_path_of(op) -> Optional[str]:
-    """Where a top-k op writes its dropped rows: `dropped_path`, else `<work_dir>/gsnr_dropped.jsonl`."""
+    """Where a top-k op writes its dropped rows: `dropped_path`, else `<work_dir>/gsnr_dropped.jsonl`
+    (`gsnr_dropped_step<N>.jsonl` for step N of a recipe with several top-k steps)."""
     if not op.keep_dropped:
         return None
     if op.dropped_path is not None:
         return op.dropped_path
-    return os.path.join(op.work_dir, "gsnr_dropped.jsonl") if op.work_dir else None
+    cfg = recipe()
+    name = default_dropped_file(TOP_K_DROPPED_FILE, TOP_K_STEPS, step_index(op, cfg), cfg)
+    return os.path.join(op.work_dir, name) if op.work_dir else None
 
 
 @OPERATORS.register_module(OP_NAME)
@@ -53,12 +58,17 @@ class GSNRTopKFilter(Selector):
     dataset order; rows without a finite score rank last. Kept rows stay in their original order.
 
     With `group_by`, the row budget is split into per-group quotas (`proportional` to group size,
-    or `equal`), each group at least `min_per_group` rows, so a rare source is never wiped out.
+    or `equal`), each group at least `min_per_group` rows, so a rare source is never wiped out; the
+    seats left over after each group's whole share go to the groups whose next row scores best.
 
     Every dropped row gets a reason: `below_top_k_cutoff`, `over_token_budget`, `group_quota_full`,
     or its `gsnr_status` when it has no score. The log counts them, and the dropped rows are written
-    with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`),
-    so every input row ends up either in the output or in that file. On Data-Juicer's Ray executor,
+    with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`,
+    or `gsnr_dropped_step<N>.jsonl` for step N of a recipe with several top-k steps), so every input row
+    ends up either in the output or in that file. A `dropped_path` that is the dataset, the export or
+    another step's dropped-rows file is refused when the op is built. The output and the dropped rows
+    leave out the loader's `__dj__suffix__`, so that they can be fed back in with new rows (see
+    `recipes/gsnr.yaml`'s `text_keys`). On Data-Juicer's Ray executor,
     use `ray_gsnr_top_k_filter` (same options).
 
     Recipe step:
@@ -79,12 +89,14 @@ class GSNRTopKFilter(Selector):
         self.group_by, self.group_quota = options["group_by"], options["group_quota"]
         self.min_per_group = options["min_per_group"]
         self.budget = {name: options[name] for name in ("top_k", "top_ratio", "max_tokens")}
+        check_dropped_files(recipe())
 
     def process(self, dataset):
+        dataset = restore_prior_stats(dataset)
         if len(dataset) == 0:
             logger.warning(f"{OP_NAME}: the dataset is empty; nothing to select.")
             return dataset
-        stats = dataset[Fields.stats] if Fields.stats in dataset.column_names else []
+        stats = checked_stats(OP_NAME, dataset)
         if not stats or any(not s or s.get(fields.STATUS) is None for s in stats):
             raise ValueError(
                 f"{OP_NAME} needs the G-SNR stats of every row: put a `gsnr_scorer` step before it in the recipe."
@@ -104,4 +116,6 @@ class GSNRTopKFilter(Selector):
         if dropped and path is not None:
             write_dropped_rows(path, dataset.select(dropped), [selection.reasons[i] for i in dropped])
             logger.info(f"{OP_NAME}: wrote the {len(dropped)} dropped rows to {path}.")
-        return dataset.select(selection.keep)
+        kept = dataset.select(selection.keep)
+        # The loader's own field: an export that kept it would make the loader drop the rows added to it later.
+        return kept.remove_columns([SUFFIX_FIELD]) if SUFFIX_FIELD in kept.column_names else kept

@@ -24,10 +24,11 @@ from loguru import logger
 from .. import fields
 from ..config import GSNRConfig, require_positive_int
 from ..scorer import GSNRScorer
-from ..selection import range_drops
+from ..selection import range_drops, validate_range
 from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, config_options, recipe_options,
                        reject_unknown_options)
-from .gsnr_scorer import DROPPED_FILE, MANIFEST_FILE, log_range_drops
+from ._recipe import check_dropped_files, recipe, scorer_dropped_path
+from .gsnr_scorer import MANIFEST_FILE, log_range_drops
 from .gsnr_top_k_filter import check_selection_options, dropped_path_of, log_selection
 
 SCORER_NAME = "ray_gsnr_scorer"
@@ -57,6 +58,7 @@ class RayGSNRScorerOp(Pipeline):
         options, args, kwargs = bind_options(type(self).__init__, self, args, kwargs)
         self.train_tasks = require_positive_int("train_tasks", options.pop("train_tasks"))
         self.min_gsnr, self.max_gsnr = options.pop("min_gsnr"), options.pop("max_gsnr")
+        validate_range(self.min_gsnr, self.max_gsnr)
         self.actors = require_positive_int("num_proc", kwargs.get("num_proc") or 1)
         self.resources = {name: kwargs.get(name) for name in ("num_cpus", "num_gpus")}
         kwargs.setdefault("batch_size", 256)  # rows per actor call; bucketed by length inside
@@ -66,6 +68,7 @@ class RayGSNRScorerOp(Pipeline):
         if config.member_workers > 1:
             raise ValueError(f"{SCORER_NAME}: members run in Ray tasks (`train_tasks`); leave `member_workers` at 1.")
         self.scorer = GSNRScorer(config)
+        check_dropped_files(recipe())
 
     def run(self, dataset, *, exporter=None, tracer=None):
         from ..distributed import read_fields, score_dataset, split_rows
@@ -80,8 +83,7 @@ class RayGSNRScorerOp(Pipeline):
         values = read_fields(scored.dataset, [fields.GSNR, fields.STATUS], stats_column=Fields.stats)
         reasons = range_drops(values[fields.GSNR], values[fields.STATUS], self.min_gsnr, self.max_gsnr)
         log_range_drops(SCORER_NAME, len(values[fields.STATUS]), reasons)
-        kept, path = split_rows(scored.dataset, reasons,
-                                os.path.join(self.work_dir, DROPPED_FILE) if self.work_dir else None)
+        kept, path = split_rows(scored.dataset, reasons, scorer_dropped_path(self))
         if path is not None:
             logger.info(f"{SCORER_NAME}: wrote the dropped rows to {path}.")
         return kept
@@ -108,6 +110,7 @@ class RayGSNRTopKFilter(Pipeline):
         self.keep_dropped, self.dropped_path = options.pop("keep_dropped"), options.pop("dropped_path")
         check_selection_options(options)
         self.options = options
+        check_dropped_files(recipe())
 
     def run(self, dataset, *, exporter=None, tracer=None):
         from ..distributed import MissingScores, select_dataset

@@ -68,6 +68,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for path in (args.kept, args.dropped, args.scored):
         if path is not None and not path.is_file():
             parser.error(f"no such file: {path}")
+    existing = next(path for path in (args.out, *args.out.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        parser.error(f"--out must be a folder, but {existing} is a file; give a folder for the report")
     if not args.no_plots:
         require_matplotlib()  # fail before any work
 
