@@ -24,9 +24,10 @@ a proof from this scorer keeps its score; other stats are scored again.
 """
 
 from .blocks import add_scores, read_fields
+from .completeness import LostRows
 from .scoring import Scored, score_dataset
 from .selection import MissingScores, Selected, select_dataset, split_rows
 from .training import fit_dataset
 
-__all__ = ["MissingScores", "Scored", "Selected", "add_scores", "fit_dataset", "read_fields", "score_dataset",
-           "select_dataset", "split_rows"]
+__all__ = ["LostRows", "MissingScores", "Scored", "Selected", "add_scores", "fit_dataset", "read_fields",
+           "score_dataset", "select_dataset", "split_rows"]
