@@ -224,3 +224,26 @@ def test_a_scoring_actor_killed_in_a_batch_is_restarted_and_every_row_is_scored_
     held_at = [ids for _, ids in batches].index(killed["ids"])
     assert killed["ids"] in [ids for _, ids in batches[held_at + 1:]]  # the killed batch was scored again
     assert_every_row_once_with_the_scores_of(one_process, scored.dataset.take_all())
+
+
+def test_rows_lost_past_rays_retries_fail_the_job_naming_them(two_nodes, tiny_gpt2_dir):
+    from ray.data import DataContext
+
+    from gradfilter_ops.distributed import LostRows
+
+    context = DataContext.get_current()
+    saved = context.max_errored_blocks
+    context.max_errored_blocks = 1  # Ray Data then skips a block that fails instead of failing the job
+    ledger = Ledger.remote(fail_id=ROWS[7]["id"])
+    try:
+        with pytest.raises(LostRows) as lost:
+            run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
+    finally:
+        context.max_errored_blocks = saved
+    _, batches = ray.get(ledger.records.remote())
+    [failed] = {tuple(ids) for _, ids in batches if ROWS[7]["id"] in ids}
+    message = str(lost.value)
+    assert f"gave back {len(ROWS) - len(failed)} rows for {len(ROWS)}; {len(failed)} lost: " in message
+    positions = [i for i, row in enumerate(ROWS) if row["id"] in failed]
+    assert all(f"row {i} (id={ROWS[i]['id']!r})" in message for i in positions), message
+    assert "nothing is selected or exported" in message
