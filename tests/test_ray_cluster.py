@@ -1,12 +1,13 @@
 """`gradfilter_ops.distributed` on a Ray cluster of two nodes (`ray.cluster_utils.Cluster` on this machine: one
 CPU, one temp folder and one cache folder each, nothing shared): members, scoring actors and cache files on both
-nodes, a scoring actor killed in the middle of a batch, and rows lost past Ray's retries.
+nodes, a scoring actor killed in the middle of a batch, a worker node removed in the middle of a batch, and rows
+lost past Ray's retries.
 
 The cluster starts once for the module (slow on 2 cores). The scorer is the real `GSNRScorer` with two hooks of
 the test's own (`RecordedScorer`): it tells a ledger actor on which node it trained and scored (node ids from
 `ray.get_runtime_context()`), and it waits in the batch the ledger picks, so that the test kills its actor with
-`ray.kill` at a known point instead of by timing; the scorer never exits or fails by itself, except where the
-ledger is told to fail a batch (the unrecoverable case)."""
+`ray.kill` (or removes its node) at a known point instead of by timing; the scorer never exits or fails by
+itself, except where the ledger is told to fail a batch (the unrecoverable case)."""
 
 import json
 import os
@@ -37,12 +38,13 @@ BLOCKS = 4  # of 5 rows: one scoring batch each
 HOLD_S = 240  # how long a held batch waits to be killed before it fails the test
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})  # stays when the worker node goes
 class Ledger:
-    """Where the test's scorer trained and scored, and the batch it holds for the test to kill (`hold`) or
-    fails every time (`fail_id`: the batch holding that row)."""
+    """Where the test's scorer trained and scored, and the batch it holds for the test to kill (`hold`: the
+    first batch on any node, or on the node of that id) or fails every time (`fail_id`: the batch holding
+    that row)."""
 
-    def __init__(self, hold: bool = False, fail_id=None):
+    def __init__(self, hold=None, fail_id=None):
         self.hold, self.fail_id = hold, fail_id
         self.trained, self.scored, self.held = [], [], None
 
@@ -54,7 +56,7 @@ class Ledger:
         self.scored.append((node, ids))
         if self.fail_id in ids:
             return "fail"
-        if self.hold and self.held is None:
+        if self.hold in ("any", node) and self.held is None:
             self.held = (actor, ids)
             return "hold"
         return "return"
@@ -98,11 +100,26 @@ def config(model_dir, **overrides) -> GSNRConfig:
     return GSNRConfig(**values)
 
 
+class TwoNodes:
+    """A local Ray cluster (`ray.cluster_utils.Cluster`) and each node's cache folder, by node id."""
+
+    def __init__(self, root: Path):
+        from ray.cluster_utils import Cluster
+
+        self.root, self.cluster, self.caches, self.worker = root, Cluster(), {}, None
+
+    def add(self, name: str):
+        """A node of one CPU with its own temp folder and cache folder (`$GRADFILTER_CACHE_DIR`)."""
+        extra = {"include_dashboard": False} if self.cluster.head_node is None else {}
+        node = self.cluster.add_node(num_cpus=1, temp_dir=str(self.root / name), **extra,
+                                     env_vars={CACHE_ENV_VAR: str(self.root / name / "cache")})
+        self.caches[node.node_id] = self.root / name / "cache"
+        return node
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A local Ray cluster of two nodes, the driver connected; {node id: that node's cache folder}."""
-    from ray.cluster_utils import Cluster
-
+    """A local Ray cluster of two nodes (`TwoNodes`), the driver connected."""
     root = Path(tempfile.mkdtemp(prefix="gsnr-ray-", dir="/tmp"))  # short: Ray's socket paths stay < 108 chars
     saved = {name: os.environ.get(name) for name in ("RAY_TMPDIR", CACHE_ENV_VAR)}
     os.environ["RAY_TMPDIR"] = str(root)  # Ray's address file goes here, not to the machine's /tmp/ray
@@ -110,19 +127,15 @@ def two_nodes():
     (root / "ray").mkdir()
     module = sys.modules[__name__]
     ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import the tests folder
-    cluster = Cluster()
+    nodes = TwoNodes(root)
     try:
-        caches = {}
-        for name in ("head", "worker"):
-            extra = {"include_dashboard": False} if name == "head" else {}
-            node = cluster.add_node(num_cpus=1, temp_dir=str(root / name), **extra,
-                                    env_vars={CACHE_ENV_VAR: str(root / name / "cache")})
-            caches[node.node_id] = root / name / "cache"
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield caches
+        nodes.add("head")
+        nodes.worker = nodes.add("worker")
+        ray.init(address=nodes.cluster.address, log_to_driver=False)
+        yield nodes
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        nodes.cluster.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(module)
         for name, value in saved.items():
             if value is None:
@@ -139,11 +152,11 @@ def one_process(tiny_gpt2_dir):
     return {row["id"]: row for row in scored}
 
 
-def run_on_the_cluster(caches: dict, model_dir, ledger, **options):
+def run_on_the_cluster(nodes: TwoNodes, model_dir, ledger, **options):
     """`score_dataset` of `ROWS` on the two nodes, their caches emptied first (each test trains and scores)."""
     from gradfilter_ops.distributed import score_dataset
 
-    for cache in caches.values():
+    for cache in nodes.caches.values():
         shutil.rmtree(cache / "scores", ignore_errors=True)
     scorer = RecordedScorer(config(model_dir))
     scorer.ledger = ledger
@@ -173,8 +186,8 @@ def test_two_nodes_train_score_and_cache_where_they_run_and_select_the_rows_of_o
 
     # One member trained on each node; the batches scored on both.
     assert sorted(m for _, members in trained for m in members) == [0, 1]
-    assert {node for node, _ in trained} == set(two_nodes)
-    assert {node for node, _ in batches} == set(two_nodes)
+    assert {node for node, _ in trained} == set(two_nodes.caches)
+    assert {node for node, _ in batches} == set(two_nodes.caches)
     assert sorted(i for _, ids in batches for i in ids) == sorted(one_process)  # each batch scored once
     assert_every_row_once_with_the_scores_of(one_process, scored.dataset.take_all())
 
@@ -188,7 +201,7 @@ def test_two_nodes_train_score_and_cache_where_they_run_and_select_the_rows_of_o
         {ROWS[i]["id"]: why for i, why in expected.reasons.items()}
 
     # Each node's cache holds what that node did: its member, and the scores of the rows it scored.
-    for node, cache in two_nodes.items():
+    for node, cache in two_nodes.caches.items():
         [entry] = (cache / "scores").iterdir()
         members = [m for where, share in trained if where == node for m in share]
         assert {p.name.split("_")[0] for p in (entry / "ensemble").glob("member*_epoch*")} == \
@@ -201,7 +214,7 @@ def test_two_nodes_train_score_and_cache_where_they_run_and_select_the_rows_of_o
 
 def test_a_scoring_actor_killed_in_a_batch_is_restarted_and_every_row_is_scored_once(
         two_nodes, one_process, tiny_gpt2_dir):
-    ledger = Ledger.remote(hold=True)
+    ledger = Ledger.remote(hold="any")
     killed = {}
 
     def kill_the_held_actor():
@@ -247,3 +260,35 @@ def test_rows_lost_past_rays_retries_fail_the_job_naming_them(two_nodes, tiny_gp
     positions = [i for i, row in enumerate(ROWS) if row["id"] in failed]
     assert all(f"row {i} (id={ROWS[i]['id']!r})" in message for i in positions), message
     assert "nothing is selected or exported" in message
+
+
+def test_a_worker_node_lost_in_a_batch_leaves_the_rest_to_finish_every_row_once(two_nodes, one_process, tiny_gpt2_dir):
+    """The worker node is removed (every process of it: raylet, object store, the scoring actor) while its actor
+    holds a batch; the head node scores that batch again. Runs last: the cluster keeps one node."""
+    lost = two_nodes.worker
+    ledger = Ledger.remote(hold=lost.node_id)
+    removed = {}
+
+    def remove_the_held_node():
+        deadline = time.monotonic() + HOLD_S
+        while time.monotonic() < deadline and not removed:
+            held = ray.get(ledger.held_batch.remote())
+            if held is None:
+                time.sleep(0.2)
+                continue
+            two_nodes.cluster.remove_node(lost, allow_graceful=False)
+            removed["ids"] = held[1]
+
+    remover = threading.Thread(target=remove_the_held_node, daemon=True)
+    remover.start()
+    try:
+        scored = run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
+    finally:
+        remover.join()
+        two_nodes.caches.pop(lost.node_id)
+    _, batches = ray.get(ledger.records.remote())
+
+    assert removed, "no batch was held on the worker node, so it was not removed"
+    held_at = batches.index((lost.node_id, removed["ids"]))
+    assert [node for node, ids in batches[held_at + 1:] if ids == removed["ids"]] == [next(iter(two_nodes.caches))]
+    assert_every_row_once_with_the_scores_of(one_process, scored.dataset.take_all())
