@@ -157,6 +157,17 @@ class CacheEntry:
         atomic_write_text(self.dir / "scores" / f"part-{digest(sorted(records))}.jsonl", header + lines)
         self.scores().update({key: dict(record) for key, record in records.items()})
 
+    def relocated(self, root: str | os.PathLike) -> "CacheEntry":
+        """The same entry under another cache root (another node's `cache_dir`): the scores there, and those
+        this entry has read so far."""
+        moved = CacheEntry.__new__(CacheEntry)
+        moved.dir = Path(root) / "scores" / self.dir.name
+        moved.ensemble_dir = moved.dir / "ensemble"
+        moved._scores = None
+        if self._scores:
+            moved.scores().update(self._scores)
+        return moved
+
     def has_all(self, keys: Iterable[str]) -> bool:
         cached = self.scores()
         return all(key in cached for key in keys)

@@ -18,6 +18,9 @@ machine shared with other jobs slows the variants alike. Sections (``--sections`
   head    one long norm pass with the frozen LM head fused (head.token_losses) vs through autograd: memory.
   ray     `distributed.score_dataset` on a local Ray cluster (one training task, one scoring actor)
           vs `GSNRScorer.score` in this process: what Ray costs on one machine; same scores.
+  nodes   `distributed.score_dataset` on a local cluster of 1 node vs 2 nodes (`ray.cluster_utils`,
+          `--nodes-cpus` CPUs, a temp folder and a cache folder each; a training task and a scoring
+          actor per node): wall time, rows/s and the speed-up; same scores.
   prefix  `lora_layer_fraction: F` (adapters on the top layers, the frozen layers below run once per
           row) vs adapters on every layer, train + snapshot-score: seconds, and how the G-SNR ranking
           moves (Spearman, top-10% overlap) next to an every-layer ensemble with other seeds.
@@ -39,12 +42,14 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -66,12 +71,12 @@ from gradfilter_ops.selection import select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
-SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack", "ray", "prefix")
+SECTIONS = ("norms", "e2e", "memory", "online", "workers", "head", "stack", "ray", "nodes", "prefix")
 SCORE_CHUNK = 256  # rows per map batch of `gsnr_scorer` and of `GSNRScorer.score`
 # Sizes for --quick (a smoke test on a tiny proxy); explicit arguments still win.
 QUICK = dict(threads=1, batch_size=4, pool=16, rounds=1, max_length=96, e2e_rows=6, e2e_max_tokens=100, mem_rows=8,
              online_rows=8, online_members=2, workers_rows=8, head_rows=2, stack_rows=8, ray_rows=8, ray_members=2,
-             prefix_rows=8, prefix_members=2)
+             nodes_rows=8, prefix_rows=8, prefix_members=2)
 TARGETS = {"loop_speedup_cpu": 3.0, "loop_speedup_gpu": 20.0, "step_overhead": 1.15, "e2e_vs_ifd": 4.0,
            "rss_growth": 1.10}
 
@@ -704,6 +709,87 @@ def section_ray(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# -- nodes: the Ray path on 1 vs 2 nodes of a local cluster ---------------------------------------------
+@contextmanager
+def local_cluster(nodes: int, cpus: int):
+    """A Ray cluster of `nodes` nodes on this machine (`ray.cluster_utils.Cluster`), `cpus` CPUs, a temp
+    folder and a cache folder (`$GRADFILTER_CACHE_DIR`) each, with this process connected as its driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from gradfilter_ops.presets import CACHE_ENV_VAR
+
+    root = Path(tempfile.mkdtemp(prefix="gsnr-nodes-", dir="/tmp"))  # short: Ray's socket paths stay < 108 chars
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(root)  # Ray's address file goes here, not to the machine's /tmp/ray
+    (root / "ray").mkdir()
+    cluster = Cluster()
+    try:
+        for n in range(nodes):
+            cluster.add_node(num_cpus=cpus, temp_dir=str(root / f"node{n}"),
+                             env_vars={CACHE_ENV_VAR: str(root / f"node{n}" / "cache")},
+                             **({} if n else {"include_dashboard": False}))
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def section_nodes(args: argparse.Namespace) -> dict[str, Any]:
+    """`distributed.score_dataset` on a local cluster of 1 node and of 2 nodes, `--nodes-cpus` CPUs each, with
+    one training task (the members split over them) and one scoring actor per node; same rows and config,
+    rounds interleaved, each on a fresh cluster whose start-up is timed apart. The scores must agree."""
+    import ray
+
+    from gradfilter_ops import GSNRScorer, fields
+    from gradfilter_ops.distributed import score_dataset
+
+    rows = read_rows(args.data, args.nodes_rows)
+    config = GSNRConfig(hf_model=args.proxy, use_cache=False, device="cpu", precision=args.precision,
+                        max_length=args.max_length, num_members=args.nodes_members)
+    blocks = 4  # scoring batches, shared out among the actors
+    names = {1: "1 node", 2: "2 nodes"}
+    seconds: dict[str, list[float]] = {name: [] for name in names.values()}
+    startup: dict[str, list[float]] = {name: [] for name in names.values()}
+    parts: dict[str, dict[str, float]] = {}
+    norms: dict[str, np.ndarray] = {}
+    for _ in range(args.rounds):
+        for nodes, name in names.items():
+            started = time.perf_counter()
+            with local_cluster(nodes, args.nodes_cpus):
+                startup[name].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows, override_num_blocks=blocks),
+                                       concurrency=nodes, train_tasks=nodes,
+                                       batch_size=math.ceil(len(rows) / blocks))
+                out = sorted(scored.dataset.take_all(), key=lambda row: row["id"])
+                seconds[name].append(time.perf_counter() - started)
+            parts[name] = {k: scored.scorer.timings[k] for k in ("train_s", "score_s")}
+            norms[name] = np.array([[row[k] for k in (fields.EARLY, fields.LATE)] for row in out], dtype=float)
+    one, two = names.values()
+    result = {"rows": len(rows), "members": config.num_members, "max_length": config.max_length,
+              "cpus_per_node": args.nodes_cpus, "seconds": seconds, "startup_s": startup, "parts": parts,
+              "rows_per_s": {name: len(rows) / statistics.median(s) for name, s in seconds.items()},
+              "speedup": statistics.median(round_ratios(seconds[one], seconds[two])),
+              "max_rel_diff": max_rel_diff(norms[two], norms[one])}
+    say_side_by_side("nodes: distributed.score_dataset on 1 node vs 2 nodes of a local Ray cluster",
+                     f"rows: {len(rows)}, M={config.num_members}, max_length={config.max_length}, {args.proxy}; "
+                     f"{args.nodes_cpus} CPU(s) per node; cluster start-up (not counted): "
+                     + ", ".join(f"{name} {statistics.median(s):.1f} s" for name, s in startup.items()), seconds,
+                     "rows/s: " + ", ".join(f"{name} {v:.2f}" for name, v in result["rows_per_s"].items())
+                     + f"; 2 nodes vs 1: speed-up {result['speedup']:.2f}x; early and late norms equal to "
+                     f"{result['max_rel_diff']:.1e}")
+    say("last round, train / score: " + ", ".join(f"{name} {p['train_s']:.1f} s / {p['score_s']:.1f} s"
+                                                  for name, p in parts.items()))
+    return result
+
+
 # -- stacked members: all members in one forward vs one at a time ---------------------------------------
 def count_ops(fn: Callable[[], Any]) -> int:
     """The aten operations `fn()` dispatches: on a GPU, each one is a kernel launch from the host."""
@@ -877,6 +963,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="stack: also count the operations per batch (1), which trains 2 x 3 more times")
     parser.add_argument("--ray-rows", type=int, default=32, help="ray: rows")
     parser.add_argument("--ray-members", type=int, default=GSNRConfig.num_members, help="ray: M")
+    parser.add_argument("--nodes-rows", type=int, default=32, help="nodes: rows")
+    parser.add_argument("--nodes-members", type=int, default=2, help="nodes: M (split over one task per node)")
+    parser.add_argument("--nodes-cpus", type=int, default=1, help="nodes: CPUs per node")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--head-child", choices=("chunked", "whole"), help=argparse.SUPPRESS)
@@ -904,7 +993,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     say(f"machine: {results['machine']}")
     runners = {"norms": section_norms, "e2e": section_e2e, "memory": section_memory, "online": section_online,
                "workers": section_workers, "head": section_head, "stack": section_stack, "ray": section_ray,
-               "prefix": section_prefix}
+               "nodes": section_nodes, "prefix": section_prefix}
     for name in args.sections.split(","):
         before = load_avg()
         start = time.perf_counter()

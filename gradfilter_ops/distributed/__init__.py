@@ -13,7 +13,10 @@ runs it through `ray_gsnr_scorer` and `ray_gsnr_top_k_filter`; it works on any `
   GPUs). Each task reads every row, as the method needs, and trains its members as `GSNRScorer.fit`
   would (member m seeds with seed + m), so the ensemble does not depend on the split.
 - Scoring: a pool of `concurrency` Ray actors maps over the blocks; each loads the proxy once and
-  gets the trained adapters through Ray's object store, not through `cache_dir`.
+  gets the trained adapters through Ray's object store, not through `cache_dir` (each node writes
+  its score shards to the cache folder it resolves itself). An actor or node that dies is restarted
+  and its batches retried by Ray Data; every row must come back exactly once, else `LostRows` names
+  the rows lost or doubled (`completeness`).
 - Selection: a few numbers per row (score, status, tokens, group) come to the driver, the selection
   is `selection.select` over them in block order, and each block is cut where it lies. Dropped rows
   stream to one JSON-lines file, a block at a time.
@@ -24,9 +27,10 @@ a proof from this scorer keeps its score; other stats are scored again.
 """
 
 from .blocks import add_scores, read_fields
+from .completeness import LostRows
 from .scoring import Scored, score_dataset
 from .selection import MissingScores, Selected, select_dataset, split_rows
 from .training import fit_dataset
 
-__all__ = ["MissingScores", "Scored", "Selected", "add_scores", "fit_dataset", "read_fields", "score_dataset",
-           "select_dataset", "split_rows"]
+__all__ = ["LostRows", "MissingScores", "Scored", "Selected", "add_scores", "fit_dataset", "read_fields",
+           "score_dataset", "select_dataset", "split_rows"]

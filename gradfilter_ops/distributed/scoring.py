@@ -15,8 +15,20 @@ from ..provenance import scorer_fingerprint
 from ..scorer import GSNRScorer, log_summary, summarize
 from ..threads import use_ray_assigned_cpus
 from .blocks import add_scores, proven_rows, read_fields
+from .completeness import check_every_row_once, row_digests
 from .resources import task_resources
 from .training import fit_dataset, shipped
+
+
+def on_this_node(scorer: GSNRScorer) -> GSNRScorer:
+    """`scorer` with its cache entry under this node's cache folder (`cache_dir`, `$GRADFILTER_CACHE_DIR` or
+    `~/.cache`, as this node resolves it), not the one the node that trained it resolved: each node writes
+    its score shards to its own cache, which need not be shared."""
+    if scorer.fitted is not None and scorer.fitted.cache is not None:
+        from ..presets import resolve_cache_dir
+
+        scorer.fitted.cache = scorer.fitted.cache.relocated(resolve_cache_dir(scorer.config.cache_dir))
+    return scorer
 
 
 @dataclass
@@ -30,7 +42,7 @@ class _ScoreBlocks:
 
     def __init__(self, scorer: GSNRScorer, stats_column: Optional[str]):
         use_ray_assigned_cpus()
-        self.scorer, self.stats_column = scorer, stats_column
+        self.scorer, self.stats_column = on_this_node(scorer), stats_column
 
     def __call__(self, block):
         return add_scores(block, self.scorer, self.stats_column)
@@ -76,8 +88,9 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
     else:
-        fitted = fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude, num_cpus=num_cpus,
-                             num_gpus=num_gpus)
+        fitted = on_this_node(fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude,
+                                          num_cpus=num_cpus, num_gpus=num_gpus))
+    rows = row_digests(dataset, stats_column, labels=True)
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
     started = time.perf_counter()
     scored = dataset.map_batches(_ScoreBlocks,
@@ -86,6 +99,7 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
                                  compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
                                  num_gpus=gpus).materialize()
     fitted.timings["score_s"] = time.perf_counter() - started
+    check_every_row_once(rows, scored, stats_column)
     values = read_fields(scored, [fields.STATUS, fields.DROP], stats_column)
     fitted.summary = summarize(values[fields.STATUS], values[fields.DROP])
     log_summary(fitted.summary)
