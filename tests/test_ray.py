@@ -105,7 +105,8 @@ def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
     import pyarrow as pa
 
     scored = {fields.GSNR: 2.5, fields.EARLY: 1.0, fields.LATE: 0.5, fields.DROP: 0.5, fields.NOISE: 0.2,
-              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.RESPONSE_TOKENS: 4, fields.TOTAL_TOKENS: 9}
+              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.RESPONSE_TOKENS: 4, fields.TOTAL_TOKENS: 9,
+              fields.ENSEMBLE: "an ensemble"}
     scorer = GSNRScorer(tiny_config())
     scored[fields.PROOF] = proof(scorer_fingerprint(scorer), scorer.config, seed_tasks(1)[0], scored)
     rows = [{**seed_tasks(1)[0], STATS: {"text_len": 5, **scored}}] + \

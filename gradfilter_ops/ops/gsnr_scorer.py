@@ -13,7 +13,8 @@ from .. import fields
 from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_options, reject_unknown_options
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
-from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..provenance import (carries_proof, ensembles_of, fitted_ensemble, proof, scorer_fingerprint,
+                          warn_other_ensembles)
 from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
 from ..selection import in_range, range_drops
 
@@ -24,13 +25,14 @@ MANIFEST_FILE = "gsnr_manifest.json"
 
 def proven_rows(scorer: GSNRScorer, batch: dict) -> list[bool]:
     """For each row of a batch (a dict of columns), whether its stats hold a score that `scorer`
-    wrote for it (`provenance`); only those are not scored again."""
+    wrote for it (`provenance`), by the ensemble it fitted when it has; only those are not scored again."""
     stats = batch.get(Fields.stats)
     if stats is None:
         return [False] * len(next(iter(batch.values()), []))
     fingerprint = scorer_fingerprint(scorer)
     rows = rows_of({key: values for key, values in batch.items() if key != Fields.stats})
-    return [carries_proof(fingerprint, scorer.config, row, s) for row, s in zip(rows, stats)]
+    ensemble = fitted_ensemble(scorer)
+    return [carries_proof(fingerprint, scorer.config, row, s, ensemble) for row, s in zip(rows, stats)]
 
 
 def _unproven(scorer: GSNRScorer, dataset) -> int:
@@ -116,10 +118,13 @@ class GSNRScorerOp(Filter):
         return map_num_proc(procs) if self._mapping and not self.use_cuda() else procs
 
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
-        if len(dataset) and not _unproven(self.scorer, dataset):
-            logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
+        ensembles = ensembles_of(dataset[Fields.stats]) if Fields.stats in dataset.column_names else {}
+        if len(dataset) and len(ensembles) <= 1 and not _unproven(self.scorer, dataset):
+            logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing (the scores come from "
+                        "one ensemble).")
         else:
             self.scorer.fit(dataset)
+            warn_other_ensembles(OP_NAME, ensembles, fitted_ensemble(self.scorer))
         self._mapping = True
         try:
             scored = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
@@ -151,9 +156,10 @@ class GSNRScorerOp(Filter):
             return samples
         columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
         scores = self.scorer.score_batch(columns, rank=rank)
-        fingerprint = scorer_fingerprint(self.scorer)
+        fingerprint, ensemble = scorer_fingerprint(self.scorer), fitted_ensemble(self.scorer)
         for j, (i, row) in enumerate(zip(todo, rows_of(columns))):
             record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+            record[fields.ENSEMBLE] = ensemble
             record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
             # A row of partly scored input has null stats.
             all_stats[i] = {**(all_stats[i] or {}), **record}

@@ -12,7 +12,7 @@ from loguru import logger
 
 from .. import fields
 from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknown_options
-from ..dropped import write_dropped_rows
+from ..dropped import check_writable, write_dropped_rows
 from ..selection import Selection, select, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
@@ -79,6 +79,7 @@ class GSNRTopKFilter(Selector):
         self.group_by, self.group_quota = options["group_by"], options["group_quota"]
         self.min_per_group = options["min_per_group"]
         self.budget = {name: options[name] for name in ("top_k", "top_ratio", "max_tokens")}
+        check_writable(dropped_path_of(self), "dropped_path")
 
     def process(self, dataset):
         if len(dataset) == 0:
