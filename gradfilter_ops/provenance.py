@@ -66,3 +66,15 @@ def warn_other_ensembles(op_name: str, ensembles: Mapping[str, int], ensemble: O
         logger.warning(f"{op_name}: {other} row(s) carry scores of another ensemble (trained on other rows); scores "
                        "of two ensembles are not comparable, so the ensemble trained on this dataset's rows scores "
                        "them again.")
+
+
+class MixedEnsembles(ValueError):
+    """A selection met the scores of more than one ensemble, which are not comparable."""
+
+
+def check_one_ensemble(ensembles: Mapping[str, int], scorer_step: str) -> None:
+    """`MixedEnsembles` when the rows to rank carry the scores of more than one ensemble (`ensembles_of`)."""
+    if len(ensembles) > 1:
+        raise MixedEnsembles(f"{sum(ensembles.values())} rows carry the scores of {len(ensembles)} ensembles "
+                             f"(`{fields.ENSEMBLE}`), which are not comparable: put a `{scorer_step}` step before "
+                             "this one, so that one ensemble trained on all the rows scores them.")

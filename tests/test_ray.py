@@ -173,3 +173,34 @@ def test_ray_selection_never_keeps_an_unscored_row(tmp_path):
     assert set(selected.selection.reasons.values()) == {fields.EMPTY_RESPONSE}
     with pytest.raises(NoScoredRows, match="None of the 2 rows"):
         select_dataset(ray.data.from_items(rows[:2]), stats_column=STATS, top_k=1)
+
+
+def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
+    """As `gsnr_scorer` does (tests/test_trust.py): a row scored by another ensemble is scored again."""
+    from gradfilter_ops.distributed import score_dataset
+
+    rows = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(10)]
+    config = tiny_config()
+
+    def run(items):
+        scored = score_dataset(GSNRScorer(config), ray.data.from_items(items, override_num_blocks=2),
+                               stats_column=STATS, batch_size=4)
+        return {row["id"]: row for row in scored.dataset.take_all()}
+
+    first = run(rows[:7])
+    again = run(list(first.values()) + rows[7:])
+    scratch = run(rows)
+    assert len({row[STATS][fields.ENSEMBLE] for row in again.values()}) == 1
+    for row in rows:
+        assert again[row["id"]][STATS][fields.GSNR] == pytest.approx(scratch[row["id"]][STATS][fields.GSNR], rel=1e-5)
+        assert again[row["id"]][STATS][fields.ENSEMBLE] == scratch[row["id"]][STATS][fields.ENSEMBLE]
+    assert any(first[r["id"]][STATS][fields.GSNR] != pytest.approx(scratch[r["id"]][STATS][fields.GSNR], rel=1e-3)
+               for r in rows[:7])
+    from gradfilter_ops.distributed import select_dataset
+    from gradfilter_ops.provenance import MixedEnsembles
+
+    mixed = ray.data.from_items(list(first.values()) + [scratch[r["id"]] for r in rows[7:]])
+    with pytest.raises(MixedEnsembles, match="10 rows carry the scores of 2 ensembles .* `ray_gsnr_scorer`"):
+        select_dataset(mixed, stats_column=STATS, top_k=2)
+    subset = run([first[r["id"]] for r in rows[:3]])  # one ensemble's rows: kept as they are
+    assert {i: r[STATS] for i, r in subset.items()} == {r["id"]: first[r["id"]][STATS] for r in rows[:3]}

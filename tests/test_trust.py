@@ -363,6 +363,13 @@ def test_rows_of_one_run_keep_their_scores_and_rows_of_two_runs_are_scored_again
     monkeypatch.setattr(GSNRScorer, "fit", lambda self, *args, **kwargs: fits.append(1) or real(self, *args, **kwargs))
     subset = op_run(tiny_gpt2_dir, [one[r["id"]] for r in rows[:4]])  # e.g. the exported selection of run one
     assert not fits and {i: r[STATS] for i, r in subset.items()} == {r["id"]: one[r["id"]][STATS] for r in rows[:4]}
+    from data_juicer.core.data import NestedDataset
+
+    from gradfilter_ops.ops import GSNRTopKFilter
+    from gradfilter_ops.provenance import MixedEnsembles
+
+    with pytest.raises(MixedEnsembles, match="12 rows carry the scores of 2 ensembles .* put a `gsnr_scorer` step"):
+        GSNRTopKFilter(top_k=3).process(NestedDataset(Dataset.from_list(list(one.values()) + list(two.values()))))
     both = op_run(tiny_gpt2_dir, list(one.values()) + list(two.values()))
     scratch = op_run(tiny_gpt2_dir, fresh(rows))
     assert len(fits) == 2 and len({row[STATS][fields.ENSEMBLE] for row in both.values()}) == 1

@@ -72,13 +72,17 @@ class GSNRScorerOp(Filter):
         `empty_response`, `non_finite_score`, `scoring_error`;
       - `gsnr_truncated`: whether tokens were cut to fit `max_length`;
       - `gsnr_response_tokens`: the response tokens that carried loss;
-      - `gsnr_tokens`: all tokens the proxy saw (what `max_tokens` budgets count).
+      - `gsnr_tokens`: all tokens the proxy saw (what `max_tokens` budgets count);
+      - `gsnr_ensemble`: the ensemble that scored the sample (scores of two are not comparable);
+      - `gsnr_proof`: the digest that proves these stats came from this scorer (below).
 
     By default every sample is kept; with `min_gsnr` / `max_gsnr` the rows outside the range are
-    written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. Rows that already carry a
-    score from this scorer (same proxy and options, checked by `gsnr_proof`, a digest over the
-    scorer's fingerprint, the row and its score) are not scored again, and when every row does, no
-    ensemble is trained; stats without a matching proof are scored again. With `use_cache`,
+    written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. When every row already
+    carries a score from this scorer (same proxy and options, checked by `gsnr_proof`, a digest over
+    the scorer's fingerprint, the row, its ensemble and its score) and one ensemble (`gsnr_ensemble`)
+    scored them all, nothing is trained or scored. Otherwise an ensemble is trained on all the rows,
+    and a row keeps its stats only when they carry a proof from that ensemble: scores of two
+    ensembles are never ranked together. With `use_cache`,
     trained ensembles and scores are kept in `cache_dir`: re-running on the same rows does no proxy
     work, and a killed run resumes. A failing batch is retried row by row and a row the proxy fails
     on gets `scoring_error`; nothing is skipped silently. `<work_dir>/gsnr_manifest.json` records

@@ -13,6 +13,7 @@ from loguru import logger
 from .. import fields
 from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknown_options
 from ..dropped import check_writable, write_dropped_rows
+from ..provenance import check_one_ensemble, ensembles_of
 from ..selection import Selection, select, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
@@ -90,6 +91,7 @@ class GSNRTopKFilter(Selector):
             raise ValueError(
                 f"{OP_NAME} needs the G-SNR stats of every row: put a `gsnr_scorer` step before it in the recipe."
             )
+        check_one_ensemble(ensembles_of(stats), "gsnr_scorer")
         groups = None
         if self.group_by is not None:
             if self.group_by not in dataset.column_names:
