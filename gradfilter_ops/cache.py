@@ -11,23 +11,28 @@ could change a score makes a new entry and nothing stale is ever reused. Inside 
 Every file is written to a temporary name and renamed, so a killed run leaves only whole files and
 the next run resumes from them. Every file is also checked when it is read: a score shard starts with
 the SHA-256 of the rest of it, a JSON file (`ensemble.json`) carries the SHA-256 of its own content,
-and each adapter folder has a `checksums.json` (`write_checksums`). A file that fails its check is
-logged with its path and left out (`DamagedCacheFile`), so what it held is computed again.
+and each adapter folder has a `checksums.json` (`write_checksums`). Each of these also names the
+entry it was written for (`CacheEntry.key`), inside what its hash covers, so a file copied from an
+entry with other options or rows fails as a damaged one does. A file that fails its check is logged
+with its path and left out (`DamagedCacheFile`), so what it held is computed again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from loguru import logger
 
 SHA256 = "sha256"  # the key of a file's own hash in a sealed JSON file and a shard's first line
 CHECKSUMS = "checksums.json"  # in a folder: the SHA-256 of each of its files, and the folder's name
+ENTRY = "entry"  # in a cache file's checked content: the key of the cache entry it was written for
 
 
 class DamagedCacheFile(ValueError):
@@ -37,6 +42,30 @@ class DamagedCacheFile(ValueError):
         super().__init__(f"damaged cache file {path}: {why}")
         self.path = Path(path)
 
+
+
+class CacheFullError(OSError):
+    """The disk of `cache_dir` is full (or its quota spent): what the cache holds so far stays, whole."""
+
+
+# errno of a write that found no room: the disk is full, or the user's quota is spent.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def room_for(root: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a write under cache folder `root` that finds no room into a `CacheFullError` that names the folder,
+    what was being written, and the fixes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NO_ROOM or isinstance(error, CacheFullError):
+            raise
+        raise CacheFullError(error.errno, f"cache_dir {root}: no space left on its disk while writing {what} "
+                             f"({error.filename or error.strerror}). Free space there, set `cache_dir` (or "
+                             "$GRADFILTER_CACHE_DIR) to a folder on a disk with room, or set `use_cache: false`; "
+                             "the members and scores already written are kept, so a re-run resumes from them."
+                             ) from error
 
 
 def digest(value: Any, length: int = 32) -> str:
@@ -104,23 +133,38 @@ def read_sealed_json(path: str | os.PathLike) -> dict[str, Any]:
     return value
 
 
-def write_checksums(folder: Path) -> None:
-    """Record the SHA-256 of every file in `folder`, and the folder's name, in `folder/checksums.json`."""
+def write_checksums(folder: Path, entry: str | None = None) -> None:
+    """Record the SHA-256 of every file in `folder`, the folder's name and the cache entry it belongs to
+    (`entry`, when it is in one) in `folder/checksums.json`."""
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
-    write_sealed_json(folder / CHECKSUMS, {"name": folder.name, "files": files})
+    write_sealed_json(folder / CHECKSUMS, {"name": folder.name, "files": files, **entry_record(entry)})
 
 
-def verify_checksums(folder: Path, name: str | None = None) -> None:
-    """Check `folder` against its `checksums.json` (written by `write_checksums`, as folder `name`)."""
+def verify_checksums(folder: Path, name: str | None = None, entry: str | None = None) -> None:
+    """Check `folder` against its `checksums.json` (written by `write_checksums`, as folder `name` of cache
+    entry `entry`)."""
     record = read_sealed_json(folder / CHECKSUMS)
     if record.get("name") != (name or folder.name):
         raise DamagedCacheFile(folder, f"holds the files of {record.get('name')!r}")
+    check_entry(folder, record, entry)
     present = {p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS}
     if present != set(record["files"]):
         raise DamagedCacheFile(folder, f"files {sorted(present)} instead of {sorted(record['files'])}")
     for file, expected in record["files"].items():
         if sha256_file(folder / file) != expected:
             raise DamagedCacheFile(folder / file, "content does not match its hash")
+
+
+def entry_record(entry: str | None) -> dict[str, str]:
+    """The field that names the cache entry a file belongs to (none outside an entry)."""
+    return {} if entry is None else {ENTRY: entry}
+
+
+def check_entry(path: str | os.PathLike, record: Mapping[str, Any], entry: str | None) -> None:
+    """`DamagedCacheFile` unless `record` (a file's checked content) was written for cache entry `entry`."""
+    if record.get(ENTRY) != entry:
+        raise DamagedCacheFile(path, f"was written for cache entry {record.get(ENTRY)!r}, not this one ({entry!r}): "
+                                     "copied from another entry (other options or rows)")
 
 
 def report_damaged(error: DamagedCacheFile, what: str) -> None:
@@ -131,7 +175,9 @@ class CacheEntry:
     """One (scorer, training rows) entry of the cache."""
 
     def __init__(self, root: str | os.PathLike, scorer_fingerprint: str, rows_fingerprint: str):
-        self.dir = Path(root) / "scores" / f"{scorer_fingerprint[:16]}-{rows_fingerprint[:16]}"
+        self.key = f"{scorer_fingerprint}-{rows_fingerprint}"  # named inside every file the entry holds
+        self.root = Path(root)
+        self.dir = self.root / "scores" / f"{scorer_fingerprint[:16]}-{rows_fingerprint[:16]}"
         self.ensemble_dir = self.dir / "ensemble"
         self._scores: dict[str, dict] | None = None
 
@@ -142,7 +188,7 @@ class CacheEntry:
             self._scores = {}
             for part in sorted((self.dir / "scores").glob("part-*.jsonl")):
                 try:
-                    self._scores.update(read_shard(part))
+                    self._scores.update(read_shard(part, self.key))
                 except DamagedCacheFile as error:
                     report_damaged(error, "its rows are scored again.")
                     part.unlink(missing_ok=True)
@@ -153,8 +199,9 @@ class CacheEntry:
         if not records:
             return
         lines = "".join(json.dumps({"key": key, **record}, ensure_ascii=False) + "\n" for key, record in records.items())
-        header = json.dumps({SHA256: sha256_text(lines)}) + "\n"
-        atomic_write_text(self.dir / "scores" / f"part-{digest(sorted(records))}.jsonl", header + lines)
+        header = json.dumps({ENTRY: self.key, SHA256: sha256_text(shard_text(self.key, lines))}) + "\n"
+        with room_for(self.root, "a score shard"):
+            atomic_write_text(self.dir / "scores" / f"part-{digest(sorted(records))}.jsonl", header + lines)
         self.scores().update({key: dict(record) for key, record in records.items()})
 
     def relocated(self, root: str | os.PathLike) -> "CacheEntry":
@@ -173,19 +220,28 @@ class CacheEntry:
         return all(key in cached for key in keys)
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> Path:
-        return atomic_write_json(self.dir / "manifest.json", manifest)
+        with room_for(self.root, "the run manifest"):
+            return atomic_write_json(self.dir / "manifest.json", manifest)
 
 
-def read_shard(path: Path) -> dict[str, dict]:
-    """Example hash -> score fields of one shard, checked against the hash on its first line."""
+def shard_text(entry: str, lines: str) -> str:
+    """What a shard's hash covers: its rows and the key of the entry they were scored for."""
+    return json.dumps({ENTRY: entry}) + "\n" + lines
+
+
+def read_shard(path: Path, entry: str) -> dict[str, dict]:
+    """Example hash -> score fields of one shard of cache entry `entry`, checked against the hash on its
+    first line."""
     try:
         header, _, lines = path.read_text(encoding="utf-8").partition("\n")
-        expected = json.loads(header).get(SHA256) if header.startswith("{") else None
+        header = json.loads(header) if header.startswith("{") else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DamagedCacheFile(path, f"unreadable ({error})") from error
+    expected = header.get(SHA256) if isinstance(header, dict) else None
     if expected is None:
         raise DamagedCacheFile(path, "no content hash")
-    if sha256_text(lines) != expected:
+    check_entry(path, header, entry)
+    if sha256_text(shard_text(entry, lines)) != expected:
         raise DamagedCacheFile(path, "content does not match its hash")
     records = {}
     for line in lines.splitlines():

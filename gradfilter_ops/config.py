@@ -73,7 +73,8 @@ class GSNRConfig:
                                     "response from the right.", default=512)
 
     # --- LoRA ensemble (phase 1) ---------------------------------------------------------------
-    num_members: PositiveInt = _help("Ensemble size M (reading).", default=4)
+    num_members: PositiveInt = _help("Ensemble size M, at least 2 (reading): the noise term is the spread over "
+                                     "members.", default=4)
     num_epochs: PositiveInt = _help("Training epochs T per member.", default=2)
     early_epoch: PositiveInt = _help("Epoch of the early snapshot s (reading).", default=1)
     late_epoch: Optional[PositiveInt] = _help("Epoch of the late snapshot t; defaults to `num_epochs`.", default=None)
@@ -117,6 +118,10 @@ class GSNRConfig:
         if self.max_length < 2:
             raise ValueError(f"`max_length` must be at least 2 (a prompt token and a response token), "
                              f"got {self.max_length}.")
+        if self.num_members < 2:
+            raise ValueError(f"`num_members` must be at least 2: the noise term is the spread of the members' "
+                             f"gradient norms, which is zero for one member (gsnr would be drop / eps), got "
+                             f"{self.num_members}.")
         late = self.resolved_late_epoch
         if not 1 <= self.early_epoch < late <= self.num_epochs:
             raise ValueError(

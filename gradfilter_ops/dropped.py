@@ -8,6 +8,7 @@ ops, the `datasets` API) and the rows of Ray blocks, fetched one block at a time
 from __future__ import annotations
 
 import json
+import tempfile
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -47,3 +48,28 @@ def dataset_rows(dataset: Any, batch_size: int = 1000) -> Iterator[dict[str, Any
     for batch in dataset.iter(batch_size=batch_size):
         names = list(batch)
         yield from (dict(zip(names, values)) for values in zip(*batch.values()))
+
+
+class UnwritablePathError(OSError):
+    """A dropped-rows file that cannot be written where it is asked for."""
+
+
+def check_writable(path: str | Path | None, option: str) -> None:
+    """`UnwritablePathError` naming `path` and the `option` that set it, unless a file can be written there:
+    checked when the op is built, so that a run fails before training rather than after all the scoring."""
+    if path is None:
+        return
+    target = Path(path)
+    fix = f"set `{option}` to a file in a writable folder, or `keep_dropped: false` to write no dropped rows"
+    if target.is_dir():
+        raise UnwritablePathError(f"`{option}` {target} is a folder, not a file; {fix}.")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # it is created when the rows are written
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UnwritablePathError(f"`{option}` {target} lies under {folder}, a file, not a folder; {fix}.")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UnwritablePathError(f"`{option}` {target} cannot be written: {folder} is not writable "
+                                  f"({error.strerror}); {fix}.") from None

@@ -14,17 +14,19 @@ RESPONSE_TOKENS = "gsnr_response_tokens"  # response tokens that carried loss
 TOTAL_TOKENS = "gsnr_tokens"  # prompt + response tokens the proxy saw (what a token budget counts)
 
 SCORE_FIELDS = (GSNR, EARLY, LATE, DROP, NOISE, STATUS, TRUNCATED, RESPONSE_TOKENS, TOTAL_TOKENS)
-# Written by the Data-Juicer ops next to the score fields: a digest over the scorer's fingerprint,
-# the row's scored fields and its score fields (`provenance`). Stats without a matching proof are
-# scored again instead of being trusted.
+# Written by the Data-Juicer ops next to the score fields: the ensemble that scored the row (a digest of
+# the scorer's fingerprint and the rows it trained on; scores of two ensembles are not comparable), and a
+# digest over the scorer's fingerprint, the row's scored fields, its ensemble and its score fields
+# (`provenance`). Stats without a matching proof are scored again instead of being trusted.
+ENSEMBLE = "gsnr_ensemble"
 PROOF = "gsnr_proof"
-STATS_FIELDS = SCORE_FIELDS + (PROOF,)
+STATS_FIELDS = SCORE_FIELDS + (ENSEMBLE, PROOF)
 PARTS = (EARLY, LATE, DROP, NOISE, GSNR)  # the numbers that come out of the proxy
 
 # Reason codes. Every row gets exactly one; only "ok" rows have a finite `gsnr`.
 OK = "ok"
 MISSING_FIELD = "missing_field"  # a required field is absent or null (chat: no final assistant turn)
-INVALID_FIELD = "invalid_field"  # a field has the wrong type (e.g. a number where text belongs)
+INVALID_FIELD = "invalid_field"  # a field holds no text: a list, a mapping, a boolean, NaN (a number is its text)
 EMPTY_RESPONSE = "empty_response"  # the response is empty or whitespace only
 NON_FINITE = "non_finite_score"  # the gradient norms or the G-SNR came out NaN or infinite
 SCORING_ERROR = "scoring_error"  # the proxy failed on this row alone (the error is logged)
@@ -36,7 +38,7 @@ NO_SCORE_CAUSES = {
     MISSING_FIELD: "the rows lack the fields the scorer reads: check `format`, `instruction_field`, `input_field`, "
                    "`output_field`, `messages_field` or `response_field` against the data's field names (a typo "
                    "gives every row missing_field), and that chat rows have an assistant turn",
-    INVALID_FIELD: "the fields the scorer reads hold no text (numbers, lists...): check the field options and `format`",
+    INVALID_FIELD: "the fields the scorer reads hold no text (lists, booleans...): check the field options and `format`",
     EMPTY_RESPONSE: "every response is empty: check `output_field` / `response_field`",
     NON_FINITE: "the proxy's gradients came out NaN or infinite: try `precision: fp32` or a lower `learning_rate`",
     SCORING_ERROR: "the proxy failed on every row: see the errors logged above",

@@ -9,24 +9,27 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .cache import CacheEntry
+from .cache import CacheEntry, room_for
 
 
 @dataclass
 class FittedEnsemble:
     """The trained members of one fit (`snapshots`, or the cache entry that holds them) and the rows
     they were trained on: `counts` (rows per status) and, with `score_mode: online`, `online_rows`
-    (row key -> column of the online norms). `fingerprint` is the scorer's (proxy, options, device)."""
+    (row key -> column of the online norms). `fingerprint` is the scorer's (proxy, options, device);
+    `ensemble` names the ensemble: a digest of the fingerprint and the training rows' keys, in order."""
 
     fingerprint: Optional[str]
     counts: dict[str, int]
     online_rows: dict[str, int]
     cache: Optional[CacheEntry] = None
     snapshots: Optional[object] = None  # an `ensemble.Snapshots`
+    ensemble: Optional[str] = None
 
     def matches(self, other: "FittedEnsemble") -> bool:
         """Whether `other` was fitted on the same rows with the same options and proxy."""
-        return (other.fingerprint, other.counts, other.online_rows) == (self.fingerprint, self.counts, self.online_rows)
+        return ((other.fingerprint, other.ensemble, other.counts, other.online_rows)
+                == (self.fingerprint, self.ensemble, self.counts, self.online_rows))
 
     def merge(self, other: "FittedEnsemble") -> "FittedEnsemble":
         """One ensemble from this one's members and those `other` trained (`fit(..., members=...)`)."""
@@ -37,7 +40,7 @@ class FittedEnsemble:
         snapshots = self.snapshots
         if other.snapshots is not None:
             snapshots = other.snapshots if snapshots is None else Snapshots.merge([snapshots, other.snapshots])
-        return FittedEnsemble(self.fingerprint, self.counts, self.online_rows, self.cache, snapshots)
+        return FittedEnsemble(self.fingerprint, self.counts, self.online_rows, self.cache, snapshots, self.ensemble)
 
     def cached_members(self):
         """The members already trained in the cache entry (`Snapshots`), or None."""
@@ -45,18 +48,19 @@ class FittedEnsemble:
 
         if self.cache is None or not (self.cache.ensemble_dir / MANIFEST).exists():
             return None
-        return Snapshots.load(self.cache.ensemble_dir)
+        return Snapshots.load(self.cache.ensemble_dir, entry=self.cache.key)
 
     def save_member(self, snapshots, member: int) -> None:
         """Keep `member` of `snapshots` in the cache entry (the `on_member` of training)."""
-        snapshots.save_member(self.cache.ensemble_dir, member)
+        with room_for(self.cache.root, f"the adapters of member {member}"):
+            snapshots.save_member(self.cache.ensemble_dir, member, entry=self.cache.key)
 
     def load_snapshots(self):
         """The trained members, read from the cache entry the first time when they are not in memory."""
         from .ensemble import Snapshots
 
         if self.snapshots is None and self.cache is not None:
-            self.snapshots = Snapshots.load(self.cache.ensemble_dir)
+            self.snapshots = Snapshots.load(self.cache.ensemble_dir, entry=self.cache.key)
         return self.snapshots
 
     def portable(self) -> "FittedEnsemble":

@@ -10,6 +10,7 @@ bad rows.
 
 from __future__ import annotations
 
+import math
 import string
 from array import array
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def _text(sample: Mapping[str, Any], key: str, *, optional: bool = False) -> str
         if optional:
             return ""
         raise _BadField(fields.MISSING_FIELD)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        value = number_text(value)
     if not isinstance(value, str):
         raise _BadField(fields.INVALID_FIELD)
     try:
@@ -114,6 +117,14 @@ def _text(sample: Mapping[str, Any], key: str, *, optional: bool = False) -> str
         # Lone surrogates (from broken JSON escapes) cannot be tokenized; score them as U+FFFD.
         value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return value
+
+
+def number_text(value: int | float) -> str:
+    """A finite number as the text it was read from: Data-Juicer's loader (pandas) turns a numeric string such
+    as `"28"` into 28, or 28.0 when the column also holds fractions, where other rows hold numbers."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return str(int(value))
+    return str(value)
 
 
 def truncate(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int], bool]:

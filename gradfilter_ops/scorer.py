@@ -152,9 +152,11 @@ class GSNRScorer:
         logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {counts}; "
                     f"{sum(e.truncated for _, e in scoreable)} truncated to max_length={self.config.max_length}.")
         online_rows = {key: i for i, key in enumerate(keys)} if self.config.score_mode == "online" else {}
-        cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, digest(keys))
+        rows_fingerprint = digest(keys)
+        cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, rows_fingerprint)
                  if self.config.use_cache else None)
-        fitted = self.fitted = FittedEnsemble(self.fingerprint, counts, online_rows, cache)
+        fitted = self.fitted = FittedEnsemble(self.fingerprint, counts, online_rows, cache,
+                                              ensemble=digest({"scorer": self.fingerprint, "rows": rows_fingerprint}))
         if not scoreable:
             logger.warning("gsnr: no scoreable rows, so no ensemble is trained; every row keeps its reason code.")
             return fitted

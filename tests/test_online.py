@@ -63,7 +63,7 @@ def test_scorer_in_online_mode_scores_every_row_and_resumes_from_the_cache(tiny_
     assert again[fields.GSNR][::-1] == scored[fields.GSNR]
 
     # A fresh process-like scorer finds the members and their online norms in the cache entry.
-    saved = Snapshots.load(scorer.cache.ensemble_dir)
+    saved = Snapshots.load(scorer.cache.ensemble_dir, entry=scorer.cache.key)
     assert sorted(saved.online_norms) == [0, 1]
     np.testing.assert_array_equal(saved.online_sq_norms(), scorer.snapshots.online_sq_norms())
 

@@ -26,7 +26,8 @@ WRONG_TYPE = {
 
 # Values of the right type outside the option's range.
 OUT_OF_RANGE = [
-    ("seed", -1), ("max_length", 0), ("num_members", 0), ("num_epochs", -2), ("lora_r", 0), ("lora_alpha", 0),
+    ("seed", -1), ("max_length", 0), ("num_members", 0), ("num_members", 1), ("num_epochs", -2), ("lora_r", 0),
+    ("lora_alpha", 0),
     ("lora_alpha", math.inf), ("lora_dropout", 1.0), ("lora_dropout", -0.1), ("lora_layer_fraction", 0.0),
     ("lora_layer_fraction", 1.5), ("learning_rate", -1e-4), ("learning_rate", math.nan), ("weight_decay", -0.01),
     ("train_batch_size", 0), ("member_workers", 0), ("stack_members", 0), ("score_batch_size", -16),
@@ -51,6 +52,12 @@ def test_a_value_of_the_wrong_type_is_refused_and_named(name):
 def test_a_value_out_of_range_is_refused_and_named(name, value):
     with pytest.raises(ValueError, match=f"^`{name}` must be "):
         GSNRConfig(**{name: value})
+
+
+def test_one_member_is_refused_with_the_reason():
+    # One member has no spread, so the noise term would be 0 and every gsnr drop / eps.
+    with pytest.raises(ValueError, match=r"^`num_members` must be at least 2: the noise term is the spread .* got 1"):
+        GSNRConfig(num_members=1)
 
 
 def test_the_messages_say_what_the_option_takes():

@@ -72,7 +72,10 @@ def test_chat_template_puts_loss_on_last_assistant_turn(tokenizer):
     ({"output": "x"}, fields.MISSING_FIELD),
     ({"instruction": None, "output": "x"}, fields.MISSING_FIELD),
     ({"instruction": "Do it."}, fields.MISSING_FIELD),
-    ({"instruction": 42, "output": "x"}, fields.INVALID_FIELD),
+    ({"instruction": True, "output": "x"}, fields.INVALID_FIELD),
+    ({"instruction": "Do it.", "output": False}, fields.INVALID_FIELD),
+    ({"instruction": "Do it.", "output": {"text": "x"}}, fields.INVALID_FIELD),
+    ({"instruction": "Do it.", "output": float("nan")}, fields.INVALID_FIELD),
     ({"instruction": "Do it.", "output": ["x"]}, fields.INVALID_FIELD),
     ({"instruction": "Do it.", "output": ""}, fields.EMPTY_RESPONSE),
     ({"instruction": "Do it.", "output": " \n\t "}, fields.EMPTY_RESPONSE),
@@ -87,6 +90,18 @@ def test_bad_rows_get_reason_codes(tokenizer, sample, reason):
     encoded = formatter(tokenizer).encode(sample)
     assert encoded.status == reason
     assert len(encoded.input_ids) == 0
+
+
+@pytest.mark.parametrize("number, text", [(28, "28"), (2.5, "2.5"), (28.0, "28"), (-3, "-3"), (1e-7, "1e-07")])
+def test_a_number_is_scored_as_its_text(tokenizer, number, text):
+    """Data-Juicer's loader reads a numeric-string `output` as a number when other rows hold numbers."""
+    fmt = formatter(tokenizer)
+    as_number = fmt.encode({"instruction": "How many?", "input": 7, "output": number})
+    as_text = fmt.encode({"instruction": "How many?", "input": "7", "output": text})
+    assert as_number.ok and as_number == as_text
+    assert decode_parts(tokenizer, as_number)[1] == text + tokenizer.eos_token
+    messages = [{"role": "user", "content": 6}, {"role": "assistant", "content": number}]
+    assert formatter(tokenizer).encode({"messages": messages}).ok
 
 
 def test_truncation_cuts_prompt_from_the_left_first():

@@ -105,7 +105,8 @@ def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
     import pyarrow as pa
 
     scored = {fields.GSNR: 2.5, fields.EARLY: 1.0, fields.LATE: 0.5, fields.DROP: 0.5, fields.NOISE: 0.2,
-              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.RESPONSE_TOKENS: 4, fields.TOTAL_TOKENS: 9}
+              fields.STATUS: fields.OK, fields.TRUNCATED: False, fields.RESPONSE_TOKENS: 4, fields.TOTAL_TOKENS: 9,
+              fields.ENSEMBLE: "an ensemble"}
     scorer = GSNRScorer(tiny_config())
     scored[fields.PROOF] = proof(scorer_fingerprint(scorer), scorer.config, seed_tasks(1)[0], scored)
     rows = [{**seed_tasks(1)[0], STATS: {"text_len": 5, **scored}}] + \
@@ -208,3 +209,34 @@ def test_rows_lost_or_doubled_are_named_by_position_and_id():
     assert str(error.value).startswith("scoring on Ray gave back 5 rows for 6; 2 lost: row 1 (id='r1'), "
                                        "row 4 (id='r4'); 1 more than once: row 2 (id='r2').")
     check_every_row_once(before, ray.data.from_items(rows[::-1]).materialize(), STATS)  # order does not matter
+
+
+def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
+    """As `gsnr_scorer` does (tests/test_trust.py): a row scored by another ensemble is scored again."""
+    from gradfilter_ops.distributed import score_dataset
+
+    rows = [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in seed_tasks(10)]
+    config = tiny_config()
+
+    def run(items):
+        scored = score_dataset(GSNRScorer(config), ray.data.from_items(items, override_num_blocks=2),
+                               stats_column=STATS, batch_size=4)
+        return {row["id"]: row for row in scored.dataset.take_all()}
+
+    first = run(rows[:7])
+    again = run(list(first.values()) + rows[7:])
+    scratch = run(rows)
+    assert len({row[STATS][fields.ENSEMBLE] for row in again.values()}) == 1
+    for row in rows:
+        assert again[row["id"]][STATS][fields.GSNR] == pytest.approx(scratch[row["id"]][STATS][fields.GSNR], rel=1e-5)
+        assert again[row["id"]][STATS][fields.ENSEMBLE] == scratch[row["id"]][STATS][fields.ENSEMBLE]
+    assert any(first[r["id"]][STATS][fields.GSNR] != pytest.approx(scratch[r["id"]][STATS][fields.GSNR], rel=1e-3)
+               for r in rows[:7])
+    from gradfilter_ops.distributed import select_dataset
+    from gradfilter_ops.provenance import MixedEnsembles
+
+    mixed = ray.data.from_items(list(first.values()) + [scratch[r["id"]] for r in rows[7:]])
+    with pytest.raises(MixedEnsembles, match="10 rows carry the scores of 2 ensembles .* `ray_gsnr_scorer`"):
+        select_dataset(mixed, stats_column=STATS, top_k=2)
+    subset = run([first[r["id"]] for r in rows[:3]])  # one ensemble's rows: kept as they are
+    assert {i: r[STATS] for i, r in subset.items()} == {r["id"]: first[r["id"]][STATS] for r in rows[:3]}

@@ -947,7 +947,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--e2e-rounds", type=int, default=1, help="e2e: G-SNR runs per mode, each between two IFD runs")
     parser.add_argument("--e2e-modes", default="snapshot,online", help="e2e: score modes of gsnr_scorer to time")
     parser.add_argument("--mem-rows", type=int, default=16, help="memory: N (>= the batch size of 16, so both fill it)")
-    parser.add_argument("--mem-members", type=int, default=1, help="memory: M (memory does not grow with M)")
+    parser.add_argument("--mem-members", type=int, default=2, help="memory: M >= 2 (memory does not grow with M)")
     parser.add_argument("--online-rows", type=int, default=96, help="online: rows")
     parser.add_argument("--online-members", type=int, default=4, help="online: M")
     parser.add_argument("--workers", type=int, default=2, help="workers: member_workers to compare with 1")

@@ -22,8 +22,9 @@ runs it through `ray_gsnr_scorer` and `ray_gsnr_top_k_filter`; it works on any `
   stream to one JSON-lines file, a block at a time.
 
 Scores go into the columns of `fields.SCORE_FIELDS`, or into a struct column (`stats_column`, which
-Data-Juicer calls `__dj__stats__`) with a `gsnr_proof` (`provenance`), where a row whose stats carry
-a proof from this scorer keeps its score; other stats are scored again.
+Data-Juicer calls `__dj__stats__`) with `gsnr_ensemble` and a `gsnr_proof` (`provenance`), where a row
+whose stats carry a proof from this scorer keeps its score while every score comes from one ensemble;
+other stats are scored again.
 """
 
 from .blocks import add_scores, read_fields

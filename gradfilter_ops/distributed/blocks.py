@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from .. import fields
-from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..provenance import carries_proof, fitted_ensemble, proof, scorer_fingerprint
 from ..scorer import GSNRScorer
 
 
@@ -15,7 +15,7 @@ def arrow_types() -> dict[str, Any]:
 
     types = {name: pa.float64() for name in fields.PARTS}
     types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.RESPONSE_TOKENS: pa.int64(),
-                  fields.TOTAL_TOKENS: pa.int64(), fields.PROOF: pa.string()})
+                  fields.TOTAL_TOKENS: pa.int64(), fields.ENSEMBLE: pa.string(), fields.PROOF: pa.string()})
     return types
 
 
@@ -79,12 +79,13 @@ def score_inputs(block, stats_column: Optional[str]):
     return block.drop_columns([c for c in block.column_names if c == stats_column or c in fields.STATS_FIELDS])
 
 
-def proven_rows(block, stats_column: str, fingerprint: str, config) -> list[bool]:
-    """For each row of `block`, whether its `stats_column` holds a score this scorer wrote for it."""
+def proven_rows(block, stats_column: str, fingerprint: str, config, ensemble: Optional[str] = None) -> list[bool]:
+    """For each row of `block`, whether its `stats_column` holds a score this scorer wrote for it (by
+    `ensemble`, when given)."""
     existing = block_fields(block, stats_column, fields.STATS_FIELDS)
     rows = score_inputs(block, stats_column).to_pylist()
-    return [carries_proof(fingerprint, config, row, {name: existing[name][i] for name in fields.STATS_FIELDS})
-            for i, row in enumerate(rows)]
+    return [carries_proof(fingerprint, config, row, {name: existing[name][i] for name in fields.STATS_FIELDS},
+                          ensemble) for i, row in enumerate(rows)]
 
 
 def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
@@ -96,7 +97,8 @@ def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
     n = block.num_rows
     names = fields.STATS_FIELDS if stats_column else fields.SCORE_FIELDS
     existing = block_fields(block, stats_column, names) if stats_column else None
-    proven = proven_rows(block, stats_column, scorer_fingerprint(scorer), scorer.config) if stats_column else [False] * n
+    proven = (proven_rows(block, stats_column, scorer_fingerprint(scorer), scorer.config, fitted_ensemble(scorer))
+              if stats_column else [False] * n)
     todo = [i for i in range(n) if not proven[i]]
     values = existing or {name: [None] * n for name in names}
     if todo:
@@ -106,6 +108,7 @@ def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
         for j, i in enumerate(todo):
             record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
             if stats_column:
+                record[fields.ENSEMBLE] = fitted_ensemble(scorer)
                 record[fields.PROOF] = proof(scorer.fingerprint, scorer.config, rows[j], record)
             for name in names:
                 values[name][i] = record[name]

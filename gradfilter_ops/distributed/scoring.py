@@ -11,7 +11,7 @@ from loguru import logger
 
 from .. import fields
 from ..config import require_positive_int
-from ..provenance import scorer_fingerprint
+from ..provenance import ensembles_of, fitted_ensemble, scorer_fingerprint, warn_other_ensembles
 from ..scorer import GSNRScorer, log_summary, summarize
 from ..threads import use_ray_assigned_cpus
 from .blocks import add_scores, proven_rows, read_fields
@@ -78,18 +78,21 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     require_positive_int("concurrency", concurrency)
     require_positive_int("train_tasks", train_tasks)
     dataset = dataset.materialize()
-    statuses = read_fields(dataset, [fields.STATUS], stats_column)[fields.STATUS]
+    arrived = read_fields(dataset, [fields.STATUS, fields.ENSEMBLE], stats_column)
+    statuses, ensembles = arrived[fields.STATUS], ensembles_of({fields.ENSEMBLE: e} for e in arrived[fields.ENSEMBLE])
     if not statuses:
         logger.warning("gsnr: the dataset is empty; nothing to score.")
         return Scored(dataset, scorer)
     exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
     claimed = sum(status is not None for status in statuses) if stats_column else 0
-    if claimed and not _unproven(scorer, dataset, stats_column, statuses) and claimed == len(statuses):
+    if (claimed and not _unproven(scorer, dataset, stats_column, statuses) and claimed == len(statuses)
+            and len(ensembles) <= 1):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
     else:
         fitted = on_this_node(fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude,
                                           num_cpus=num_cpus, num_gpus=num_gpus))
+        warn_other_ensembles("gsnr", ensembles, fitted_ensemble(fitted))
     rows = row_digests(dataset, stats_column, labels=True)
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from loguru import logger
 
 from .. import fields
 from ..dropped import write_dropped_rows
+from ..provenance import check_one_ensemble, ensembles_of
 from ..selection import Selection, select, validate_budget
 from .blocks import fields_by_block, joined
 
@@ -90,7 +91,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
     write the dropped ones, with their reasons, to `dropped_path` when given."""
     validate_budget(top_k, top_ratio, max_tokens)
     dataset = dataset.materialize()
-    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS]
+    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS, fields.ENSEMBLE]
     parts = fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
     statuses = joined(parts, fields.STATUS)
     if not statuses:
@@ -99,6 +100,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
     if any(status is None for status in statuses):
         raise MissingScores(f"{sum(s is None for s in statuses)} of {len(statuses)} rows have no G-SNR stats "
                             f"(`{fields.STATUS}`); score them before selecting.")
+    check_one_ensemble(ensembles_of({fields.ENSEMBLE: e} for e in joined(parts, fields.ENSEMBLE)), "ray_gsnr_scorer")
     groups = joined(parts, "group") if group_by else None
     selection = select(joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in joined(parts, fields.TOTAL_TOKENS)],
                        groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,

@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,26 +74,28 @@ class Snapshots:
         return Snapshots(epochs=self.epochs, states={k: v for k, v in self.states.items() if k[0] in members},
                          lora=self.lora, online_norms={m: v for m, v in self.online_norms.items() if m in members})
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write one peft adapter folder per member and epoch (`member<m>_epoch<e>/`); returns the folder."""
+    def save(self, directory: str | os.PathLike, entry: Optional[str] = None) -> Path:
+        """Write one peft adapter folder per member and epoch (`member<m>_epoch<e>/`); returns the folder.
+        `entry`: the key of the cache entry the folder is in, named in every file's checked content."""
         directory = Path(directory)
         for member in self.members:
-            self.save_member(directory, member)
+            self.save_member(directory, member, entry=entry)
         return directory
 
-    def save_member(self, directory: str | os.PathLike, member: int) -> None:
+    def save_member(self, directory: str | os.PathLike, member: int, entry: Optional[str] = None) -> None:
         """Write one member's adapters; they appear all at once, so a killed run never leaves half a member."""
         from safetensors.torch import save_file
 
-        from ..cache import DamagedCacheFile, read_sealed_json, write_checksums, write_sealed_json
+        from ..cache import (DamagedCacheFile, check_entry, entry_record, read_sealed_json, write_checksums,
+                             write_sealed_json)
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         manifest = directory / MANIFEST
         try:
-            read_sealed_json(manifest)
-        except DamagedCacheFile:  # missing, or damaged: write it again
-            write_sealed_json(manifest, {"epochs": list(self.epochs), "lora": self.lora})
+            check_entry(manifest, read_sealed_json(manifest), entry)
+        except DamagedCacheFile:  # missing, damaged or another entry's: write it again
+            write_sealed_json(manifest, {"epochs": list(self.epochs), "lora": self.lora, **entry_record(entry)})
         staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".member{member}."))
         try:
             for epoch in self.epochs:
@@ -103,7 +105,7 @@ class Snapshots:
                 save_file(self.states[(member, epoch)], folder / "adapter_model.safetensors")
                 if epoch == self.epochs[-1] and member in self.online_norms:
                     np.save(folder / ONLINE_NORMS, self.online_norms[member])
-                write_checksums(folder)
+                write_checksums(folder, entry)
             for folder in sorted(staging.iterdir()):
                 target = directory / folder.name
                 if target.exists():
@@ -113,16 +115,18 @@ class Snapshots:
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Snapshots":
-        """Every member whose adapters are complete and intact in `directory` (possibly none); a damaged
-        member (or `ensemble.json`) is logged with its path and left out, so it is trained again."""
+    def load(cls, directory: str | os.PathLike, entry: Optional[str] = None) -> "Snapshots":
+        """Every member whose adapters are complete and intact in `directory` (possibly none) and were written
+        for cache entry `entry` (`save`); a damaged member (or `ensemble.json`), or one copied from another
+        entry, is logged with its path and left out, so it is trained again."""
         from safetensors.torch import load_file
 
-        from ..cache import DamagedCacheFile, read_sealed_json, report_damaged, verify_checksums
+        from ..cache import DamagedCacheFile, check_entry, read_sealed_json, report_damaged, verify_checksums
 
         directory = Path(directory)
         try:
             manifest = read_sealed_json(directory / MANIFEST)
+            check_entry(directory / MANIFEST, manifest, entry)
         except DamagedCacheFile as error:
             report_damaged(error, "every member is trained again.")
             return cls(epochs=(), states={}, lora={})
@@ -133,7 +137,7 @@ class Snapshots:
             if all(f.exists() for f in files):
                 try:
                     for f in files:
-                        verify_checksums(f.parent)
+                        verify_checksums(f.parent, entry=entry)
                 except DamagedCacheFile as error:
                     report_damaged(error, f"member {member} is trained again.")
                     continue

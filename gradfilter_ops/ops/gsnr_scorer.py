@@ -15,7 +15,8 @@ from ._recipe import check_dropped_files, recipe, restore_prior_stats, scorer_dr
 from ._stats import checked_stats
 from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
-from ..provenance import carries_proof, proof, scorer_fingerprint
+from ..provenance import (carries_proof, ensembles_of, fitted_ensemble, proof, scorer_fingerprint,
+                          warn_other_ensembles)
 from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
 from ..selection import in_range, range_drops, validate_range
 
@@ -25,13 +26,14 @@ MANIFEST_FILE = "gsnr_manifest.json"
 
 def proven_rows(scorer: GSNRScorer, batch: dict) -> list[bool]:
     """For each row of a batch (a dict of columns), whether its stats hold a score that `scorer`
-    wrote for it (`provenance`); only those are not scored again."""
+    wrote for it (`provenance`), by the ensemble it fitted when it has; only those are not scored again."""
     stats = batch.get(Fields.stats)
     if stats is None:
         return [False] * len(next(iter(batch.values()), []))
     fingerprint = scorer_fingerprint(scorer)
     rows = rows_of({key: values for key, values in batch.items() if key != Fields.stats})
-    return [carries_proof(fingerprint, scorer.config, row, s) for row, s in zip(rows, stats)]
+    ensemble = fitted_ensemble(scorer)
+    return [carries_proof(fingerprint, scorer.config, row, s, ensemble) for row, s in zip(rows, stats)]
 
 
 def _unproven(scorer: GSNRScorer, dataset) -> int:
@@ -71,13 +73,17 @@ class GSNRScorerOp(Filter):
         `empty_response`, `non_finite_score`, `scoring_error`;
       - `gsnr_truncated`: whether tokens were cut to fit `max_length`;
       - `gsnr_response_tokens`: the response tokens that carried loss;
-      - `gsnr_tokens`: all tokens the proxy saw (what `max_tokens` budgets count).
+      - `gsnr_tokens`: all tokens the proxy saw (what `max_tokens` budgets count);
+      - `gsnr_ensemble`: the ensemble that scored the sample (scores of two are not comparable);
+      - `gsnr_proof`: the digest that proves these stats came from this scorer (below).
 
     By default every sample is kept; with `min_gsnr` / `max_gsnr` the rows outside the range are
-    written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. Rows that already carry a
-    score from this scorer (same proxy and options, checked by `gsnr_proof`, a digest over the
-    scorer's fingerprint, the row and its score) are not scored again, and when every row does, no
-    ensemble is trained; stats without a matching proof are scored again. With `use_cache`,
+    written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. When every row already
+    carries a score from this scorer (same proxy and options, checked by `gsnr_proof`, a digest over
+    the scorer's fingerprint, the row, its ensemble and its score) and one ensemble (`gsnr_ensemble`)
+    scored them all, nothing is trained or scored. Otherwise an ensemble is trained on all the rows,
+    and a row keeps its stats only when they carry a proof from that ensemble: scores of two
+    ensembles are never ranked together. With `use_cache`,
     trained ensembles and scores are kept in `cache_dir`: re-running on the same rows does no proxy
     work, and a killed run resumes. A failing batch is retried row by row and a row the proxy fails
     on gets `scoring_error`; nothing is skipped silently. `<work_dir>/gsnr_manifest.json` records
@@ -121,10 +127,13 @@ class GSNRScorerOp(Filter):
     def run(self, dataset, *, exporter=None, tracer=None, reduce=True):
         dataset = restore_prior_stats(dataset)
         checked_stats(OP_NAME, dataset)
-        if len(dataset) and not _unproven(self.scorer, dataset):
-            logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing.")
+        ensembles = ensembles_of(dataset[Fields.stats]) if Fields.stats in dataset.column_names else {}
+        if len(dataset) and len(ensembles) <= 1 and not _unproven(self.scorer, dataset):
+            logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing (the scores come from "
+                        "one ensemble).")
         else:
             self.scorer.fit(dataset)
+            warn_other_ensembles(OP_NAME, ensembles, fitted_ensemble(self.scorer))
         self._mapping = True
         try:
             scored = super().run(dataset, exporter=exporter, tracer=tracer, reduce=False)
@@ -155,9 +164,10 @@ class GSNRScorerOp(Filter):
             return samples
         columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
         scores = self.scorer.score_batch(columns, rank=rank)
-        fingerprint = scorer_fingerprint(self.scorer)
+        fingerprint, ensemble = scorer_fingerprint(self.scorer), fitted_ensemble(self.scorer)
         for j, (i, row) in enumerate(zip(todo, rows_of(columns))):
             record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+            record[fields.ENSEMBLE] = ensemble
             record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
             # A row of partly scored input has null stats.
             all_stats[i] = {**(all_stats[i] or {}), **record}

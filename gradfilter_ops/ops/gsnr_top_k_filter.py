@@ -14,7 +14,8 @@ from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknow
 from ._recipe import (SUFFIX_FIELD, TOP_K_DROPPED_FILE, TOP_K_STEPS, check_dropped_files, default_dropped_file, recipe,
                       restore_prior_stats, step_index)
 from ._stats import checked_stats
-from ..dropped import write_dropped_rows
+from ..dropped import check_writable, write_dropped_rows
+from ..provenance import check_one_ensemble, ensembles_of
 from ..selection import Selection, select, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
@@ -90,6 +91,7 @@ class GSNRTopKFilter(Selector):
         self.min_per_group = options["min_per_group"]
         self.budget = {name: options[name] for name in ("top_k", "top_ratio", "max_tokens")}
         check_dropped_files(recipe())
+        check_writable(dropped_path_of(self), "dropped_path")
 
     def process(self, dataset):
         dataset = restore_prior_stats(dataset)
@@ -101,6 +103,7 @@ class GSNRTopKFilter(Selector):
             raise ValueError(
                 f"{OP_NAME} needs the G-SNR stats of every row: put a `gsnr_scorer` step before it in the recipe."
             )
+        check_one_ensemble(ensembles_of(stats), "gsnr_scorer")
         groups = None
         if self.group_by is not None:
             if self.group_by not in dataset.column_names:

@@ -23,6 +23,7 @@ from loguru import logger
 
 from .. import fields
 from ..config import GSNRConfig, require_positive_int
+from ..dropped import check_writable
 from ..scorer import GSNRScorer
 from ..selection import range_drops, validate_range
 from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, config_options, recipe_options,
@@ -111,6 +112,7 @@ class RayGSNRTopKFilter(Pipeline):
         check_selection_options(options)
         self.options = options
         check_dropped_files(recipe())
+        check_writable(dropped_path_of(self), "dropped_path")
 
     def run(self, dataset, *, exporter=None, tracer=None):
         from ..distributed import MissingScores, select_dataset
