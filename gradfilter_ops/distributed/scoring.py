@@ -16,7 +16,7 @@ from ..scorer import GSNRScorer, log_summary, summarize
 from ..threads import use_ray_assigned_cpus
 from .blocks import add_scores, proven_rows, read_fields
 from .resources import task_resources
-from .training import fit_dataset, shipped
+from .training import fit_dataset, group_dataset, shipped
 
 
 @dataclass
@@ -69,10 +69,12 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     if not statuses:
         logger.warning("gsnr: the dataset is empty; nothing to score.")
         return Scored(dataset, scorer)
-    exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
+    exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS + fields.GROUP_FIELDS)
     if stats_column and all(status is not None for status in statuses) and not _unproven(scorer, dataset, stats_column):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
+        if scorer.config.group_fields:
+            fitted = group_dataset(scorer, dataset, exclude=exclude, num_cpus=num_cpus, num_gpus=num_gpus)
     else:
         fitted = fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude, num_cpus=num_cpus,
                              num_gpus=num_gpus)
