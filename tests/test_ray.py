@@ -179,18 +179,18 @@ def test_ray_selection_by_clusters_and_near_duplicates_equals_the_selection_over
     from gradfilter_ops.selection import stat_selection_inputs
 
     rows = stats_rows(30)
-    for i, row in enumerate(rows):  # 4 clusters; near-duplicate groups of 3 consecutive rows
+    for i, row in enumerate(rows):  # 4 clusters; near-duplicate pairs of consecutive rows
         scored = row[STATS][fields.STATUS] == fields.OK
         row[STATS].update({fields.CLUSTER: i % 4 if scored else None,
-                           fields.DUPLICATE_GROUP: i - i % 3 if scored else None})
+                           fields.DUPLICATE_GROUP: i - i % 2 if scored else None})
     stats = [r[STATS] for r in rows]
     statuses = [s[fields.STATUS] for s in stats]
     groups, duplicates = stat_selection_inputs("clusters", "drop", statuses, [s[fields.CLUSTER] for s in stats],
                                                [s[fields.DUPLICATE_GROUP] for s in stats])
-    expected = select([s[fields.GSNR] for s in stats], statuses, top_ratio=0.5, groups=groups,
+    expected = select([s[fields.GSNR] for s in stats], statuses, top_ratio=0.2, groups=groups,
                       duplicate_groups=duplicates)
     assert {fields.NEAR_DUPLICATE, fields.GROUP_QUOTA_FULL} <= set(expected.reasons.values())
-    selected = select_dataset(ray.data.from_items(rows, override_num_blocks=4), stats_column=STATS, top_ratio=0.5,
+    selected = select_dataset(ray.data.from_items(rows, override_num_blocks=4), stats_column=STATS, top_ratio=0.2,
                               diversity="clusters", near_duplicates="drop", dropped_path=tmp_path / "dropped.jsonl")
     assert [r["id"] for r in selected.dataset.take_all()] == [rows[i]["id"] for i in expected.keep]
     dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").open()]
