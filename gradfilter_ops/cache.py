@@ -6,6 +6,8 @@ could change a score makes a new entry and nothing stale is ever reused. Inside 
 
     ensemble/member<m>_epoch<e>/   peft adapters, written as each member finishes training
     scores/part-<hash>.jsonl       score fields of one scored batch, keyed by example hash
+    embeddings/                    the proxy's pooled hidden states of the rows (`vectors.npy`, their
+                                   example hashes in `keys.json`), for the row groups (`clusters`)
     manifest.json                  versions, seeds, config, fingerprints, counts and timings
 
 Every file is written to a temporary name and renamed, so a killed run leaves only whole files and
@@ -26,7 +28,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from loguru import logger
 
@@ -179,6 +181,7 @@ class CacheEntry:
         self.root = Path(root)
         self.dir = self.root / "scores" / f"{scorer_fingerprint[:16]}-{rows_fingerprint[:16]}"
         self.ensemble_dir = self.dir / "ensemble"
+        self.embeddings_dir = self.dir / "embeddings"
         self._scores: dict[str, dict] | None = None
 
     def scores(self) -> dict[str, dict]:
@@ -218,6 +221,43 @@ class CacheEntry:
     def has_all(self, keys: Iterable[str]) -> bool:
         cached = self.scores()
         return all(key in cached for key in keys)
+
+    def embeddings(self):
+        """`(keys, vectors)`: the cached pooled hidden states (float32 [len(keys), hidden]) and the example
+        hashes of their rows, or None when there are none; a damaged file is logged and deleted (None)."""
+        import numpy as np
+
+        folder = self.embeddings_dir
+        if not folder.exists():
+            return None
+        try:
+            verify_checksums(folder)
+            keys = json.loads((folder / "keys.json").read_text(encoding="utf-8"))
+            vectors = np.load(folder / "vectors.npy", allow_pickle=False)
+            if len(keys) != len(vectors):
+                raise DamagedCacheFile(folder, f"{len(keys)} keys for {len(vectors)} vectors")
+        except (DamagedCacheFile, OSError, ValueError) as error:
+            damaged = error if isinstance(error, DamagedCacheFile) else DamagedCacheFile(folder, repr(error))
+            report_damaged(damaged, "the pooled hidden states are computed again.")
+            for file in folder.iterdir():
+                file.unlink(missing_ok=True)
+            return None
+        return keys, vectors
+
+    def add_embeddings(self, keys: Sequence[str], vectors) -> None:
+        """Keep the pooled hidden states `vectors` of the rows `keys` (replacing any), with their checksums."""
+        import numpy as np
+
+        folder = self.embeddings_dir
+        (folder / CHECKSUMS).unlink(missing_ok=True)  # the files below are not whole until it is written again
+        atomic_write_text(folder / "keys.json", json.dumps(list(keys)))
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(vectors, dtype=np.float32), allow_pickle=False)
+
+        atomic_write(folder / "vectors.npy", save)
+        write_checksums(folder)
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> Path:
         with room_for(self.root, "the run manifest"):

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
+from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                 restricted_number_type)
 
 from .proxy import DEFAULT_PROXY
 from .template import template_fields
@@ -29,6 +30,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 ScoreMode = Literal["snapshot", "online"]
 LayerFraction = restricted_number_type("LayerFraction", float, [(">", 0), ("<=", 1)])  # (0, 1]
 DropoutRate = restricted_number_type("DropoutRate", float, [(">=", 0), ("<", 1)])  # [0, 1)
+Similarity = ClosedUnitInterval  # a cosine similarity in [0, 1]
 
 FORMATS, NORMS, NOISES = get_args(Format), get_args(Norm), get_args(Noise)
 EXAMPLE_LOSSES = get_args(ExampleLoss)
@@ -109,6 +111,16 @@ class GSNRConfig:
                          default="var")
     eps: NonNegativeFloat = _help("Added to both denominators of the G-SNR.", default=1e-8)
 
+    # --- groups of rows by the proxy's pooled hidden states ------------------------------------
+    clusters: bool = _help("Write each row's k-means cluster of the frozen proxy's mean-pooled last hidden states "
+                           "(`gsnr_cluster`), for the top-k filter's `diversity: clusters`.", default=False)
+    num_clusters: Optional[PositiveInt] = _help("k of `clusters`; null: round(sqrt(rows / 2)), at most 64.",
+                                                default=None)
+    near_duplicate_threshold: Optional[Similarity] = _help(
+        "Cosine similarity (of the pooled hidden states, centred on the pool's mean) at or above which rows are "
+        "near-duplicates (`gsnr_duplicate_group`), for the top-k filter's `near_duplicates: drop`, e.g. 0.95; "
+        "null: off.", default=None)
+
     def __post_init__(self) -> None:
         if isinstance(self.cache_dir, os.PathLike):
             self.cache_dir = os.fspath(self.cache_dir)
@@ -134,6 +146,16 @@ class GSNRConfig:
             raise ValueError("`prompt_template` is only used with `format: custom`; set `format: custom`.")
         if self.prompt_template is not None:
             template_fields(self.prompt_template)
+        if self.num_clusters is not None and not self.clusters:
+            raise ValueError("`num_clusters` is the k of `clusters`; set `clusters: true` as well.")
+
+    @property
+    def group_fields(self) -> tuple[str, ...]:
+        """The stats of `fields.GROUP_FIELDS` that these options ask the scorer for."""
+        from . import fields
+
+        wanted = {fields.CLUSTER: self.clusters, fields.DUPLICATE_GROUP: self.near_duplicate_threshold is not None}
+        return tuple(name for name in fields.GROUP_FIELDS if wanted[name])
 
     @property
     def resolved_late_epoch(self) -> int:
@@ -154,6 +176,9 @@ class GSNRConfig:
 
 # Options that change how fast scores are computed, not what they are: left out of the cache key.
 NON_SCORE_OPTIONS = ("cache_dir", "use_cache", "device", "score_batch_size", "member_workers", "stack_members")
+# Options of the row groups, computed anew on every run from the cached pooled hidden states: left out of the
+# cache key and the scores' proofs too, so that changing them trains and scores nothing again.
+GROUP_OPTIONS = ("clusters", "num_clusters", "near_duplicate_threshold")
 
 
 def require_positive_int(name: str, value: Any, nullable: bool = False) -> Any:
@@ -199,5 +224,5 @@ def check_option(name: str, value: Any, kind: Any) -> Any:
 TAKES = {int: "an integer", float: "a finite number", PositiveInt: "a positive integer",
          NonNegativeInt: "an integer >= 0", PositiveFloat: "a finite number > 0",
          NonNegativeFloat: "a finite number >= 0", LayerFraction: "a number in (0, 1]",
-         DropoutRate: "a number in [0, 1)"}
+         DropoutRate: "a number in [0, 1)", Similarity: "a cosine similarity in [0, 1]"}
 

@@ -22,6 +22,12 @@ ENSEMBLE = "gsnr_ensemble"
 PROOF = "gsnr_proof"
 STATS_FIELDS = SCORE_FIELDS + (ENSEMBLE, PROOF)
 PARTS = (EARLY, LATE, DROP, NOISE, GSNR)  # the numbers that come out of the proxy
+# Written next to the score fields when the scorer is asked for them (`clusters`, `near_duplicate_threshold`):
+# groups of the rows by the proxy's pooled hidden states, computed over every row `fit` saw. The ids are
+# labels (equal id, same group), numbered in the order of the rows' content hashes; None where status is not ok.
+CLUSTER = "gsnr_cluster"  # k-means cluster, for `diversity: clusters`
+DUPLICATE_GROUP = "gsnr_duplicate_group"  # near-duplicate group, for `near_duplicates: drop`
+GROUP_FIELDS = (CLUSTER, DUPLICATE_GROUP)
 
 # Reason codes. Every row gets exactly one; only "ok" rows have a finite `gsnr`.
 OK = "ok"
@@ -48,4 +54,5 @@ NO_SCORE_CAUSES = {
 BELOW_CUTOFF = "below_top_k_cutoff"
 GROUP_QUOTA_FULL = "group_quota_full"
 OVER_TOKEN_BUDGET = "over_token_budget"
+NEAR_DUPLICATE = "near_duplicate"  # `near_duplicates: drop`: a row of its group with a better G-SNR is kept
 OUTSIDE_RANGE = "outside_gsnr_range"  # `gsnr_scorer` with min_gsnr / max_gsnr

@@ -8,7 +8,8 @@
 
 `fit` trains the ensemble over the whole dataset; `score_batch` is the per-example pass that
 `score` runs through `dataset.map(batched=True)` and that the Data-Juicer op calls per batch (with
-`score_mode: online` it looks up the norms that `fit` recorded while training instead). With
+`score_mode: online` it looks up the norms that `fit` recorded while training instead). `fit` also
+groups the rows when asked (`groups.RowGrouping`), and `score_batch` writes their groups. With
 `use_cache` (the default) both go through a `cache.CacheEntry`: a re-run on the same rows does no
 proxy work, and a killed run resumes from its finished members and batches.
 """
@@ -25,8 +26,9 @@ from loguru import logger
 
 from . import fields
 from .cache import CacheEntry, atomic_write_json, digest
-from .config import NON_SCORE_OPTIONS, GSNRConfig
+from .config import GROUP_OPTIONS, NON_SCORE_OPTIONS, GSNRConfig
 from .fitted import FittedEnsemble
+from .groups import RowGrouping
 from .manifest import run_manifest
 from .records import batch_of, records_row_by_row, rows_of, score_records
 from .summary import NEGATIVE_DROP_WARN_SHARE, log_summary, summarize
@@ -37,7 +39,7 @@ __all__ = ["NEGATIVE_DROP_WARN_SHARE", "FittedEnsemble", "GSNRScorer", "batch_of
            "rows_of", "summarize"]
 
 
-class GSNRScorer:
+class GSNRScorer(RowGrouping):
     """Trains the proxy's LoRA ensemble on a dataset and scores every example by G-SNR."""
 
     def __init__(self, config: Optional[GSNRConfig] = None, **overrides: Any):
@@ -48,6 +50,7 @@ class GSNRScorer:
         self.timings: dict[str, float] = {}
         self.summary: Optional[dict[str, Any]] = None  # see `summarize`
         self.fingerprint: Optional[str] = None
+        self.row_groups = None  # see `groups.RowGrouping`
         self._model = self._tokenizer = self._formatter = self._ensemble = None
         self._device = None
         self.precision = None  # a `precision.Precision`, resolved for the device when the proxy loads
@@ -108,7 +111,7 @@ class GSNRScorer:
                                   max_length=self.config.max_length)
         model, tokenizer = proxy.model, proxy.tokenizer
         if self.fingerprint is None:
-            options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS}
+            options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS + GROUP_OPTIONS}
             self.fingerprint = digest({"proxy": proxy_fingerprint(self.config.hf_model, model), "options": options,
                                        "device": self._device.type, "precision": self.precision.name,
                                        "version": __version__})
@@ -135,28 +138,24 @@ class GSNRScorer:
         returns the `FittedEnsemble`, also kept as `self.fitted`.
 
         Rows are sorted by content hash first, so the ensemble does not depend on the row order.
-        `members` trains only those members: a share of the ensemble, joined with `absorb`.
+        `members` trains only those members: a share of the ensemble, joined with `absorb`; the row
+        groups (`fit_groups`) are made by the share that holds member 0.
         """
         from .ensemble import train_ensemble
-        from .proxy import resolve_cache_dir
 
         self.load()
         self.release()
-        batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [batch_of(list(dataset))]
-        rows = [row for batch in batches for row in rows_of(batch)]
-        check_template_fields(self.config.prompt_template, self.config.response_field, rows)
-        encoded = self.encode(rows)
-        scoreable = sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda pair: pair[0])
+        encoded, scoreable = self._scoreable(dataset, batch_size)
         keys = [key for key, _ in scoreable]
         counts = dict(Counter(e.status for e in encoded))
         logger.info(f"gsnr: {len(encoded)} rows, {len(scoreable)} scoreable; statuses {counts}; "
                     f"{sum(e.truncated for _, e in scoreable)} truncated to max_length={self.config.max_length}.")
         online_rows = {key: i for i, key in enumerate(keys)} if self.config.score_mode == "online" else {}
-        rows_fingerprint = digest(keys)
-        cache = (CacheEntry(resolve_cache_dir(self.config.cache_dir), self.fingerprint, rows_fingerprint)
-                 if self.config.use_cache else None)
+        cache = self._cache_entry(keys)
         fitted = self.fitted = FittedEnsemble(self.fingerprint, counts, online_rows, cache,
-                                              ensemble=digest({"scorer": self.fingerprint, "rows": rows_fingerprint}))
+                                              ensemble=digest({"scorer": self.fingerprint, "rows": digest(keys)}))
+        if self.config.group_fields and (members is None or 0 in members):
+            self._group(scoreable, cache)
         if not scoreable:
             logger.warning("gsnr: no scoreable rows, so no ensemble is trained; every row keeps its reason code.")
             return fitted
@@ -173,12 +172,28 @@ class GSNRScorer:
         self.timings["train_s"] = time.perf_counter() - started
         return fitted
 
+    def _scoreable(self, dataset: Any, batch_size: int = 1000):
+        """Every row of `dataset` encoded, and the (key, encoded) pairs of the scoreable ones, sorted by key."""
+        batches = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else [batch_of(list(dataset))]
+        rows = [row for batch in batches for row in rows_of(batch)]
+        check_template_fields(self.config.prompt_template, self.config.response_field, rows)
+        encoded = self.encode(rows)
+        return encoded, sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda p: p[0])
+
+    def _cache_entry(self, keys: Sequence[str]) -> Optional[CacheEntry]:
+        from .proxy import resolve_cache_dir
+
+        cache_dir = resolve_cache_dir(self.config.cache_dir) if self.config.use_cache else None
+        return CacheEntry(cache_dir, self.fingerprint, digest(list(keys))) if cache_dir else None
+
     def absorb(self, other: "GSNRScorer") -> None:
         """Join the members that `other` trained (`fit(..., members=...)`) on the same rows with the same options
-        (`FittedEnsemble.merge`)."""
+        (`FittedEnsemble.merge`), and its row groups when it made them."""
         if self.fitted is None or other.fitted is None:
             raise ValueError("absorb: both scorers must be fitted first.")
         self.fitted = self.fitted.merge(other.fitted)
+        if self.row_groups is None:
+            self.row_groups = other.row_groups
         if "train_s" in other.timings:
             self.timings["train_s"] = max(self.timings.get("train_s", 0.0), other.timings["train_s"])
 
@@ -197,11 +212,12 @@ class GSNRScorer:
 
     # -- phases 2 and 3 -------------------------------------------------------------------------
     def score_batch(self, batch: Mapping[str, Sequence[Any]], rank: Optional[int] = None) -> dict[str, list]:
-        """Score fields for a batch of rows (a dict of columns), in the order of `fields.SCORE_FIELDS`."""
+        """Score fields for a batch of rows (a dict of columns): `fields.SCORE_FIELDS`, then `config.group_fields`."""
         self.load(rank)
         rows = rows_of(batch)
         encoded = self.encode(rows)
         out: dict[str, list] = {name: [None] * len(encoded) for name in fields.SCORE_FIELDS}
+        out.update(self._groups_of(rows, encoded))
         out[fields.STATUS] = [e.status for e in encoded]
         out[fields.TRUNCATED] = [e.truncated for e in encoded]
         out[fields.RESPONSE_TOKENS] = [e.num_response for e in encoded]
@@ -250,7 +266,7 @@ class GSNRScorer:
         """Fit (unless fitted) and return `dataset` with the score columns added."""
         if len(dataset) == 0:
             logger.warning("gsnr: the dataset is empty; nothing to score.")
-            for name in fields.SCORE_FIELDS:
+            for name in fields.SCORE_FIELDS + self.config.group_fields:
                 dataset = dataset.add_column(name, [])
             return dataset
         if self.fitted is None:

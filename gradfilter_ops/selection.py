@@ -2,7 +2,10 @@
 
 The budget is `top_k` rows, a `top_ratio` of them, or `max_tokens` tokens. With `groups`, the
 row budget is split into per-group quotas (proportional to group size, or equal), with an optional
-minimum per group, so that a rare source is never wiped out.
+minimum per group, so that a rare source is never wiped out. `diversity: clusters` takes the groups
+from the scorer's `gsnr_cluster` stat (the proxy's own view of the pool's mix). With `duplicate_groups`
+(`near_duplicates: drop`, from `gsnr_duplicate_group`), each group of near-duplicates keeps only its
+best-scored row before the budget is filled.
 
 Only rows with a finite score (status `ok`) are ever kept: a budget larger than the scored rows
 keeps fewer rows, never an unscored one, and a selection over rows none of which has a score
@@ -22,6 +25,8 @@ from . import fields
 from .config import check_option, require_positive_int
 
 QUOTAS = ("proportional", "equal")
+DIVERSITY = ("clusters",)  # `diversity`: where the groups of the quotas come from, besides `group_by`
+NEAR_DUPLICATES = ("keep", "drop")
 
 
 class NoScoredRows(ValueError):
@@ -43,14 +48,23 @@ def validate_budget(top_k: Optional[int] = None, top_ratio: Optional[float] = No
 
 def validate_options(*, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
                      max_tokens: Optional[int] = None, grouped: bool = False, group_quota: str = "proportional",
-                     min_per_group: int = 0) -> None:
-    """The options of `select` (`grouped`: whether it gets `groups`), checked before any row is read, so
-    that an op refuses a bad recipe when it is built."""
+                     min_per_group: int = 0, diversity: Optional[str] = None, near_duplicates: str = "keep") -> None:
+    """The options of `select` (`grouped`: whether it gets `groups` from `group_by`; `diversity` and
+    `near_duplicates`, the ops' options), checked before any row is read, so that an op refuses a bad
+    recipe when it is built."""
     validate_budget(top_k, top_ratio, max_tokens)
     if group_quota not in QUOTAS:
         raise ValueError(f"`group_quota` must be one of {list(QUOTAS)}, got {group_quota!r}.")
-    if grouped and max_tokens is not None:
-        raise ValueError("`max_tokens` cannot be combined with `group_by`; use `top_k` or `top_ratio` there.")
+    if diversity is not None and diversity not in DIVERSITY:
+        raise ValueError(f"`diversity` must be one of {list(DIVERSITY)} or null, got {diversity!r}.")
+    if near_duplicates not in NEAR_DUPLICATES:
+        raise ValueError(f"`near_duplicates` must be one of {list(NEAR_DUPLICATES)}, got {near_duplicates!r}.")
+    if grouped and diversity is not None:
+        raise ValueError(f"`diversity: {diversity}` makes the groups of the quotas; it cannot be combined with "
+                         "`group_by`.")
+    if (grouped or diversity is not None) and max_tokens is not None:
+        raise ValueError("`max_tokens` cannot be combined with `group_by` or `diversity`; use `top_k` or `top_ratio` "
+                         "there.")
     if isinstance(min_per_group, bool) or not isinstance(min_per_group, int) or min_per_group < 0:
         raise ValueError(f"`min_per_group` must be a non-negative integer, got {min_per_group!r}.")
 
@@ -97,6 +111,44 @@ def select_top_k(scores: Sequence[Optional[float]], top_k: Optional[int] = None,
                  top_ratio: Optional[float] = None) -> list[int]:
     """Indices of the rows to keep, in their original order; rows without a finite score are never kept."""
     return sorted(scored_order(scores)[: num_to_keep(len(scores), top_k, top_ratio)])
+
+
+# The stat each of the ops' group options reads, and the scorer option that writes it.
+GROUP_STATS = {"diversity": (fields.CLUSTER, "`clusters: true`"),
+               "near_duplicates": (fields.DUPLICATE_GROUP, "`near_duplicate_threshold` (e.g. 0.95)")}
+
+
+def stat_groups(option: str, values: Sequence[Optional[Hashable]], statuses: Sequence[str]) -> list:
+    """The values of the group stat that `option` (`diversity` or `near_duplicates`) reads, for `select`; a
+    ValueError naming the scorer option when a scored row lacks it (rows without a score are never kept)."""
+    name, scorer_option = GROUP_STATS[option]
+    missing = sum(value is None for value, status in zip(values, statuses) if status == fields.OK)
+    if missing:
+        raise ValueError(f"`{option}` reads the `{name}` stat, and {missing} of the {len(values)} rows have a score "
+                         f"but no `{name}`: score them with {scorer_option} (an option of `gsnr_scorer`, "
+                         "`ray_gsnr_scorer` and `GSNRConfig`).")
+    return list(values)
+
+
+def stat_selection_inputs(diversity: Optional[str], near_duplicates: str, statuses: Sequence[str],
+                          clusters: Sequence[Optional[int]], duplicate_groups: Sequence[Optional[int]]):
+    """`(groups, duplicate_groups)` for `select` from the stats that `diversity: clusters` and
+    `near_duplicates: drop` read (each None where not asked for); see `stat_groups` for rows that lack them."""
+    groups = [str(g) for g in stat_groups("diversity", clusters, statuses)] if diversity == "clusters" else None
+    duplicates = stat_groups("near_duplicates", duplicate_groups, statuses) if near_duplicates == "drop" else None
+    return groups, duplicates
+
+
+def near_duplicate_drops(order: Sequence[int], duplicate_groups: Sequence[Hashable]) -> dict[int, str]:
+    """Row index -> `near_duplicate` for the rows of `order` (best first) whose near-duplicate group has a
+    row ranked before them: each group keeps its best-scored row (ties by input order)."""
+    seen, drops = set(), {}
+    for i in order:
+        if duplicate_groups[i] in seen:
+            drops[i] = fields.NEAR_DUPLICATE
+        else:
+            seen.add(duplicate_groups[i])
+    return drops
 
 
 @dataclass
@@ -156,18 +208,25 @@ def _apportion(weights: dict[Hashable, float], ranks: dict[Hashable, Sequence[in
 def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k: Optional[int] = None,
            top_ratio: Optional[float] = None, max_tokens: Optional[int] = None,
            tokens: Optional[Sequence[int]] = None, groups: Optional[Sequence[Hashable]] = None,
-           group_quota: str = "proportional", min_per_group: int = 0) -> Selection:
+           group_quota: str = "proportional", min_per_group: int = 0,
+           duplicate_groups: Optional[Sequence[Hashable]] = None) -> Selection:
     """Choose rows by G-SNR under one budget; every dropped row gets a reason code.
 
-    A dropped row without a score keeps its own status as its reason (`empty_response`, ...). A
-    dropped scored row is `below_top_k_cutoff`, `over_token_budget`, or `group_quota_full` when
-    it would have made the cut without the group quotas. Rows without a score are never kept; the
-    row budget is counted over all n rows, so it keeps fewer rows when fewer are scored.
+    A dropped row without a score keeps its own status as its reason (`empty_response`, ...). With
+    `duplicate_groups` (each row's near-duplicate group), a scored row whose group has a better-scored
+    row is `near_duplicate`, and the budget is filled from the rest. A dropped scored row is otherwise
+    `below_top_k_cutoff`, `over_token_budget`, or `group_quota_full` when it would have made the cut
+    without the group quotas. Rows without a score are never kept; the row budget is counted over all
+    n rows, so it keeps fewer rows when fewer are scored.
     """
     validate_options(top_k=top_k, top_ratio=top_ratio, max_tokens=max_tokens, grouped=groups is not None,
                      group_quota=group_quota, min_per_group=min_per_group)
     n = len(scores)
     order = scored_order(scores, statuses)
+    duplicates = {}
+    if duplicate_groups is not None:
+        duplicates = near_duplicate_drops(order, stat_groups("near_duplicates", duplicate_groups, statuses))
+        order = [i for i in order if i not in duplicates]
     if max_tokens is not None:
         if tokens is None:
             raise ValueError("`max_tokens` needs the token count of every row.")
@@ -203,6 +262,8 @@ def select(scores: Sequence[Optional[float]], statuses: Sequence[str], *, top_k:
             continue
         if statuses[i] != fields.OK:
             reasons[i] = statuses[i]
+        elif i in duplicates:
+            reasons[i] = duplicates[i]
         elif groups is not None and max_tokens is None and i in unstratified:
             reasons[i] = fields.GROUP_QUOTA_FULL
         else:

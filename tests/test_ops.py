@@ -271,3 +271,62 @@ def test_ray_executor_keeps_the_rows_the_default_one_keeps(tmp_path, first_run, 
     assert sorted([r["id"] for r in on_ray] + [r["id"] for r in dropped]) == sorted(inputs)
     assert json.loads((job_dir / "gsnr_manifest.json").read_text())["rows"] == {"ok": 24, "empty_response": 1,
                                                                                  "missing_field": 1}
+
+
+@pytest.fixture(scope="module")
+def grouped_run(tmp_path_factory, data_file, scorer_args):
+    """dj-process with clusters and near-duplicates, on the data plus a copy of its row 1 and its row 6 with a null
+    input (the same prompt); returns (exported rows, dropped rows, the log, the input rows)."""
+    tmp = tmp_path_factory.mktemp("grouped")
+    inputs = [json.loads(line) for line in data_file.open()]
+    inputs += [{**inputs[1], "id": "copy_of_1"}, {**inputs[6], "id": "null_input_6", "input": None}]
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in inputs))
+    args = {**scorer_args, "clusters": True, "num_clusters": 3, "near_duplicate_threshold": 0.999}
+    rows, log = dj_process(write_recipe(tmp, "grouped", data, args, top_ratio=0.25, diversity="clusters",
+                                        near_duplicates="drop"))
+    dropped = [json.loads(line) for line in next((tmp / "grouped").glob("*/gsnr_dropped.jsonl")).open()]
+    return rows, dropped, log, inputs
+
+
+@pytest.mark.integration
+def test_dj_process_keeps_the_mix_and_the_best_of_each_near_duplicate_group(grouped_run):
+    from gradfilter_ops.selection import select, stat_selection_inputs
+
+    rows, dropped, log, inputs = grouped_run
+    every = {r["id"]: r for r in rows + dropped}
+    assert sorted(every) == sorted(r["id"] for r in inputs)
+    stats = {key: r[STATS] for key, r in every.items()}
+    assert set(stats["copy_of_1"]) == set(fields.STATS_FIELDS + fields.GROUP_FIELDS)  # no vectors in the stats
+    for first, twin in ((inputs[1]["id"], "copy_of_1"), (inputs[6]["id"], "null_input_6")):
+        assert stats[first][fields.DUPLICATE_GROUP] == stats[twin][fields.DUPLICATE_GROUP] is not None
+        loser = twin if stats[first][fields.GSNR] >= stats[twin][fields.GSNR] else first
+        assert every[loser]["gsnr_drop_reason"] == fields.NEAR_DUPLICATE
+    assert sum(r["gsnr_drop_reason"] == fields.NEAR_DUPLICATE for r in dropped) == 2
+    assert {stats[k][fields.CLUSTER] for k in stats if stats[k][fields.STATUS] == fields.OK} == {0, 1, 2}
+    # The op's choice is `select` over the clusters and groups it wrote.
+    ordered = [stats[r["id"]] for r in inputs]
+    statuses = [s[fields.STATUS] for s in ordered]
+    groups, duplicates = stat_selection_inputs("clusters", "drop", statuses, [s[fields.CLUSTER] for s in ordered],
+                                               [s[fields.DUPLICATE_GROUP] for s in ordered])
+    expected = select([s[fields.GSNR] for s in ordered], statuses, top_ratio=0.25, groups=groups,
+                      duplicate_groups=duplicates)
+    assert [r["id"] for r in rows] == [inputs[i]["id"] for i in expected.keep]
+    assert {r["id"]: r["gsnr_drop_reason"] for r in dropped} == {inputs[i]["id"]: why
+                                                                 for i, why in expected.reasons.items()}
+    assert "kept per gsnr_cluster" in log
+
+
+@pytest.mark.integration
+def test_ray_executor_keeps_the_rows_and_reasons_of_the_grouped_run(tmp_path, grouped_run, scorer_args):
+    rows, dropped, _, inputs = grouped_run
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in inputs))
+    args = {**scorer_args, "clusters": True, "num_clusters": 3, "near_duplicate_threshold": 0.999}
+    on_ray, _ = dj_process(write_recipe(tmp_path, "ray_grouped", data, args, ray=True, top_ratio=0.25,
+                                        diversity="clusters", near_duplicates="drop"))
+    assert [r["id"] for r in on_ray] == [r["id"] for r in rows]
+    assert [(r[STATS][fields.CLUSTER], r[STATS][fields.DUPLICATE_GROUP]) for r in on_ray] == \
+        [(r[STATS][fields.CLUSTER], r[STATS][fields.DUPLICATE_GROUP]) for r in rows]
+    ray_dropped = [json.loads(line) for line in next((tmp_path / "ray_grouped").glob("*/gsnr_dropped.jsonl")).open()]
+    assert {r["id"]: r["gsnr_drop_reason"] for r in ray_dropped} == {r["id"]: r["gsnr_drop_reason"] for r in dropped}

@@ -21,7 +21,7 @@ WRONG_TYPE = {
     "lora_init": "zeros", "target_modules": "c_attn", "lora_layer_fraction": "0.25", "learning_rate": "2e-4",
     "weight_decay": None, "train_batch_size": 0.5, "member_workers": "2", "stack_members": "all",
     "score_mode": "offline", "score_batch_size": [16], "grad_params": "A", "example_loss": "total",
-    "norm": "l1", "noise": "mad", "eps": "1e-8",
+    "norm": "l1", "noise": "mad", "eps": "1e-8", "clusters": 1, "num_clusters": "8", "near_duplicate_threshold": "0.95",
 }
 
 # Values of the right type outside the option's range.
@@ -32,6 +32,7 @@ OUT_OF_RANGE = [
     ("lora_layer_fraction", 1.5), ("learning_rate", -1e-4), ("learning_rate", math.nan), ("weight_decay", -0.01),
     ("train_batch_size", 0), ("member_workers", 0), ("stack_members", 0), ("score_batch_size", -16),
     ("eps", -1e-8), ("eps", math.inf), ("target_modules", []), ("target_modules", ["c_attn", ""]),
+    ("num_clusters", 0), ("near_duplicate_threshold", 1.01), ("near_duplicate_threshold", -0.5),
 ]
 
 

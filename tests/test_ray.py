@@ -240,3 +240,53 @@ def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
         select_dataset(mixed, stats_column=STATS, top_k=2)
     subset = run([first[r["id"]] for r in rows[:3]])  # one ensemble's rows: kept as they are
     assert {i: r[STATS] for i, r in subset.items()} == {r["id"]: first[r["id"]][STATS] for r in rows[:3]}
+
+
+def test_ray_selection_by_clusters_and_near_duplicates_equals_the_selection_over_the_rows(tmp_path):
+    from gradfilter_ops.distributed import select_dataset
+    from gradfilter_ops.selection import stat_selection_inputs
+
+    rows = stats_rows(30)
+    for i, row in enumerate(rows):  # 4 clusters; near-duplicate pairs of consecutive rows
+        scored = row[STATS][fields.STATUS] == fields.OK
+        row[STATS].update({fields.CLUSTER: i % 4 if scored else None,
+                           fields.DUPLICATE_GROUP: i - i % 2 if scored else None})
+    stats = [r[STATS] for r in rows]
+    statuses = [s[fields.STATUS] for s in stats]
+    groups, duplicates = stat_selection_inputs("clusters", "drop", statuses, [s[fields.CLUSTER] for s in stats],
+                                               [s[fields.DUPLICATE_GROUP] for s in stats])
+    expected = select([s[fields.GSNR] for s in stats], statuses, top_ratio=0.2, groups=groups,
+                      duplicate_groups=duplicates)
+    assert {fields.NEAR_DUPLICATE, fields.GROUP_QUOTA_FULL} <= set(expected.reasons.values())
+    selected = select_dataset(ray.data.from_items(rows, override_num_blocks=4), stats_column=STATS, top_ratio=0.2,
+                              diversity="clusters", near_duplicates="drop", dropped_path=tmp_path / "dropped.jsonl")
+    assert [r["id"] for r in selected.dataset.take_all()] == [rows[i]["id"] for i in expected.keep]
+    dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").open()]
+    reasons = {rows[i]["id"]: why for i, why in expected.reasons.items()}
+    assert {r["id"]: r["gsnr_drop_reason"] for r in dropped} == reasons
+    with pytest.raises(ValueError, match="no `gsnr_cluster`: score them with `clusters: true`"):
+        select_dataset(ray.data.from_items(stats_rows(8)), stats_column=STATS, top_k=2, diversity="clusters")
+
+
+def test_ray_scoring_writes_the_row_groups_of_the_datasets_api(tiny_config):
+    from gradfilter_ops.distributed import score_dataset
+
+    rows = seed_tasks(10) + [{**seed_tasks(2)[1], "id": "copy_of_1"}] + bad_rows()
+    config = tiny_config(use_cache=True, clusters=True, num_clusters=3, near_duplicate_threshold=0.999)
+    expected = GSNRScorer(config).score(Dataset.from_list(rows))  # fills the cache: Ray trains nothing below
+    scored = score_dataset(GSNRScorer(config), ray.data.from_items(rows, override_num_blocks=3), stats_column=STATS,
+                           train_tasks=2, batch_size=8)
+    got = {row["id"]: row[STATS] for row in scored.dataset.take_all()}
+    for row in expected:
+        assert (got[row["id"]][fields.CLUSTER], got[row["id"]][fields.DUPLICATE_GROUP]) == \
+            (row[fields.CLUSTER], row[fields.DUPLICATE_GROUP])
+    assert got["copy_of_1"][fields.DUPLICATE_GROUP] == got[rows[1]["id"]][fields.DUPLICATE_GROUP] is not None
+    assert got["bad_empty"][fields.CLUSTER] is None
+    # Scored rows with other group options: nothing is trained or scored, the groups are made again.
+    regrouped = score_dataset(GSNRScorer(tiny_config(use_cache=True, clusters=True, num_clusters=2)), scored.dataset,
+                              stats_column=STATS)
+    again = {row["id"]: row[STATS] for row in regrouped.dataset.take_all()}
+    assert "train_s" not in regrouped.scorer.timings and "embed_s" not in regrouped.scorer.timings
+    assert {s[fields.CLUSTER] for s in again.values() if s[fields.STATUS] == fields.OK} == {0, 1}
+    assert all(fields.DUPLICATE_GROUP not in s for s in again.values())  # not asked for: not left to be misread
+    assert {k: s[fields.GSNR] for k, s in again.items()} == {k: s[fields.GSNR] for k, s in got.items()}

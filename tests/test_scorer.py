@@ -140,3 +140,74 @@ def test_config_rejects_unknown_and_bad_values(tiny_config):
         GSNRConfig(num_epochs=2, early_epoch=2)
     with pytest.raises(ValueError, match="prompt_template"):
         GSNRConfig(format="custom")
+
+
+# --- row groups: clusters and near-duplicates of the proxy's pooled hidden states ---------------
+
+@pytest.fixture(scope="module")
+def grouped_rows(rows):
+    """20 tasks, a copy of task 1 (row 20), task 6 with a null input (row 21: other fields, the same
+    prompt), and the 3 bad rows (22-24)."""
+    return rows[:20] + [dict(rows[1]), {**rows[6], "input": None}] + BAD_ROWS
+
+
+def test_row_groups_and_their_selection_through_the_datasets_api(tiny_config, grouped_rows):
+    from gradfilter_ops.selection import quotas, select, stat_selection_inputs
+
+    config = tiny_config(use_cache=True, clusters=True, num_clusters=3, near_duplicate_threshold=0.999)
+    scorer = GSNRScorer(config)
+    ds = scorer.score(Dataset.from_list(grouped_rows))
+    clusters, duplicates, gsnr = ds[fields.CLUSTER], ds[fields.DUPLICATE_GROUP], ds[fields.GSNR]
+    assert clusters[22:] == duplicates[22:] == [None] * 3  # no score, no groups
+    assert sorted(set(clusters[:22])) == [0, 1, 2]
+    assert (clusters[20], duplicates[20], clusters[21], duplicates[21]) == (clusters[1], duplicates[1], clusters[6],
+                                                                            duplicates[6])
+    assert len(set(duplicates[:20])) == 20  # the distinct tasks are not near-duplicates at 0.999
+    keys, vectors = scorer.cache.embeddings()  # the pooled states are in the cache, not in the rows
+    assert vectors.shape == (21, 32) and len(keys) == 21  # row 20 is the same row as row 1
+    assert set(ds.column_names) == {"instruction", "input", "output", *fields.SCORE_FIELDS, *fields.GROUP_FIELDS}
+
+    groups, dups = stat_selection_inputs("clusters", "drop", ds[fields.STATUS], clusters, duplicates)
+    picked = select(gsnr, ds[fields.STATUS], top_k=6, groups=groups, duplicate_groups=dups)
+    for first, copy in ((1, 20), (6, 21)):
+        loser = copy if gsnr[first] >= gsnr[copy] else first
+        assert picked.reasons[loser] == fields.NEAR_DUPLICATE and {first, copy} - {loser} <= set(range(22))
+    eligible = [i for i in range(22) if picked.reasons.get(i) != fields.NEAR_DUPLICATE]
+    sizes = {c: sum(clusters[i] == c for i in eligible) for c in set(clusters[:22])}
+    expected = quotas({str(c): n for c, n in sizes.items()}, 6)
+    for c in sizes:
+        best = sorted((i for i in eligible if clusters[i] == c), key=lambda i: -gsnr[i])[: expected[str(c)]]
+        assert sorted(i for i in picked.keep if clusters[i] == c) == sorted(best)
+    assert len(picked.keep) == 6
+
+    # Another row order: the same groups, from the cache (nothing trained or embedded again).
+    again = GSNRScorer(config)
+    reordered = again.score(Dataset.from_list(grouped_rows[::-1]))
+    assert reordered[fields.CLUSTER][::-1] == clusters and reordered[fields.DUPLICATE_GROUP][::-1] == duplicates
+    assert "train_s" not in again.timings and "embed_s" not in again.timings
+    # Other group options change the groups only: the scores come from the same cache entry.
+    two = GSNRScorer(tiny_config(use_cache=True, clusters=True, num_clusters=2))
+    fewer = two.score(Dataset.from_list(grouped_rows))
+    assert fewer[fields.GSNR] == gsnr and sorted(set(fewer[fields.CLUSTER][:22])) == [0, 1]
+    assert fields.DUPLICATE_GROUP not in fewer.column_names and "embed_s" not in two.timings
+    with pytest.raises(ValueError, match="not among them; fit on the dataset you score"):
+        two.score_batch({"instruction": ["A task fit never saw."], "input": [""], "output": ["Its answer."]})
+
+
+def test_damaged_pooled_states_in_the_cache_are_computed_again(tiny_config, grouped_rows):
+    from pathlib import Path
+
+    from gradfilter_ops.cache import CacheEntry
+
+    config = tiny_config(use_cache=True, clusters=True, num_clusters=3)
+    first = GSNRScorer(config)
+    first.fit_groups(grouped_rows)  # the groups alone: nothing is trained
+    assert first.fitted is None and "embed_s" in first.timings
+    folder, = Path(config.cache_dir).glob("scores/*/embeddings")
+    (folder / "vectors.npy").write_bytes(b"not an array")
+    second = GSNRScorer(config)
+    second.fit_groups(grouped_rows)
+    assert "embed_s" in second.timings and second.row_groups == first.row_groups
+    entry = CacheEntry(Path(config.cache_dir), "", "")
+    entry.embeddings_dir = folder
+    assert entry.embeddings()[1].shape == (21, 32)  # written again, whole

@@ -219,3 +219,52 @@ def test_dropped_rows_are_written_alike_from_a_dataset_and_from_row_dicts(tmp_pa
     with pytest.raises(ValueError, match="differ in number"):
         write_dropped_rows(tmp_path / "c.jsonl", rows, reasons[:-1])
     assert not (tmp_path / "c.jsonl").exists()
+
+
+# --- the group stats of the scorer: clusters and near-duplicates ----------------------------------
+
+from gradfilter_ops.selection import stat_selection_inputs, validate_options  # noqa: E402
+
+DEDUP_SCORES = [0.9, 0.8, 0.7, 0.6, 0.5, None]
+DEDUP_STATUSES = [OK] * 5 + [fields.EMPTY_RESPONSE]
+DUPLICATE_GROUPS = [0, 1, 0, 3, 1, None]  # rows 2 and 4 have a better-scored near-duplicate (0 and 1)
+
+
+def test_near_duplicates_keep_the_best_of_each_group_before_the_budget():
+    assert select(DEDUP_SCORES, DEDUP_STATUSES, top_k=3).keep == [0, 1, 2]
+    deduped = select(DEDUP_SCORES, DEDUP_STATUSES, top_k=3, duplicate_groups=DUPLICATE_GROUPS)
+    assert deduped.keep == [0, 1, 3]  # row 3 fills the seat of row 2
+    assert deduped.reasons == {2: fields.NEAR_DUPLICATE, 4: fields.NEAR_DUPLICATE, 5: fields.EMPTY_RESPONSE}
+    tight = select(DEDUP_SCORES, DEDUP_STATUSES, top_k=1, duplicate_groups=DUPLICATE_GROUPS)
+    assert tight.reasons == {1: fields.BELOW_CUTOFF, 2: fields.NEAR_DUPLICATE, 3: fields.BELOW_CUTOFF,
+                             4: fields.NEAR_DUPLICATE, 5: fields.EMPTY_RESPONSE}
+    tied = select([0.5, 0.5], [OK, OK], top_k=2, duplicate_groups=[7, 7])
+    assert tied.keep == [0] and tied.reasons == {1: fields.NEAR_DUPLICATE}  # a tie keeps the first row
+
+
+def test_cluster_quotas_rank_inside_each_cluster():
+    clusters = [0, 0, 0, 1, 1, None]
+    groups, duplicates = stat_selection_inputs("clusters", "keep", DEDUP_STATUSES, clusters, [None] * 6)
+    assert groups == ["0", "0", "0", "1", "1", "None"] and duplicates is None
+    result = select(DEDUP_SCORES, DEDUP_STATUSES, top_k=2, groups=groups)
+    assert result.keep == [0, 3]
+    assert result.reasons == {1: fields.GROUP_QUOTA_FULL, 2: fields.BELOW_CUTOFF, 4: fields.BELOW_CUTOFF,
+                              5: fields.EMPTY_RESPONSE}
+
+
+def test_a_scored_row_without_the_group_stat_names_the_scorer_option():
+    with pytest.raises(ValueError, match=r"1 of the 6 rows have a score but no `gsnr_cluster`.*`clusters: true`"):
+        stat_selection_inputs("clusters", "keep", DEDUP_STATUSES, [0, None, 0, 1, 1, None], [None] * 6)
+    with pytest.raises(ValueError, match=r"no `gsnr_duplicate_group`.*`near_duplicate_threshold`"):
+        select(DEDUP_SCORES, DEDUP_STATUSES, top_k=1, duplicate_groups=[None] * 6)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"diversity": "topics"}, "`diversity` must be one of"),
+    ({"near_duplicates": "remove"}, "`near_duplicates` must be one of"),
+    ({"diversity": "clusters", "grouped": True}, "cannot be combined with `group_by`"),
+    ({"diversity": "clusters", "top_k": None, "max_tokens": 100}, "`max_tokens` cannot be combined"),
+])
+def test_group_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        validate_options(**{"top_k": 3, **options})

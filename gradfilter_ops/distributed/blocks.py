@@ -16,6 +16,7 @@ def arrow_types() -> dict[str, Any]:
     types = {name: pa.float64() for name in fields.PARTS}
     types.update({fields.STATUS: pa.string(), fields.TRUNCATED: pa.bool_(), fields.RESPONSE_TOKENS: pa.int64(),
                   fields.TOTAL_TOKENS: pa.int64(), fields.ENSEMBLE: pa.string(), fields.PROOF: pa.string()})
+    types.update({name: pa.int64() for name in fields.GROUP_FIELDS})
     return types
 
 
@@ -76,7 +77,8 @@ def read_fields(dataset, names: Sequence[str], stats_column: Optional[str] = Non
 
 def score_inputs(block, stats_column: Optional[str]):
     """`block` without its stats: the fields a row is scored on."""
-    return block.drop_columns([c for c in block.column_names if c == stats_column or c in fields.STATS_FIELDS])
+    return block.drop_columns([c for c in block.column_names
+                               if c == stats_column or c in fields.STATS_FIELDS or c in fields.GROUP_FIELDS])
 
 
 def proven_rows(block, stats_column: str, fingerprint: str, config, ensemble: Optional[str] = None) -> list[bool]:
@@ -90,30 +92,42 @@ def proven_rows(block, stats_column: str, fingerprint: str, config, ensemble: Op
 
 def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
     """`block` (a `pyarrow.Table`) with the score fields of its rows; rows whose `stats_column`
-    already holds a score this scorer wrote for them (`provenance`) keep it and are not scored again."""
+    already holds a score this scorer wrote for them (`provenance`) keep it and are not scored again.
+    The group fields the options ask for (`config.group_fields`) are written for every row, and group
+    fields they do not ask for are removed (they would be read as this run's)."""
     import pyarrow as pa
 
     types = arrow_types()
     n = block.num_rows
-    names = fields.STATS_FIELDS if stats_column else fields.SCORE_FIELDS
+    group_names = scorer.config.group_fields
+    names = (fields.STATS_FIELDS if stats_column else fields.SCORE_FIELDS) + group_names
     existing = block_fields(block, stats_column, names) if stats_column else None
     proven = (proven_rows(block, stats_column, scorer_fingerprint(scorer), scorer.config, fitted_ensemble(scorer))
               if stats_column else [False] * n)
     todo = [i for i in range(n) if not proven[i]]
     values = existing or {name: [None] * n for name in names}
+    inputs = score_inputs(block, stats_column)
     if todo:
-        inputs = score_inputs(block, stats_column).take(pa.array(todo))
-        scores = scorer.score_batch(inputs.to_pydict())
-        rows = inputs.to_pylist()
+        scored = inputs.take(pa.array(todo))
+        scores = scorer.score_batch(scored.to_pydict())
+        rows = scored.to_pylist()
         for j, i in enumerate(todo):
-            record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+            record = {name: scores[name][j] for name in fields.SCORE_FIELDS + group_names}
             if stats_column:
                 record[fields.ENSEMBLE] = fitted_ensemble(scorer)
                 record[fields.PROOF] = proof(scorer.fingerprint, scorer.config, rows[j], record)
             for name in names:
                 values[name][i] = record[name]
+    kept = [i for i in range(n) if proven[i]]
+    if group_names and kept:  # a proven score keeps its value; its groups are those of this run's rows
+        groups = scorer.group_batch(inputs.take(pa.array(kept)).to_pydict())
+        for j, i in enumerate(kept):
+            for name in group_names:
+                values[name][i] = groups[name][j]
     arrays = {name: pa.array(values[name], type=types[name]) for name in names}
+    stale = [name for name in fields.GROUP_FIELDS if name not in group_names]
     if stats_column is None:
+        block = block.drop_columns([name for name in stale if name in block.column_names])
         for name, array in arrays.items():
             block = (block.set_column(block.column_names.index(name), name, array) if name in block.column_names
                      else block.append_column(name, array))
@@ -123,7 +137,7 @@ def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
         stats = block.column(stats_column).combine_chunks()
         if pa.types.is_struct(stats.type):
             for k, child in enumerate(stats.flatten()):
-                if stats.type.field(k).name not in arrays:
+                if stats.type.field(k).name not in arrays and stats.type.field(k).name not in stale:
                     names.append(stats.type.field(k).name)
                     children.append(child)
     struct = pa.StructArray.from_arrays(children + list(arrays.values()), names=names + list(arrays))

@@ -17,7 +17,7 @@ from ..threads import use_ray_assigned_cpus
 from .blocks import add_scores, proven_rows, read_fields
 from .completeness import check_every_row_once, row_digests
 from .resources import task_resources
-from .training import fit_dataset, shipped
+from .training import fit_dataset, group_dataset, shipped
 
 
 def on_this_node(scorer: GSNRScorer) -> GSNRScorer:
@@ -83,12 +83,14 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     if not statuses:
         logger.warning("gsnr: the dataset is empty; nothing to score.")
         return Scored(dataset, scorer)
-    exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS)
+    exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS + fields.GROUP_FIELDS)
     claimed = sum(status is not None for status in statuses) if stats_column else 0
     if (claimed and not _unproven(scorer, dataset, stats_column, statuses) and claimed == len(statuses)
             and len(ensembles) <= 1):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
+        if scorer.config.group_fields:
+            fitted = on_this_node(group_dataset(scorer, dataset, exclude=exclude, num_cpus=num_cpus, num_gpus=num_gpus))
     else:
         fitted = on_this_node(fit_dataset(scorer, dataset, train_tasks=train_tasks, exclude=exclude,
                                           num_cpus=num_cpus, num_gpus=num_gpus))

@@ -12,7 +12,7 @@ from loguru import logger
 from .. import fields
 from ..dropped import write_dropped_rows
 from ..provenance import check_one_ensemble, ensembles_of
-from ..selection import Selection, select, validate_budget
+from ..selection import Selection, select, stat_selection_inputs, validate_options
 from .blocks import fields_by_block, joined
 
 
@@ -86,12 +86,16 @@ def split_rows(dataset, reasons: dict[int, str], dropped_path: Optional[str | Pa
 def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
                    max_tokens: Optional[int] = None, stats_column: Optional[str] = None,
                    group_by: Optional[str] = None, group_quota: str = "proportional", min_per_group: int = 0,
+                   diversity: Optional[str] = None, near_duplicates: str = "keep",
                    dropped_path: Optional[str | Path] = None) -> Selected:
     """Keep the best rows by G-SNR under one budget (`selection.select`, ties by block order) and
-    write the dropped ones, with their reasons, to `dropped_path` when given."""
-    validate_budget(top_k, top_ratio, max_tokens)
+    write the dropped ones, with their reasons, to `dropped_path` when given. `diversity: clusters`
+    and `near_duplicates: drop` read the scorer's `gsnr_cluster` and `gsnr_duplicate_group`."""
+    validate_options(top_k=top_k, top_ratio=top_ratio, max_tokens=max_tokens, grouped=group_by is not None,
+                     group_quota=group_quota, min_per_group=min_per_group, diversity=diversity,
+                     near_duplicates=near_duplicates)
     dataset = dataset.materialize()
-    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS, fields.ENSEMBLE]
+    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS, fields.ENSEMBLE, *fields.GROUP_FIELDS]
     parts = fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
     statuses = joined(parts, fields.STATUS)
     if not statuses:
@@ -102,8 +106,12 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
                             f"(`{fields.STATUS}`); score them before selecting.")
     check_one_ensemble(ensembles_of({fields.ENSEMBLE: e} for e in joined(parts, fields.ENSEMBLE)), "ray_gsnr_scorer")
     groups = joined(parts, "group") if group_by else None
+    cluster_groups, duplicate_groups = stat_selection_inputs(
+        diversity, near_duplicates, statuses, joined(parts, fields.CLUSTER),
+        joined(parts, fields.DUPLICATE_GROUP))
+    groups = cluster_groups if cluster_groups is not None else groups
     selection = select(joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in joined(parts, fields.TOTAL_TOKENS)],
                        groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,
-                       top_ratio=top_ratio, max_tokens=max_tokens)
+                       top_ratio=top_ratio, max_tokens=max_tokens, duplicate_groups=duplicate_groups)
     kept, written = split_rows(dataset, selection.reasons, dropped_path)
     return Selected(kept, selection, len(statuses), groups, written)

@@ -22,14 +22,18 @@ def shipped(scorer: GSNRScorer) -> GSNRScorer:
     return copied
 
 
-def _fit_share(scorer: GSNRScorer, refs: list, exclude: Sequence[str], members: list[int]) -> GSNRScorer:
+def _rows(refs: list, exclude: Sequence[str]) -> list[dict]:
     import ray
 
-    use_ray_assigned_cpus()
     rows = []
     for block in ray.get(refs):
         rows.extend(block.drop_columns([c for c in exclude if c in block.column_names]).to_pylist())
-    scorer.fit(rows, members=members)
+    return rows
+
+
+def _fit_share(scorer: GSNRScorer, refs: list, exclude: Sequence[str], members: list[int]) -> GSNRScorer:
+    use_ray_assigned_cpus()
+    scorer.fit(_rows(refs, exclude), members=members)
     scorer.portable()
     if scorer.snapshots is not None:  # read back from the cache, it may hold the other tasks' members too
         scorer.snapshots = scorer.snapshots.only(members)
@@ -61,3 +65,22 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
     fitted[0].timings["train_s"] = time.perf_counter() - started
     return fitted[0]
 
+
+
+def _fit_groups(scorer: GSNRScorer, refs: list, exclude: Sequence[str]) -> GSNRScorer:
+    use_ray_assigned_cpus()
+    scorer.fit_groups(_rows(refs, exclude))
+    return shipped(scorer)
+
+
+def group_dataset(scorer: GSNRScorer, dataset, *, exclude: Sequence[str] = (), num_cpus: Optional[float] = None,
+                  num_gpus: Optional[float] = None) -> GSNRScorer:
+    """`GSNRScorer.fit_groups` over every row of a materialized `dataset`, in one Ray task (which loads the
+    proxy): for rows that carry their scores already. Returns the scorer with its `row_groups`."""
+    import ray
+
+    cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, 1)
+    grouped = ray.get(ray.remote(_fit_groups).options(num_cpus=cpus, num_gpus=gpus).remote(
+        shipped(scorer), dataset.to_arrow_refs(), list(exclude)))
+    grouped.thread_policy = FORKED_MAP_WORKER  # back on the driver: a plain scorer again
+    return grouped

@@ -59,6 +59,12 @@ TOP_K_OPTIONS = (
     Option("group_by", Optional[str], None, "field whose values form groups that get quotas of the row budget."),
     Option("group_quota", str, "proportional", "`proportional` (to group size) or `equal`."),
     Option("min_per_group", int, 0, "rows every group keeps at least (if it has them), even past the budget."),
+    Option("diversity", Optional[str], None,
+           "`clusters`: quotas per `gsnr_cluster` (the scorer's `clusters: true`) instead of `group_by`, "
+           "ranked by G-SNR inside each cluster; null: none."),
+    Option("near_duplicates", str, "keep",
+           "`drop`: of each `gsnr_duplicate_group` (the scorer's `near_duplicate_threshold`) keep the row with the "
+           "best G-SNR and drop the others as `near_duplicate`, before the budget; `keep`: no dedup."),
     Option("dropped_path", Optional[str], None,
            "jsonl file for the dropped rows; default `<work_dir>/gsnr_dropped.jsonl` (`gsnr_dropped_step<N>.jsonl` "
            "for step N of a recipe with several top-k steps); not the dataset, the export or another step's file."),

@@ -55,6 +55,11 @@ def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:
                 f"{dict(Counter(reasons.values()))}.")
 
 
+def _stale_groups(stats, group_names) -> list[str]:
+    """The group stats in a row's `stats` that this run's options do not ask for."""
+    return [name for name in fields.GROUP_FIELDS if stats and name in stats and name not in group_names]
+
+
 @OPERATORS.register_module(OP_NAME)
 class GSNRScorerOp(Filter):
     """Scores every sample by its Gradient Signal-to-Noise Ratio (GradFiltering, arXiv 2601.13697).
@@ -76,6 +81,13 @@ class GSNRScorerOp(Filter):
       - `gsnr_tokens`: all tokens the proxy saw (what `max_tokens` budgets count);
       - `gsnr_ensemble`: the ensemble that scored the sample (scores of two are not comparable);
       - `gsnr_proof`: the digest that proves these stats came from this scorer (below).
+      - with `clusters: true`, `gsnr_cluster`: the row's k-means cluster of the frozen proxy's
+        mean-pooled last hidden states, for the top-k filter's `diversity: clusters`;
+      - with `near_duplicate_threshold`, `gsnr_duplicate_group`: rows at that cosine similarity or
+        above (of the pooled states, centred), linked into groups, for `near_duplicates: drop`.
+    The group ids are labels over the whole dataset (equal id, same group), computed on every run
+    from the pooled states in the score cache; a row without a score has none. The pooled states
+    stay in the cache, not in the stats.
 
     By default every sample is kept; with `min_gsnr` / `max_gsnr` the rows outside the range are
     written with their reason to `<work_dir>/gsnr_scorer_dropped.jsonl`. When every row already
@@ -131,6 +143,8 @@ class GSNRScorerOp(Filter):
         if len(dataset) and len(ensembles) <= 1 and not _unproven(self.scorer, dataset):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing (the scores come from "
                         "one ensemble).")
+            if self.scorer.config.group_fields:
+                self.scorer.fit_groups(dataset)
         else:
             self.scorer.fit(dataset)
             warn_other_ensembles(OP_NAME, ensembles, fitted_ensemble(self.scorer))
@@ -159,19 +173,31 @@ class GSNRScorerOp(Filter):
 
     def compute_stats_batched(self, samples, rank=None):
         all_stats = samples[Fields.stats]
-        todo = [i for i, proven in enumerate(proven_rows(self.scorer, samples)) if not proven]
-        if not todo:
+        proven = proven_rows(self.scorer, samples)
+        todo = [i for i, ok in enumerate(proven) if not ok]
+        group_names = self.scorer.config.group_fields
+        if not todo and not group_names and not any(_stale_groups(s, group_names) for s in all_stats):
             return samples
-        columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
-        scores = self.scorer.score_batch(columns, rank=rank)
-        fingerprint, ensemble = scorer_fingerprint(self.scorer), fitted_ensemble(self.scorer)
-        for j, (i, row) in enumerate(zip(todo, rows_of(columns))):
-            record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
-            record[fields.ENSEMBLE] = ensemble
-            record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
-            # A row of partly scored input has null stats.
-            all_stats[i] = {**(all_stats[i] or {}), **record}
-        samples[Fields.stats] = all_stats
+        if todo:
+            columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
+            scores = self.scorer.score_batch(columns, rank=rank)
+            fingerprint, ensemble = scorer_fingerprint(self.scorer), fitted_ensemble(self.scorer)
+            for j, (i, row) in enumerate(zip(todo, rows_of(columns))):
+                record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
+                record[fields.ENSEMBLE] = ensemble
+                record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
+                record.update({name: scores[name][j] for name in group_names})
+                # A row of partly scored input has null stats.
+                all_stats[i] = {**(all_stats[i] or {}), **record}
+        kept = [i for i, ok in enumerate(proven) if ok]
+        if group_names and kept:  # a proven score keeps its value; its groups are those of this run's rows
+            groups = self.scorer.group_batch({key: [values[i] for i in kept] for key, values in samples.items()
+                                              if key != Fields.stats})
+            for j, i in enumerate(kept):
+                all_stats[i] = {**all_stats[i], **{name: groups[name][j] for name in group_names}}
+        # Group stats of an earlier run with other options would be read as this run's: they go.
+        samples[Fields.stats] = [{k: v for k, v in s.items() if k not in _stale_groups(s, group_names)} if s else s
+                                 for s in all_stats]
         return samples
 
     def process_batched(self, samples):

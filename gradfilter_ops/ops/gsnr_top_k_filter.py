@@ -16,7 +16,7 @@ from ._recipe import (SUFFIX_FIELD, TOP_K_DROPPED_FILE, TOP_K_STEPS, check_dropp
 from ._stats import checked_stats
 from ..dropped import check_writable, write_dropped_rows
 from ..provenance import check_one_ensemble, ensembles_of
-from ..selection import Selection, select, validate_options
+from ..selection import Selection, select, stat_selection_inputs, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
 
@@ -61,23 +61,29 @@ class GSNRTopKFilter(Selector):
     With `group_by`, the row budget is split into per-group quotas (`proportional` to group size,
     or `equal`), each group at least `min_per_group` rows, so a rare source is never wiped out; the
     seats left over after each group's whole share go to the groups whose next row scores best.
+    `diversity: clusters` does the same over the clusters of the proxy's pooled hidden states
+    (`gsnr_cluster`, written by `gsnr_scorer` with `clusters: true`), so the selection keeps the
+    pool's mix without a source field. `near_duplicates: drop` keeps, of each group of
+    near-duplicates (`gsnr_duplicate_group`, from the scorer's `near_duplicate_threshold`), the row
+    with the best G-SNR, and drops the others as `near_duplicate` before the budget is filled.
 
     Every dropped row gets a reason: `below_top_k_cutoff`, `over_token_budget`, `group_quota_full`,
-    or its `gsnr_status` when it has no score. The log counts them, and the dropped rows are written
-    with a `gsnr_drop_reason` field to `dropped_path` (by default `<work_dir>/gsnr_dropped.jsonl`,
-    or `gsnr_dropped_step<N>.jsonl` for step N of a recipe with several top-k steps), so every input row
-    ends up either in the output or in that file. A `dropped_path` that is the dataset, the export or
-    another step's dropped-rows file is refused when the op is built. The output and the dropped rows
-    leave out the loader's `__dj__suffix__`, so that they can be fed back in with new rows (see
-    `recipes/gsnr.yaml`'s `text_keys`). On Data-Juicer's Ray executor,
+    `near_duplicate`, or its `gsnr_status` when it has no score. The log counts them, and the dropped
+    rows are written with a `gsnr_drop_reason` field to `dropped_path` (by default
+    `<work_dir>/gsnr_dropped.jsonl`, or `gsnr_dropped_step<N>.jsonl` for step N of a recipe with several
+    top-k steps), so every input row ends up either in the output or in that file. A `dropped_path`
+    that is the dataset, the export or another step's dropped-rows file is refused when the op is built.
+    The output and the dropped rows leave out the loader's `__dj__suffix__`, so that they can be fed
+    back in with new rows (see `recipes/gsnr.yaml`'s `text_keys`). On Data-Juicer's Ray executor,
     use `ray_gsnr_top_k_filter` (same options).
 
     Recipe step:
 
         - gsnr_top_k_filter:
             top_ratio: 0.1
-            group_by: source          # optional
+            group_by: source          # optional; or `diversity: clusters`
             min_per_group: 5
+            near_duplicates: drop     # optional
     """
 
     @recipe_options(TOP_K_OPTIONS)
@@ -89,6 +95,7 @@ class GSNRTopKFilter(Selector):
         check_selection_options(options)
         self.group_by, self.group_quota = options["group_by"], options["group_quota"]
         self.min_per_group = options["min_per_group"]
+        self.stat_options = {name: options[name] for name in ("diversity", "near_duplicates")}
         self.budget = {name: options[name] for name in ("top_k", "top_ratio", "max_tokens")}
         check_dropped_files(recipe())
         check_writable(dropped_path_of(self), "dropped_path")
@@ -110,11 +117,17 @@ class GSNRTopKFilter(Selector):
                 raise ValueError(f"{OP_NAME}: `group_by: {self.group_by}` is not a field of the dataset; "
                                  f"fields: {dataset.column_names}.")
             groups = [str(g) for g in dataset[self.group_by]]
-        selection = select([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats],
+        statuses = [s[fields.STATUS] for s in stats]
+        cluster_groups, duplicate_groups = stat_selection_inputs(
+            self.stat_options["diversity"], self.stat_options["near_duplicates"], statuses, [s.get(fields.CLUSTER) for s in stats],
+            [s.get(fields.DUPLICATE_GROUP) for s in stats])
+        groups = cluster_groups if cluster_groups is not None else groups
+        selection = select([s[fields.GSNR] for s in stats], statuses,
                            tokens=[s.get(fields.TOTAL_TOKENS) or 0 for s in stats], groups=groups,
-                           group_quota=self.group_quota, min_per_group=self.min_per_group, **self.budget)
+                           group_quota=self.group_quota, min_per_group=self.min_per_group,
+                           duplicate_groups=duplicate_groups, **self.budget)
         dropped = sorted(selection.reasons)
-        log_selection(OP_NAME, selection, len(stats), groups, self.group_by)
+        log_selection(OP_NAME, selection, len(stats), groups, self.group_by or fields.CLUSTER)
         path = dropped_path_of(self)
         if dropped and path is not None:
             write_dropped_rows(path, dataset.select(dropped), [selection.reasons[i] for i in dropped])

@@ -123,7 +123,8 @@ class RayGSNRTopKFilter(Pipeline):
         except MissingScores as error:
             raise ValueError(f"{TOP_K_NAME} needs the G-SNR stats of every row: put a `{SCORER_NAME}` step before it "
                              f"in the recipe ({error}).") from error
-        log_selection(TOP_K_NAME, selected.selection, selected.rows, selected.groups, self.options["group_by"])
+        log_selection(TOP_K_NAME, selected.selection, selected.rows, selected.groups,
+                      self.options["group_by"] or fields.CLUSTER)
         if selected.dropped_path is not None:
             logger.info(f"{TOP_K_NAME}: wrote the {len(selected.selection.reasons)} dropped rows to "
                         f"{selected.dropped_path}.")
