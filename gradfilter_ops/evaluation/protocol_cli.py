@@ -72,7 +72,8 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
                progress: bool) -> dict[str, Any]:
     """A pool's raw scores (cached), its signals, its groups for the stratified selections, and how
     well each signal ranks the clean rows above the corrupted ones (OUT/<pool>/scores/separation.json)."""
-    from ..clusters import default_num_clusters, kmeans_clusters
+    from .. import fields
+    from ..clusters import row_groups
     from ..embeddings import pooled_hidden_states
     from ..precision import resolve as resolve_precision
     from .protocol import length_bins, pool_signals
@@ -102,7 +103,8 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
                   for name, s in signals.items()}
     (folder / "separation.json").write_text(json.dumps(separation, indent=1, default=float))
     groups = {"length": bins,
-              "clusters": kmeans_clusters(embeddings, default_num_clusters(len(pool.rows)), seed)}
+              "clusters": row_groups(embeddings, clusters=True, num_clusters=config.num_clusters, threshold=None,
+                                     seed=config.seed)[fields.CLUSTER]}
     return {"signals": signals, "groups": groups, "timings": timings, "separation": separation}
 
 
