@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import copy
 import json
 import os
 import tempfile
@@ -210,9 +211,10 @@ class CacheEntry:
     def relocated(self, root: str | os.PathLike) -> "CacheEntry":
         """The same entry under another cache root (another node's `cache_dir`): the scores there, and those
         this entry has read so far."""
-        moved = CacheEntry.__new__(CacheEntry)
-        moved.dir = Path(root) / "scores" / self.dir.name
-        moved.ensemble_dir = moved.dir / "ensemble"
+        moved = copy.copy(self)
+        moved.root = Path(root)
+        moved.dir = moved.root / "scores" / self.dir.name
+        moved.ensemble_dir, moved.embeddings_dir = moved.dir / "ensemble", moved.dir / "embeddings"
         moved._scores = None
         if self._scores:
             moved.scores().update(self._scores)

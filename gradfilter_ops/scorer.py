@@ -6,12 +6,11 @@
     scored = scorer.score(dataset)                  # adds the columns in `fields.SCORE_FIELDS`
     kept = scored.select(select_top_k(scored["gsnr"], top_ratio=0.1))
 
-`fit` trains the ensemble over the whole dataset; `score_batch` is the per-example pass that
-`score` runs through `dataset.map(batched=True)` and that the Data-Juicer op calls per batch (with
-`score_mode: online` it looks up the norms that `fit` recorded while training instead). `fit` also
-groups the rows when asked (`groups.RowGrouping`), and `score_batch` writes their groups. With
-`use_cache` (the default) both go through a `cache.CacheEntry`: a re-run on the same rows does no
-proxy work, and a killed run resumes from its finished members and batches.
+`fit` trains the ensemble over the whole dataset; `score_batch` is the per-example pass that `score` runs through
+`dataset.map(batched=True)` and that the Data-Juicer op calls per batch (with `score_mode: online` it looks up the
+norms that `fit` recorded while training instead). `fit` also groups the rows when asked (`groups.RowGrouping`),
+and `score_batch` writes their groups. With `use_cache` (the default) both go through a `cache.CacheEntry`: a
+re-run on the same rows does no proxy work, and a killed run resumes from its finished members and batches.
 """
 
 from __future__ import annotations
@@ -297,7 +296,6 @@ class GSNRScorer(RowGrouping):
 
 
 def map_num_proc(num_proc: Optional[int]) -> Optional[int]:
-    """`num_proc` for a `datasets` map of `score_batch`. `datasets` forks a worker even for
-    `num_proc=1`, and a forked worker must run torch on one thread (`thread_policy`), so one process
-    means this process (`None`), where torch keeps every thread."""
+    """`num_proc` for a `datasets` map of `score_batch`. `datasets` forks a worker even for `num_proc=1`, and a
+    forked worker must run torch on one thread (`thread_policy`), so one process means this process (`None`)."""
     return None if num_proc == 1 else num_proc

@@ -173,9 +173,9 @@ def test_row_groups_and_their_selection_through_the_datasets_api(tiny_config, gr
         loser = copy if gsnr[first] >= gsnr[copy] else first
         assert picked.reasons[loser] == fields.NEAR_DUPLICATE and {first, copy} - {loser} <= set(range(22))
     eligible = [i for i in range(22) if picked.reasons.get(i) != fields.NEAR_DUPLICATE]
-    sizes = {c: sum(clusters[i] == c for i in eligible) for c in set(clusters[:22])}
-    expected = quotas({str(c): n for c, n in sizes.items()}, 6)
-    for c in sizes:
+    ranking = sorted(eligible, key=lambda i: (-gsnr[i], i))  # each cluster's rows by their place in it
+    expected = quotas({str(c): [p for p, i in enumerate(ranking) if clusters[i] == c] for c in set(clusters[:22])}, 6)
+    for c in set(clusters[:22]):
         best = sorted((i for i in eligible if clusters[i] == c), key=lambda i: -gsnr[i])[: expected[str(c)]]
         assert sorted(i for i in picked.keep if clusters[i] == c) == sorted(best)
     assert len(picked.keep) == 6

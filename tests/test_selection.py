@@ -246,10 +246,11 @@ def test_cluster_quotas_rank_inside_each_cluster():
     clusters = [0, 0, 0, 1, 1, None]
     groups, duplicates = stat_selection_inputs("clusters", "keep", DEDUP_STATUSES, clusters, [None] * 6)
     assert groups == ["0", "0", "0", "1", "1", "None"] and duplicates is None
-    result = select(DEDUP_SCORES, DEDUP_STATUSES, top_k=2, groups=groups)
-    assert result.keep == [0, 3]
-    assert result.reasons == {1: fields.GROUP_QUOTA_FULL, 2: fields.BELOW_CUTOFF, 4: fields.BELOW_CUTOFF,
-                              5: fields.EMPTY_RESPONSE}
+    # top 3 of clusters of 3 and 2 scored rows: one seat each, the leftover to cluster 0 (its next row ranks
+    # best), so cluster 1's best row takes the place of cluster 0's third
+    result = select(DEDUP_SCORES, DEDUP_STATUSES, top_k=3, groups=groups)
+    assert result.keep == [0, 1, 3]
+    assert result.reasons == {2: fields.GROUP_QUOTA_FULL, 4: fields.BELOW_CUTOFF, 5: fields.EMPTY_RESPONSE}
 
 
 def test_a_scored_row_without_the_group_stat_names_the_scorer_option():
