@@ -181,7 +181,6 @@ class GSNRScorer(RowGrouping):
 
     def _cache_entry(self, keys: Sequence[str]) -> Optional[CacheEntry]:
         from .proxy import resolve_cache_dir
-
         cache_dir = resolve_cache_dir(self.config.cache_dir) if self.config.use_cache else None
         return CacheEntry(cache_dir, self.fingerprint, digest(list(keys))) if cache_dir else None
 
