@@ -212,23 +212,33 @@ def test_two_nodes_train_score_and_cache_where_they_run_and_select_the_rows_of_o
         assert sum(len(lines) for lines in shards) == ok_here, node
 
 
+def on_the_held_batch(ledger, act) -> threading.Thread:
+    """A started thread that waits (at most `HOLD_S`) until the ledger holds a batch, then calls `act` with
+    (actor, ids) of it once."""
+    def wait_and_act():
+        deadline = time.monotonic() + HOLD_S
+        while time.monotonic() < deadline:
+            held = ray.get(ledger.held_batch.remote())
+            if held is not None:
+                act(held)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=wait_and_act, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_scoring_actor_killed_in_a_batch_is_restarted_and_every_row_is_scored_once(
         two_nodes, one_process, tiny_gpt2_dir):
     ledger = Ledger.remote(hold="any")
     killed = {}
 
-    def kill_the_held_actor():
-        deadline = time.monotonic() + HOLD_S
-        while time.monotonic() < deadline and not killed:
-            held = ray.get(ledger.held_batch.remote())
-            if held is None:
-                time.sleep(0.2)
-                continue
-            actor, killed["ids"] = held
-            ray.kill(actor, no_restart=False)  # a real kill of a live actor; Ray may restart it
+    def kill(held):
+        actor, killed["ids"] = held
+        ray.kill(actor, no_restart=False)  # a real kill of a live actor; Ray may restart it
 
-    killer = threading.Thread(target=kill_the_held_actor, daemon=True)
-    killer.start()
+    killer = on_the_held_batch(ledger, kill)
     scored = run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
     killer.join()
     _, batches = ray.get(ledger.records.remote())
@@ -269,18 +279,11 @@ def test_a_worker_node_lost_in_a_batch_leaves_the_rest_to_finish_every_row_once(
     ledger = Ledger.remote(hold=lost.node_id)
     removed = {}
 
-    def remove_the_held_node():
-        deadline = time.monotonic() + HOLD_S
-        while time.monotonic() < deadline and not removed:
-            held = ray.get(ledger.held_batch.remote())
-            if held is None:
-                time.sleep(0.2)
-                continue
-            two_nodes.cluster.remove_node(lost, allow_graceful=False)
-            removed["ids"] = held[1]
+    def remove(held):
+        two_nodes.cluster.remove_node(lost, allow_graceful=False)
+        removed["ids"] = held[1]
 
-    remover = threading.Thread(target=remove_the_held_node, daemon=True)
-    remover.start()
+    remover = on_the_held_batch(ledger, remove)
     try:
         scored = run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
     finally:

@@ -57,7 +57,8 @@ def summarize(records: Sequence[dict[str, Any]], reference: str = "G-SNR") -> li
     return rows
 
 
-def _ci(value: tuple[float, float, float], signed: bool = False) -> str:
+def format_interval(value: tuple[float, float, float], signed: bool = False) -> str:
+    """`mean [low, high]` of a `t_interval` (the mean alone when it has no interval)."""
     mean, lo, hi = value
     fmt = "{:+.4f}" if signed else "{:.4f}"
     if not math.isfinite(lo):
@@ -74,10 +75,10 @@ def results_table(rows: Sequence[dict[str, Any]], reference: str = "G-SNR") -> s
         corrupted = "" if r["corrupted_share"] is None else f"{100 * r['corrupted_share']:.0f} %"
         if r.get("rule_dropped"):
             corrupted += f" ({r['rule_dropped']} IFD >= 1 filling)"
-        diff = _ci(r["reference_minus"], True) if "reference_minus" in r else ""
-        diff_curve = _ci(r["reference_minus_curve"], True) if "reference_minus_curve" in r else ""
-        lines.append(f"| {r['budget']} | {r['signal']} | {r['rows']} | {corrupted} | {_ci(r['final'])} | "
-                     f"{_ci(r['curve_mean'])} | {diff} | {diff_curve} |")
+        diff = format_interval(r["reference_minus"], True) if "reference_minus" in r else ""
+        diff_curve = format_interval(r["reference_minus_curve"], True) if "reference_minus_curve" in r else ""
+        lines.append(f"| {r['budget']} | {r['signal']} | {r['rows']} | {corrupted} | {format_interval(r['final'])} | "
+                     f"{format_interval(r['curve_mean'])} | {diff} | {diff_curve} |")
     return "\n".join(lines)
 
 

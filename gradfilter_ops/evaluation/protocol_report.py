@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .downstream import FULL_POOL
-from .downstream_report import t_interval
+from .downstream_report import format_interval, t_interval
 from .protocol import BASELINES, GSNR_SELECTIONS, HELDOUT_KINDS
 
 RULE_BASELINES = ("response length", "random")  # the rule counts wins minus losses against these
@@ -106,13 +106,6 @@ def verdict(records: Sequence[Mapping[str, Any]], auroc: Mapping[str, Mapping[st
     return {"table": table, "candidates": candidates, "perplexity_auroc": perplexity, "pick": pick}
 
 
-def _ci(value: Sequence[float]) -> str:
-    mean, low, high = value
-    if not math.isfinite(low):
-        return f"{mean:+.3f}"
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
 def render(meta: Mapping[str, Any], result: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
            pools: Sequence[str]) -> str:
     """report.md: the setting, the verdict (W/T/L), the rule's pick, the loss tables and the AUROCs."""
@@ -183,7 +176,7 @@ def render(meta: Mapping[str, Any], result: Mapping[str, Any], records: Sequence
         for b in RULE_BASELINES:
             for r in row.get(b, {}).get("final", {}).get("cells", []):
                 text.append(f"| {reading} | {b} | {r['pool']} | {r['heldout']} | {r['budget']} | "
-                            f"{_ci(r['difference'])} | {r['outcome']} |")
+                            f"{format_interval(r['difference'], signed=True)} | {r['outcome']} |")
     timings = meta.get("timings", {})
     text += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     return "\n".join(text)
