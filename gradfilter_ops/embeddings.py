@@ -29,7 +29,7 @@ def pooled_hidden_states(model: torch.nn.Module, encoded: Sequence[Encoded], pad
     """
     import torch
 
-    from .grads import collate, length_buckets
+    from .engine.grads import collate, length_buckets
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = np.zeros((len(encoded), base.get_input_embeddings().embedding_dim), dtype=np.float32)

@@ -33,7 +33,7 @@ class FittedEnsemble:
 
     def merge(self, other: "FittedEnsemble") -> "FittedEnsemble":
         """One ensemble from this one's members and those `other` trained (`fit(..., members=...)`)."""
-        from .ensemble import Snapshots
+        from .engine import Snapshots
 
         if not self.matches(other):
             raise ValueError("absorb: the other scorer was fitted with other options, another proxy or other rows.")
@@ -44,7 +44,7 @@ class FittedEnsemble:
 
     def cached_members(self):
         """The members already trained in the cache entry (`Snapshots`), or None."""
-        from .ensemble import MANIFEST, Snapshots
+        from .engine import MANIFEST, Snapshots
 
         if self.cache is None or not (self.cache.ensemble_dir / MANIFEST).exists():
             return None
@@ -57,7 +57,7 @@ class FittedEnsemble:
 
     def load_snapshots(self):
         """The trained members, read from the cache entry the first time when they are not in memory."""
-        from .ensemble import Snapshots
+        from .engine import Snapshots
 
         if self.snapshots is None and self.cache is not None:
             self.snapshots = Snapshots.load(self.cache.ensemble_dir, entry=self.cache.key)
@@ -65,7 +65,7 @@ class FittedEnsemble:
 
     def portable(self) -> "FittedEnsemble":
         """Read into memory what scoring takes from the cache (the trained adapters, the cached scores)."""
-        from .ensemble import MANIFEST
+        from .engine import MANIFEST
 
         if self.cache is not None:
             self.cache.scores()

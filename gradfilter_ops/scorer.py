@@ -140,7 +140,7 @@ class GSNRScorer(RowGrouping):
         `members` trains only those members: a share of the ensemble, joined with `absorb`; the row
         groups (`fit_groups`) are made by the share that holds member 0.
         """
-        from .ensemble import train_ensemble
+        from .engine import train_ensemble
 
         self.load()
         self.release()
@@ -252,7 +252,7 @@ class GSNRScorer(RowGrouping):
         return score_records(sq_norms, self.config, tokens)
 
     def _sq_norms(self, examples):
-        from .ensemble import ensemble_scorer
+        from .engine import ensemble_scorer
 
         self.fitted.load_snapshots()
         if self._ensemble is None:

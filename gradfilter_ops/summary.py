@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from loguru import logger
 
-from .gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
+from .engine.gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
 
 __all__ = ["NEGATIVE_DROP_WARN_SHARE", "log_summary", "summarize"]
 

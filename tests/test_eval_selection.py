@@ -157,7 +157,7 @@ def test_top_k_contamination_on_hand_made_scores():
 
 
 def test_readings_from_raw_norms():
-    from gradfilter_ops.gsnr import gsnr_from_sq_norms
+    from gradfilter_ops.engine.gsnr import gsnr_from_sq_norms
 
     rng = np.random.default_rng(0)
     norms = {k: rng.random((4, 3, 10)) + 0.1 for k in ("A", "B", "W", "loss")}
@@ -204,7 +204,7 @@ def tiny_setup(tiny_gpt2_dir):
 def test_training_and_norm_parts_match_the_package(tiny_setup):
     import torch
 
-    from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble
+    from gradfilter_ops.engine import EnsembleScorer, train_ensemble
 
     config, model, pad_id, encoded = tiny_setup
     package = train_ensemble(model, encoded, config, pad_id, progress=False)
@@ -233,8 +233,8 @@ def test_w_norm_is_the_gradient_of_the_adapted_frozen_weights(tiny_setup):
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    from gradfilter_ops.ensemble import lora_config
-    from gradfilter_ops.grads import LoraActivations, collate, response_loss_sums
+    from gradfilter_ops.engine import lora_config
+    from gradfilter_ops.engine.grads import LoraActivations, collate, response_loss_sums
 
     config, model, pad_id, encoded = tiny_setup
     torch.manual_seed(0)

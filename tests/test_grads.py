@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradfilter_ops.config import GSNRConfig
-from gradfilter_ops.grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms,
+from gradfilter_ops.engine.grads import (LoraActivations, collate, length_buckets, per_example_grad_sq_norms,
                                   per_example_grad_sq_norms_loop)
 from gradfilter_ops.prompts import PromptFormatter
 
@@ -42,8 +42,8 @@ def test_batched_norms_match_one_example_loop(setup, grad_params):
 
 
 def test_sum_loss_norms_are_the_gradient_norms_of_each_rows_summed_loss(setup):
-    from gradfilter_ops.grads import response_loss_sums
-    from gradfilter_ops.gsnr import sum_loss_sq_norms
+    from gradfilter_ops.engine.grads import response_loss_sums
+    from gradfilter_ops.engine.gsnr import sum_loss_sq_norms
 
     model, examples, pad_id = setup
     mean_norms = per_example_grad_sq_norms_loop(model, examples[:4], pad_id).numpy()
@@ -61,7 +61,7 @@ def test_sum_loss_norms_are_the_gradient_norms_of_each_rows_summed_loss(setup):
 def losses_norms_and_gradients(model, batch):
     """Per-row response losses, per-example norms, and the LoRA gradients of a loss that weighs row i by i + 1
     (so a wrong gradient in any row shows)."""
-    from gradfilter_ops import grads
+    from gradfilter_ops.engine import grads
 
     activations = LoraActivations(model)
     try:
@@ -77,7 +77,7 @@ def losses_norms_and_gradients(model, batch):
 
 def test_chunked_lm_head_gives_the_same_losses_norms_and_gradients(setup, monkeypatch):
     """Past `HEAD_CHUNK` response positions the autograd head runs in recomputed chunks: nothing else may change."""
-    from gradfilter_ops import grads
+    from gradfilter_ops.engine import grads
 
     monkeypatch.setattr(grads, "FUSED_HEAD", False)  # the path of a trainable or wrapped head
 
@@ -120,7 +120,7 @@ def test_collate_masks_only_response_tokens(setup):
 
 
 def test_training_batches_cover_every_row_once_with_similar_lengths():
-    from gradfilter_ops.grads import shuffled_length_batches
+    from gradfilter_ops.engine.grads import shuffled_length_batches
 
     lengths = [(i * 37) % 101 + 1 for i in range(1000)]
     batches = shuffled_length_batches(lengths, 16, torch.Generator().manual_seed(0))
@@ -137,7 +137,7 @@ def test_training_batches_cover_every_row_once_with_similar_lengths():
 def test_training_backward_yields_each_rows_own_norm_and_the_batch_gradient(setup, grad_params):
     """Online mode: one backward of the token-mean training loss gives every row's own gradient norm
     (as a loop of one-example passes does) and the same parameter gradients as `loss.backward()`."""
-    from gradfilter_ops.grads import backward_with_sq_norms, response_loss_sums
+    from gradfilter_ops.engine.grads import backward_with_sq_norms, response_loss_sums
 
     model, examples, pad_id = setup
     params = [p for p in model.parameters() if p.requires_grad]
@@ -169,7 +169,7 @@ def test_training_backward_yields_each_rows_own_norm_and_the_batch_gradient(setu
 
 def test_fused_frozen_head_matches_autograd(setup, monkeypatch):
     """The fused head (chunked, input gradient taken in the forward) gives autograd's losses, norms and gradients."""
-    from gradfilter_ops import grads, head
+    from gradfilter_ops.engine import grads, head
 
     model, examples, pad_id = setup
     batch = collate(examples, pad_id)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gradfilter_ops.gsnr import gsnr_from_sq_norms
+from gradfilter_ops.engine.gsnr import gsnr_from_sq_norms
 
 
 def norms(early, late):

@@ -74,7 +74,7 @@ def private_uses(path: Path) -> list[tuple[str, str, int]]:
 
 
 def dotted(node: ast.AST, aliases: dict[str, str]):
-    """The gradfilter_ops module an expression such as `ensemble` or `gradfilter_ops.ensemble` names, or None."""
+    """The gradfilter_ops module an expression such as `ensemble` or `gradfilter_ops.engine` names, or None."""
     if isinstance(node, ast.Name):
         return aliases.get(node.id)
     if isinstance(node, ast.Attribute):
@@ -100,7 +100,7 @@ def test_no_private_name_is_used_across_modules():
 def test_the_check_finds_what_it_looks_for(tmp_path):
     """The AST check on a file with each kind of use, and with uses that are allowed."""
     probe = tmp_path / "probe.py"
-    probe.write_text("import gradfilter_ops.ensemble as ensemble\n"
+    probe.write_text("import gradfilter_ops.engine as ensemble\n"
                      "import gradfilter_ops.scorer\n"
                      "from gradfilter_ops import records\n"
                      "from gradfilter_ops.proxy import _preset_folder\n"
@@ -110,5 +110,5 @@ def test_the_check_finds_what_it_looks_for(tmp_path):
                      "ensemble.Snapshots._private_method\n"
                      "records.__name__\n", encoding="utf-8")
     found = sorted((module, name) for module, name, _ in private_uses(probe))
-    assert found == [("gradfilter_ops.ensemble", "_train_member"), ("gradfilter_ops.proxy", "_preset_folder"),
+    assert found == [("gradfilter_ops.engine", "_train_member"), ("gradfilter_ops.proxy", "_preset_folder"),
                      ("gradfilter_ops.records", "_hidden"), ("gradfilter_ops.scorer", "_rows")]

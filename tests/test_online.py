@@ -5,7 +5,7 @@ import pytest
 from datasets import Dataset
 
 from gradfilter_ops import GSNRScorer, fields
-from gradfilter_ops.ensemble import EnsembleScorer, Snapshots, train_ensemble
+from gradfilter_ops.engine import EnsembleScorer, Snapshots, train_ensemble
 from gradfilter_ops.prompts import PromptFormatter
 
 from helpers import seed_tasks

@@ -8,9 +8,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from gradfilter_ops import fields
 from gradfilter_ops.config import GSNRConfig
-from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble
-from gradfilter_ops.grads import collate, per_example_grad_sq_norms_loop
-from gradfilter_ops.prefix import FrozenPrefix, adapted_layers
+from gradfilter_ops.engine import EnsembleScorer, train_ensemble
+from gradfilter_ops.engine.grads import collate, per_example_grad_sq_norms_loop
+from gradfilter_ops.engine.prefix import FrozenPrefix, adapted_layers
 from gradfilter_ops.prompts import Encoded
 
 PROXIES = {
@@ -101,7 +101,7 @@ def test_training_and_scoring_skip_the_frozen_layers(proxy, rows, lower_layer_ca
 @pytest.mark.parametrize("mode", ["snapshot", "online"])
 def test_prefix_trains_the_same_members_as_every_layer(proxy, rows, stack, mode):
     """Same adapters and norms with the prefix as with the adapted layers run from the embeddings."""
-    from gradfilter_ops.ensemble import EnsembleTrainer
+    from gradfilter_ops.engine import EnsembleTrainer
 
     results = []
     for fed in (True, False):

@@ -7,7 +7,7 @@ import pytest
 from datasets import Dataset
 
 from gradfilter_ops import GSNRConfig, GSNRScorer, fields, select_top_k
-from gradfilter_ops.ensemble import Snapshots
+from gradfilter_ops.engine import Snapshots
 
 from helpers import seed_tasks
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradfilter_ops.ensemble import EnsembleScorer, train_ensemble
-from gradfilter_ops.grads import shuffled_length_batches
+from gradfilter_ops.engine import EnsembleScorer, train_ensemble
+from gradfilter_ops.engine.grads import shuffled_length_batches
 from gradfilter_ops.prompts import PromptFormatter
 
 from helpers import seed_tasks

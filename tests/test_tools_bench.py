@@ -117,8 +117,8 @@ def test_flop_accounting_matches_torch_flop_counter(tools, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradfilter_ops.config import GSNRConfig
-    from gradfilter_ops.ensemble import lora_config
-    from gradfilter_ops.grads import collate, response_loss_sums
+    from gradfilter_ops.engine import lora_config
+    from gradfilter_ops.engine.grads import collate, response_loss_sums
     from gradfilter_ops.prompts import PromptFormatter
 
     bench_speed, _ = tools

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradfilter_ops.ensemble import EnsembleScorer, EnsembleTrainer, Snapshots, train_ensemble
+from gradfilter_ops.engine import EnsembleScorer, EnsembleTrainer, Snapshots, train_ensemble
 from gradfilter_ops.prompts import PromptFormatter
 
 from helpers import seed_tasks

@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from gradfilter_ops.ensemble import EnsembleTrainer, Snapshots, scoring
+from gradfilter_ops.engine import EnsembleTrainer, Snapshots, scoring
 from gradfilter_ops import GSNRScorer, fields
 
 from helpers import seed_tasks

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gradfilter_ops.ensemble import train_ensemble
+from gradfilter_ops.engine import train_ensemble
 from gradfilter_ops.prompts import PromptFormatter
 from gradfilter_ops.proxy import load_proxy
 
@@ -40,7 +40,7 @@ def test_member_workers_must_be_positive(tiny_config):
 
 
 def test_snapshot_norms_computed_in_workers_equal_norms_computed_here(tiny_gpt2_dir, tiny_config):
-    from gradfilter_ops.ensemble import ensemble_scorer
+    from gradfilter_ops.engine import ensemble_scorer
 
     model, tokenizer = load_proxy(str(tiny_gpt2_dir))
     for p in model.parameters():
@@ -78,7 +78,7 @@ def test_scorer_with_member_workers_gives_the_same_scores(tiny_config):
 def test_members_fitted_apart_join_into_one_ensemble(tiny_config):
     """What `distributed.fit_dataset` does in Ray tasks (tests/test_ray.py checks the scores)."""
     from gradfilter_ops import GSNRScorer
-    from gradfilter_ops.ensemble import Snapshots
+    from gradfilter_ops.engine import Snapshots
 
     rows = seed_tasks(8)
     config = tiny_config(num_members=3)

@@ -58,13 +58,13 @@ import numpy as np
 import torch
 
 from gradfilter_ops.config import GSNRConfig
-from gradfilter_ops.ensemble import EnsembleScorer, ensemble_scorer, lora_config, train_ensemble
+from gradfilter_ops.engine import EnsembleScorer, ensemble_scorer, lora_config, train_ensemble
 from gradfilter_ops.precision import resolve as resolve_precision
-from gradfilter_ops.grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets,
+from gradfilter_ops.engine.grads import (LoraActivations, backward_with_sq_norms, collate, length_buckets,
                                   per_example_grad_sq_norms, per_example_grad_sq_norms_loop, response_loss_sums,
                                   shuffled_length_batches)
-from gradfilter_ops.gsnr import gsnr_from_sq_norms
-from gradfilter_ops.head import CHUNK_LOGITS
+from gradfilter_ops.engine.gsnr import gsnr_from_sq_norms
+from gradfilter_ops.engine.head import CHUNK_LOGITS
 from gradfilter_ops.prompts import Encoded, PromptFormatter, alpaca_prompt
 from gradfilter_ops.proxy import FrozenProxy, hf_folder, load_frozen_proxy
 from gradfilter_ops.selection import select_top_k
@@ -539,7 +539,7 @@ def head_child(args: argparse.Namespace) -> None:
     whole`); prints one JSON line."""
     from peft import get_peft_model
 
-    from gradfilter_ops import grads
+    from gradfilter_ops.engine import grads
 
     if args.head_child == "whole":
         grads.FUSED_HEAD, grads.HEAD_CHUNK = False, 1 << 62
@@ -884,7 +884,7 @@ def section_stack(args: argparse.Namespace) -> dict[str, Any]:
 def section_prefix(args: argparse.Namespace) -> dict[str, Any]:
     """`train_ensemble` then snapshot scoring with adapters on the top `--prefix-fraction` of the layers and on
     every layer (two seeds), interleaved, same rows; seconds and the G-SNR ranking's agreement."""
-    from gradfilter_ops.gsnr import gsnr_from_sq_norms
+    from gradfilter_ops.engine.gsnr import gsnr_from_sq_norms
 
     model, device, config, examples, pad_id = proxy_and_rows(args, args.prefix_rows, num_members=args.prefix_members)
     variants = {"every layer": replace(config, lora_layer_fraction=1.0),

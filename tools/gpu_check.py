@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 import bench_speed  # noqa: E402  (tools/, next to this file)
 from gradfilter_ops import fields  # noqa: E402
 from gradfilter_ops.config import SCORE_MODES, GSNRConfig  # noqa: E402
-from gradfilter_ops.ensemble import adapters_per_pass, ensemble_scorer, stack_size, train_ensemble  # noqa: E402
-from gradfilter_ops.gsnr import gsnr_from_sq_norms  # noqa: E402
+from gradfilter_ops.engine import adapters_per_pass, ensemble_scorer, stack_size, train_ensemble  # noqa: E402
+from gradfilter_ops.engine.gsnr import gsnr_from_sq_norms  # noqa: E402
 from gradfilter_ops.prompts import Encoded, truncate  # noqa: E402
 from gradfilter_ops.proxy import freeze, resolve_device  # noqa: E402
 

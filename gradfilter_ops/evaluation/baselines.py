@@ -12,7 +12,7 @@ def proxy_losses(model, examples, pad_id: int, batch_size: int, precision: str) 
     """Mean response-token loss of each example under the bare proxy (log perplexity)."""
     import torch
 
-    from ..grads import collate, length_buckets, response_loss_sums
+    from ..engine.grads import collate, length_buckets, response_loss_sums
     from ..precision import resolve as resolve_precision
 
     device = next(model.parameters()).device

@@ -92,7 +92,7 @@ def target_lora(recipe: FinetuneRecipe, config, model):
     """The fine-tune's peft `LoraConfig`: the package's own (`ensemble.lora_config`, which knows GPT-2's
     transposed projections and peft's per-architecture targets), with the recipe's rank, alpha and targets,
     peft's usual init (B = 0, the adapter starts as a no-op), no dropout and every layer adapted."""
-    from ..ensemble import lora_config
+    from ..engine import lora_config
 
     return lora_config(dataclasses.replace(config, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                                            lora_dropout=0.0, lora_init="zero_b", lora_layer_fraction=1.0,
@@ -125,7 +125,7 @@ def finetune(model, train: Sequence, heldout: Sequence, recipe: FinetuneRecipe, 
     import torch
     from peft import get_peft_model
 
-    from ..grads import collate, response_loss_sums
+    from ..engine.grads import collate, response_loss_sums
     from ..precision import resolve as resolve_precision
 
     device = next(model.parameters()).device

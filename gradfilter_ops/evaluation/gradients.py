@@ -17,7 +17,7 @@ def train_all_epochs(model, examples, config, pad_id: int, progress: bool = True
     are 1..num_epochs; its `online_norms` hold, for every epoch, each row's squared `A` + `B` norm
     read off that epoch's training steps.
     """
-    from ..ensemble import EnsembleTrainer
+    from ..engine import EnsembleTrainer
 
     recording = dataclasses.replace(config, grad_params="AB", score_mode="online",
                                     stack_members=config.stack_members or 1)
@@ -39,7 +39,7 @@ def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: f
     import torch
 
     device_type = batch["input_ids"].device.type
-    from ..grads import layer_sq_norms, response_loss_sums
+    from ..engine.grads import layer_sq_norms, response_loss_sums
 
     with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                                                  enabled=autocast_dtype is not None):
@@ -71,8 +71,8 @@ def snapshot_norms(model, snapshots, config, examples, pad_id: int, progress: bo
     {"A"|"B"|"W"|"loss": [members, epochs, N]}."""
     from tqdm.auto import tqdm
 
-    from ..ensemble import EnsembleScorer
-    from ..grads import collate, length_buckets
+    from ..engine import EnsembleScorer
+    from ..engine.grads import collate, length_buckets
     from ..precision import resolve as resolve_precision
 
     scorer = EnsembleScorer(model, snapshots, config, pad_id)  # loads every adapter, hooks A and B

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from ..config import NOISES, NORMS
-from ..gsnr import negative_drop_share, sum_loss_sq_norms
+from ..engine.gsnr import negative_drop_share, sum_loss_sq_norms
 from .corrupt import CLEAN
 from .metrics import auroc, contamination
 
@@ -59,7 +59,7 @@ def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading
 
 def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: Reading) -> dict[str, np.ndarray]:
     """The reading's keep-score (higher = keep) and the G-SNR parts it came from."""
-    from ..gsnr import gsnr_from_sq_norms
+    from ..engine.gsnr import gsnr_from_sq_norms
 
     sq = sq_norms_for(norms, epochs, reading)
     parts = gsnr_from_sq_norms(sq, norm=reading.norm, noise=reading.noise, eps=reading.eps)

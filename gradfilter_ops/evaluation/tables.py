@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..gsnr import negative_drop_share
+from ..engine.gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .metrics import spearman
 from ..config import EXAMPLE_LOSSES, NOISES, NORMS

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from .. import fields
-from ..gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
+from ..engine.gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
 from .records import NO_GROUP, is_finite
 
 DEGENERATE_REL = 1e-12  # finite G-SNRs all equal within this relative spread: degenerate

@@ -12,7 +12,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from ..config import GSNRConfig
-from ..grads import LoraActivations, collate, length_buckets, per_example_grad_sq_norms, to_device
+from .grads import LoraActivations, collate, length_buckets, per_example_grad_sq_norms, to_device
 from ..precision import resolve as resolve_precision
 from ..prompts import Encoded
 from .policy import adapters_per_pass
@@ -50,7 +50,7 @@ class EnsembleScorer:
         split = min(layers) if layers else 0
         self.frozen = None
         if split:
-            from ..prefix import FrozenPrefix
+            from .prefix import FrozenPrefix
 
             self.frozen = FrozenPrefix(self.model, split)
 
@@ -77,7 +77,7 @@ class EnsembleScorer:
         return out.double().cpu().numpy()
 
     def _stacked(self, names: tuple[str, ...]):
-        from ..stacking import StackedLora
+        from .stacking import StackedLora
 
         if names not in self._stacks:
             self._stacks[names] = StackedLora(self.model, names)

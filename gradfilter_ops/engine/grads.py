@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .head import frozen_head, token_losses
-from .prompts import Encoded
+from ..prompts import Encoded
 
 
 def collate(examples: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

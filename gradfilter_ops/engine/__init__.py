@@ -1,4 +1,5 @@
-"""The LoRA ensemble on one frozen proxy: training (phase 1) and per-example gradient norms (phase 2).
+"""How G-SNR is computed: the LoRA ensemble on one frozen proxy, trained (phase 1), its per-example
+gradient norms (phase 2) and the formula (phase 3).
 
 - `snapshots`: `Snapshots`, each member's adapter after the kept epochs (by default the early and
   the late one), as plain peft adapter folders that can be saved, shipped and loaded.
@@ -11,6 +12,10 @@
 - `scoring`: `EnsembleScorer` reads the snapshots and never trains; `PooledEnsembleScorer` runs it in
   worker processes; `ensemble_scorer` picks one.
 - `workers`: the spawned process pool both use, sharing the frozen proxy.
+- `grads`: exact per-example squared gradient norms of the LoRA parameters in one batched pass;
+  `head`: the frozen LM head's fused loss; `prefix`: the frozen layers below the adapters, run once;
+  `stacking`: several members in one forward.
+- `gsnr`: the formula, drop over noise, and the negative-drop share.
 """
 
 from .policy import adapters_per_pass, lora_config, prefix_split, stack_size

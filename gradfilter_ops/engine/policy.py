@@ -12,7 +12,7 @@ def prefix_split(config: GSNRConfig, model: torch.nn.Module) -> int:
     """The first adapted decoder layer: the layers below it form the frozen prefix (0: none)."""
     if config.lora_layer_fraction >= 1:
         return 0
-    from ..prefix import adapted_layers, decoder_layers
+    from .prefix import adapted_layers, decoder_layers
 
     _, layers = decoder_layers(model)
     return adapted_layers(len(layers), config.lora_layer_fraction)[0]
@@ -23,7 +23,7 @@ def lora_config(config: GSNRConfig, model: torch.nn.Module):
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
-    from ..prefix import adapted_layers, decoder_layers
+    from .prefix import adapted_layers, decoder_layers
 
     layers = {}
     if config.lora_layer_fraction < 1:

@@ -21,9 +21,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import fields
+from .. import fields
 from .grads import LoraRecorder
-from .prompts import Encoded
+from ..prompts import Encoded
 
 
 def filler(pad_id: int) -> Encoded:

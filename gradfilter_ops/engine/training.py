@@ -16,7 +16,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from ..config import GSNRConfig
-from ..grads import (LoraActivations, backward_with_sq_norms, collate, response_loss_sums, shuffled_length_batches,
+from .grads import (LoraActivations, backward_with_sq_norms, collate, response_loss_sums, shuffled_length_batches,
                      to_device)
 from ..precision import resolve as resolve_precision
 from ..prompts import Encoded
@@ -114,7 +114,7 @@ class EnsembleTrainer:
         split = prefix_split(self.config, self.model) if self.reuse_prefix else 0
         if not split:
             return None
-        from ..prefix import FrozenPrefix, PrefixStore
+        from .prefix import FrozenPrefix, PrefixStore
 
         logger.info(f"gsnr: running the {split} frozen layers below the adapters once over {len(examples)} rows")
         return PrefixStore.build(FrozenPrefix(self.model, split), examples, self.pad_id, self.config.score_batch_size,
@@ -145,8 +145,8 @@ class EnsembleTrainer:
         """
         from peft import get_peft_model, get_peft_model_state_dict
 
-        from ..prefix import FrozenPrefix, padded
-        from ..stacking import StackedLora, filler
+        from .prefix import FrozenPrefix, padded
+        from .stacking import StackedLora, filler
 
         model, config, epochs, device = self.model, self.config, self.epochs, self.device
         autocast_dtype = resolve_precision(config.precision, device).autocast_dtype
