@@ -158,6 +158,29 @@ def test_runs_end_to_end_and_resumes_without_training_again(spec_file, tiny_gpt2
     with pytest.raises(SystemExit, match="holds a run with other"):
         main([*argv, "--set", "learning_rate=0.05"])
 
+    # another scoring setting, judged in the same folder: only its own fine-tunes run
+    name = "G-SNR 1/2 layers"
+    assert main([*argv, "--reading", name + '={"lora_layer_fraction": 0.5}']) == 0
+    grown = (out / "records.jsonl").read_text()
+    assert grown.startswith(before)
+    added = [json.loads(line) for line in grown[len(before):].splitlines()]
+    assert {(r["pool"], r["selection"], r["seed"]) for r in added} == {
+        (p, name, s) for p in ("first", "second") for s in (0, 1)}
+    assert (out / "first" / "scores-1" / "norms.npz").exists()
+    verdict_json = json.loads((out / "verdict.json").read_text())
+    assert name in [c["reading"] for c in verdict_json["candidates"]]
+    assert verdict_json["meta"]["readings"] == {name: {"lora_layer_fraction": 0.5}}
+
+
+@pytest.mark.parametrize("item", ["G-SNR fast", 'fast={"num_members": 2}', 'G-SNR relvar={"noise": "relvar"}',
+                                  'G-SNR x={"no_such_option": 1}'])
+def test_a_reading_needs_a_new_g_snr_name_and_valid_overrides(item):
+    from gradfilter_ops.evaluation.protocol_cli import parse_readings
+
+    with pytest.raises((SystemExit, ValueError, TypeError)):
+        parse_readings([item], None, {})
+    assert parse_readings(['G-SNR M3={"num_members": 3}'], None, {})["G-SNR M3"].num_members == 3
+
 
 def test_the_bare_targets_losses_are_the_first_point_of_every_fine_tune(tiny_gpt2_dir, tiny_config):
     """The adapter starts as a no-op (B = 0), so measuring the start once per pool changes no curve."""

@@ -46,6 +46,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target", type=Optional[str], help="the fine-tuned model (null: the proxy)")
     p.add_argument("--selections", type=list[str], default=list(GSNR_SELECTIONS + BASELINES),
                    help="what to fine-tune on at each budget (the full pool is always added)")
+    p.add_argument("--reading", type=str, action="append", metavar="NAME=JSON",
+                   help="another scoring setting judged as a G-SNR reading, e.g. "
+                        "'G-SNR 1/4 layers={\"lora_layer_fraction\": 0.25}': the pool is scored again with these "
+                        "GSNRConfig overrides (cached in OUT/<pool>/scores-<k>) and its G-SNR is one more selection "
+                        "and candidate of the rule; repeat")
     add_recipe_arguments(p)
     p.add_argument("--skip-ifd", action="store_true", help="leave out the Data-Juicer IFD baseline")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds of each pool's corruption report")
@@ -68,10 +73,34 @@ def _check_resume(out_dir: Path, identity: dict[str, Any]) -> None:
         path.write_text(json.dumps(identity, indent=2))
 
 
+def parse_readings(items: Sequence[str], hf_model: Optional[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`--reading NAME=JSON` items as {name: the GSNRConfig that scores it}: the run's config with the
+    reading's overrides on top. A name must start with `G-SNR` and name no other selection."""
+    from .arguments import build_config
+    from .protocol import BASELINES, GSNR_SELECTIONS
+
+    readings: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            changes = json.loads(value) if sep else None
+        except json.JSONDecodeError:
+            changes = None
+        if not isinstance(changes, dict) or not changes:
+            raise SystemExit(f"--reading expects NAME={{\"option\": value, ...}}, got {item!r}.")
+        if not name.startswith("G-SNR") or name in GSNR_SELECTIONS + BASELINES or name in readings:
+            raise SystemExit(f"--reading {name!r}: a reading's name starts with 'G-SNR' and names no other selection.")
+        readings[name] = build_config(hf_model, {**overrides, **changes})
+    return readings
+
+
 def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bootstrap: int,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, readings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """A pool's raw scores (cached), its signals, its groups for the stratified selections, and how
-    well each signal ranks the clean rows above the corrupted ones (OUT/<pool>/scores/separation.json)."""
+    well each signal ranks the clean rows above the corrupted ones (OUT/<pool>/scores/separation.json).
+    Each extra reading scores the pool again with its own config (OUT/<pool>/scores-<k>, the proxy's
+    perplexity and IFD reused) and adds its G-SNR as a signal."""
     from .. import fields
     from ..clusters import row_groups
     from ..embeddings import pooled_hidden_states
@@ -97,6 +126,13 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
         np.save(embedded, embeddings)
         timings["embeddings"] = time.time() - start
     signals = pool_signals(result, config, seed)
+    for k, (name, reading_config) in enumerate((readings or {}).items(), 1):
+        started = time.time()
+        extra = compute(pool.rows, reading_config, out_dir / pool.name / f"scores-{k}", True, True, progress, {},
+                        baselines_from=str(folder), snapshot_pass=reading_config.score_mode == "snapshot")
+        score = pool_signals(extra, reading_config, seed)["G-SNR"]
+        signals[name] = dataclasses.replace(score, name=name, note=f"{score.note}; {name}")
+        timings[f"scoring {name}"] = time.time() - started
     kinds, rng = [r["eval_corruption"] for r in pool.rows], np.random.default_rng(seed)
     bins = length_bins(result["response_tokens"])
     separation = {name: evaluate_signal(s, kinds, rng, bootstrap, signals["G-SNR"].score, bins)
@@ -124,6 +160,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         raise SystemExit("--seeds must be >= 1")
     spec = ProtocolSpec.load(args.spec)
     config = build_config(args.hf_model, parse_set(args.set or []))
+    readings = parse_readings(args.reading or [], args.hf_model, parse_set(args.set or []))
     recipe = FinetuneRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneRecipe)})
     budgets = args.budgets or spec.budgets
     if not all(0 < b < 1 for b in budgets):
@@ -146,7 +183,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         pools = [p for p in pools if p.name in args.pools]
     proxy = load_target(config.hf_model, config)
     target = load_target(args.target, config) if args.target else proxy
-    prepared = {pool.name: prepare_pool(pool, config, recipe, budgets, args, out_dir, proxy, target)
+    prepared = {pool.name: prepare_pool(pool, config, recipe, budgets, args, out_dir, proxy, target, readings)
                 for pool in pools}
     seeds = [args.seed + j for j in range(args.seeds)]
     records_path = out_dir / "records.jsonl"
@@ -167,13 +204,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                   for pool in pools}
     meta = {"command": command, "spec": spec.to_dict(), "config": config.to_dict(), "precision": precision,
             "recipe": dataclasses.asdict(recipe), "seeds": seeds, "target": args.target or config.hf_model,
-            "pools": pools_meta, "timings": timings}
+            "pools": pools_meta, "timings": timings,
+            "readings": {name: {k: v for k, v in c.to_dict().items() if config.to_dict().get(k) != v}
+                         for name, c in readings.items()}}
     wanted = {p.name for p in pools}
     return write_report(out_dir, [r for r in done.values() if r["pool"] in wanted and r["seed"] in seeds], meta,
                         [p.name for p in pools])
 
 
-def prepare_pool(pool, config, recipe, budgets: Sequence[float], args, out_dir: Path, proxy, target) -> dict:
+def prepare_pool(pool, config, recipe, budgets: Sequence[float], args, out_dir: Path, proxy, target,
+                 readings: Optional[dict[str, Any]] = None) -> dict:
     """A pool's selections at every budget, its rows and held-out rows encoded for the target, and the
     bare target's held-out losses (every fine-tune starts from them: the adapter starts as a no-op)."""
     from .corrupt import CLEAN
@@ -181,12 +221,13 @@ def prepare_pool(pool, config, recipe, budgets: Sequence[float], args, out_dir: 
     from .finetune import heldout_losses
     from .protocol import heldout_index, pool_selections
 
-    scored = score_pool(pool, config, out_dir, proxy, args.skip_ifd, args.seed, args.bootstrap, not args.quiet)
+    scored = score_pool(pool, config, out_dir, proxy, args.skip_ifd, args.seed, args.bootstrap, not args.quiet,
+                        readings)
     model, formatter, pad_id = target
     heldout, sets = heldout_index(pool)
     encoded_heldout = encode_all(formatter, heldout, "held-out")
     return {"selections": pool_selections(scored["signals"], scored["groups"], budgets, len(pool.rows),
-                                          args.selections),
+                                          [*args.selections, *(readings or {})]),
             "train": encode_all(formatter, pool.rows, "pool"), "heldout": encoded_heldout, "sets": sets,
             "start": heldout_losses(model, encoded_heldout, pad_id, recipe.eval_batch_size, config.precision),
             "timings": scored["timings"], "separation": scored["separation"],

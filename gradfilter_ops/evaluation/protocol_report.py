@@ -73,9 +73,10 @@ def verdict(records: Sequence[Mapping[str, Any]], auroc: Mapping[str, Mapping[st
     """W/T/L of each reading against each baseline (final loss and curve mean), and the rule's pick: the
     reading with the most wins minus losses against length and random on the final loss, among those whose
     mean corruption AUROC over the pools is not below perplexity's; ties go to the shipped default
-    (`G-SNR`), then to the order of `GSNR_SELECTIONS`."""
+    (`G-SNR`), then to the order of `GSNR_SELECTIONS` (then the `--reading` ones by name)."""
     present = {r["selection"] for r in records}
     readings = [r for r in GSNR_SELECTIONS if r in present]
+    readings += sorted(r for r in present if r.startswith("G-SNR") and r not in readings)  # --reading ones
     baselines = [b for b in (*BASELINES, FULL_POOL) if b in present]
     table: dict[str, dict[str, Any]] = {}
     for measure in MEASURES:
@@ -102,7 +103,7 @@ def verdict(records: Sequence[Mapping[str, Any]], auroc: Mapping[str, Mapping[st
                            "eligible": eligible})
     eligible = [c for c in candidates if c["eligible"]]
     pick = max(eligible, key=lambda c: (c["net_vs_length_and_random"], c["reading"] == "G-SNR",
-                                        -GSNR_SELECTIONS.index(c["reading"])))["reading"] if eligible else None
+                                        -readings.index(c["reading"])))["reading"] if eligible else None
     return {"table": table, "candidates": candidates, "perplexity_auroc": perplexity, "pick": pick}
 
 
@@ -121,6 +122,9 @@ def render(meta: Mapping[str, Any], result: Mapping[str, Any], records: Sequence
         sources = ", ".join(f"{k} {v}" for k, v in p["sources"].items())
         text.append(f"| {name} | {p['rows']} ({p['corrupted']}) | {sources} | "
                     + " | ".join(str(p["heldout"][k]) for k in HELDOUT_KINDS) + " |")
+    for name, changes in meta.get("readings", {}).items():
+        text.append(f"\n`{name}`: the pools scored again with " + ", ".join(f"`{k}: {v}`" for k, v in changes.items())
+                    + " (everything else as above).")
     text += ["", "## Wins / ties / losses", "",
              "Each cell: the G-SNR reading against the baseline over (pool x held-out set x budget); a win is a paired "
              "difference over seeds (reading minus baseline) whose 95 % t-interval lies below zero. Final loss, then "
