@@ -68,6 +68,7 @@ from gradfilter_ops.engine.head import CHUNK_LOGITS
 from gradfilter_ops.prompts import Encoded, PromptFormatter, alpaca_prompt
 from gradfilter_ops.proxy import FrozenProxy, hf_folder, load_frozen_proxy
 from gradfilter_ops.selection import select_top_k
+from gradfilter_ops.evaluation.metrics import spearman
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "recipes" / "data" / "self_instruct_seed_tasks.jsonl"
@@ -211,14 +212,6 @@ def ifd_flops(weights: tuple[int, int], examples: Sequence[Encoded]) -> int:
     response alone, each with full-vocabulary logits at every position (same token counts as G-SNR)."""
     tokens = sum(len(e.input_ids) + e.num_response for e in examples)
     return forward_flops(weights, tokens, tokens)
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation over the rows where both scores are finite."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    keep = np.isfinite(a) & np.isfinite(b)
-    ranks = [np.argsort(np.argsort(x[keep])) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def top_overlap(a: Sequence[float], b: Sequence[float], ratio: float = 0.1) -> float:

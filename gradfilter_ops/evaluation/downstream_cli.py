@@ -85,7 +85,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from ..selection import rows_for_ratio
     from .downstream import (budget_label, drop_heldout_rows, encode_all, load_target, pick_signals,
                              run_grid, select_budgets, split_heldout)
-    from .downstream_report import plot_curves, render_downstream_report, results_table, summarize, versions, write_curves
+    from ..manifest import package_versions
+    from .downstream_report import plot_curves, render_downstream_report, results_table, summarize, write_curves
     from .finetune import FinetuneRecipe
     from .readings import config_reading, parse_reading
     from .runs import compute
@@ -174,7 +175,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "heldout_source": heldout_source, "pool_rows_dropped_as_heldout": overlap,
         "budgets": {budget_label(b): rows_for_ratio(len(pool), b) for b in args.budgets},
         "negative_drop_share": signals[0].negative_drop_share if signals[0].name == "G-SNR" else None,
-        "timings": timings, "versions": versions(),
+        "timings": timings, "versions": package_versions(),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     (out_dir / "report.md").write_text(render_downstream_report(command, table_rows, meta, plotted))

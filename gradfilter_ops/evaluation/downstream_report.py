@@ -8,7 +8,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -152,15 +152,3 @@ def plot_curves(path: Path, records: Sequence[dict[str, Any]]) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def versions() -> dict[str, Optional[str]]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("gradfilter-ops", "torch", "transformers", "peft", "py-data-juicer"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = None
-    return out

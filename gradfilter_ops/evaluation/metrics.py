@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..selection import rows_for_ratio
+from ..selection import rank, rows_for_ratio
 from .corrupt import CLEAN
 
 
@@ -96,17 +96,16 @@ def paired_auroc_difference(first: Sequence[float], second: Sequence[float], pos
 
 
 def kept_indices(scores: Sequence[float], ratio: float, drop_non_finite: bool = False) -> np.ndarray:
-    """The floor(ratio * N) (at least 1) rows with the highest scores, ties by row order.
+    """The floor(ratio * N) (at least 1) rows with the highest scores, in row order: `selection.rank`'s
+    order (ties by row order) with +inf first and missing or other non-finite scores last; with
+    `drop_non_finite` those are never kept, so fewer rows may come back (Superfiltering drops IFD >= 1
+    before it keeps the top k)."""
 
-    Missing or non-finite scores rank last; with `drop_non_finite` they are never kept, so fewer rows
-    may come back (Superfiltering drops IFD >= 1 before it keeps the top k).
-    """
     s = keep_scores(scores)
-    k = rows_for_ratio(len(s), ratio)
-    order = sorted(range(len(s)), key=lambda i: (-s[i], i))
+    order = rank(np.where(s == np.inf, np.finfo(np.float64).max, s).tolist())
     if drop_non_finite:
         order = [i for i in order if np.isfinite(s[i])]
-    return np.array(sorted(order[:k]), dtype=int)
+    return np.array(sorted(order[:rows_for_ratio(len(s), ratio)]), dtype=int)
 
 
 def contamination(scores: Sequence[float], corrupted: Sequence[bool], ratio: float,

@@ -12,11 +12,13 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..config import NON_SCORE_OPTIONS
 from .baselines import ifd_scores, proxy_losses
 from .gradients import snapshot_norms, train_all_epochs
 
-# Fields that change neither the raw norms nor the baselines: speed, and how the norms are read.
-IGNORED_KEYS = ("cache_dir", "use_cache", "device", "score_batch_size", "example_loss", "norm", "noise", "eps")
+# Fields that change neither the raw norms nor the baselines: speed (the options that never change a
+# score), and how the norms are read (the report reads every way from the same norms).
+IGNORED_KEYS = (*NON_SCORE_OPTIONS, "example_loss", "norm", "noise", "eps")
 
 
 def _same_run(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
