@@ -1,8 +1,10 @@
 """The docs cannot drift from the code: every `python -c` snippet that README.md and docs/*.md give runs, every
-`gradfilter_ops` module, name and file they name exists, and every relative link points at a file."""
+`gradfilter_ops` module, name and file they name exists (also as `module.name` in inline code, where `module` is a
+module of the package or of tools/), and every relative link points at a file."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import importlib.util
@@ -31,6 +33,8 @@ PLAIN_IMPORT = re.compile(r"^\s*import (gradfilter_ops(?:\.\w+)*)", re.M)
 DOTTED = re.compile(r"\bgradfilter_ops(?:\.\w+)+")
 FILE_PATH = re.compile(r"(?<![\w./-])((?:gradfilter_ops|tools|tests|recipes)/[\w./-]*\w)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+SHORT_REF = re.compile(r"`([A-Za-z_]\w*(?:\.\w+)+)`")
+FILE_SUFFIXES = {"csv", "gguf", "json", "jsonl", "md", "npz", "png", "py", "safetensors", "sh", "toml", "txt", "yaml"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,41 @@ def resolve(dotted: str) -> str | None:
     return None
 
 
+def package_modules() -> dict[str, list[str]]:
+    """Each module file's name in the package (`grads`) -> its dotted paths (`gradfilter_ops.engine.grads`)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "gradfilter_ops").rglob("*.py")):
+        if path.stem != "__init__":
+            found.setdefault(path.stem, []).append(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    return found
+
+
+def tool_names(stem: str) -> set[str]:
+    """The top-level names of tools/<stem>.py, read without importing it (the tools import torch at the top)."""
+    names = set()
+    for node in ast.parse((ROOT / "tools" / f"{stem}.py").read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def short_ref_problem(ref: str, modules: dict[str, list[str]]) -> str | None:
+    """For `module.name` in inline code: what is missing, if `module` is a module of the package (one of its
+    paths must have `name`) or of tools/; None otherwise (file names and other libraries are not checked)."""
+    first, *rest = ref.split(".")
+    if rest[-1] in FILE_SUFFIXES:
+        return None
+    if first in modules:
+        whys = [resolve(".".join([path, *rest])) for path in modules[first]]
+        return None if None in whys else f"{ref}: {'; '.join(whys)}"
+    if (ROOT / "tools" / f"{first}.py").exists() and rest[0] not in tool_names(first):
+        return f"{ref}: `tools/{first}.py` has no `{rest[0]}`"
+    return None
+
+
 def problems(text: str, doc_dir: Path = ROOT) -> list[str]:
     """What a markdown text names that does not exist: modules, names, repository files, relative links."""
     found = []
@@ -81,6 +120,8 @@ def problems(text: str, doc_dir: Path = ROOT) -> list[str]:
     for dotted in sorted(set(DOTTED.findall(text))):
         if why := resolve(dotted):
             found.append(f"{dotted}: {why}")
+    modules = package_modules()
+    found += [why for ref in sorted(set(SHORT_REF.findall(text))) if (why := short_ref_problem(ref, modules))]
     for path in sorted(set(FILE_PATH.findall(text))):
         if not (ROOT / path).exists():
             found.append(f"{path}: no such file or folder in the repository")
@@ -146,7 +187,9 @@ import gradfilter_ops.engine.grads
 
 The per-example norms live in `gradfilter_ops.engine.grads.per_example_grad_sq_norms`, the old
 `gradfilter_ops.grads.per_example_grad_sq_norms` is gone, as is `gradfilter_ops/ensemble/`; the head is in
-`gradfilter_ops/engine/head.py`. See [the speed page](docs/speed.md) and [a lost page](docs/nowhere.md).
+`gradfilter_ops/engine/head.py` (`head.token_losses`, not `head.fused_loss`), `selection.select` is in two modules,
+the FLOPs come from `bench_speed.forward_flops`, not `bench_speed.count_flops`; `torch.autograd.grad` and
+`summary.json` are not ours to check. See [the speed page](docs/speed.md) and [a lost page](docs/nowhere.md).
 
 ```bash
 python - <<'PY'
@@ -162,6 +205,8 @@ def test_checker_reports_each_missing_thing_and_nothing_else():
         "from gradfilter_ops.no_such_module import Thing: `gradfilter_ops` has no `no_such_module`",
         "gradfilter_ops.grads.per_example_grad_sq_norms: `gradfilter_ops` has no `grads`",
         "gradfilter_ops.no_such_module: `gradfilter_ops` has no `no_such_module`",
+        "bench_speed.count_flops: `tools/bench_speed.py` has no `count_flops`",
+        "head.fused_loss: `gradfilter_ops.engine.head` has no `fused_loss`",
         "gradfilter_ops/ensemble: no such file or folder in the repository",
         "link docs/nowhere.md: no such file",
     ]
