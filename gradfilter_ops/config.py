@@ -1,4 +1,4 @@
-"""`GSNRConfig`: every knob of G-SNR scoring, with the defaults of the method spec.
+"""`GSNRConfig`: every knob of G-SNR scoring; defaults as in the method spec but `lora_init` and `score_mode`.
 
 One definition drives the Python API, the Data-Juicer op's parameters and their help text. Fields
 marked *(reading)* are choices the paper leaves open; see ``docs/method.md``.

@@ -73,7 +73,7 @@ class GSNRScorerOp(Filter):
       - `gsnr`: the score, drop / (noise + eps); null unless `gsnr_status` is "ok";
       - `gsnr_early`, `gsnr_late`: mean gradient norm over members at the early and late epoch;
       - `gsnr_drop`: (early - late) / (early + eps), the signal;
-      - `gsnr_noise`: variance (or std) of the late norms over members, the noise;
+      - `gsnr_noise`: variance, std or relvar (variance / mean^2) of the late norms over members, the noise;
       - `gsnr_status`: "ok", or why there is no score: `missing_field`, `invalid_field`,
         `empty_response`, `non_finite_score`, `scoring_error`;
       - `gsnr_truncated`: whether tokens were cut to fit `max_length`;
