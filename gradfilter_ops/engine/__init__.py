@@ -18,11 +18,17 @@ gradient norms (phase 2) and the formula (phase 3).
 - `gsnr`: the formula, drop over noise, and the negative-drop share.
 """
 
-from .policy import adapters_per_pass, lora_config, prefix_split, stack_size
-from .scoring import EnsembleScorer, PooledEnsembleScorer, ensemble_scorer
-from .snapshots import MANIFEST, ONLINE_NORMS, Snapshots, adapter_name
-from .training import EnsembleTrainer, train_ensemble
+from importlib import import_module
 
-__all__ = ["MANIFEST", "ONLINE_NORMS", "EnsembleScorer", "EnsembleTrainer", "PooledEnsembleScorer", "Snapshots",
-           "adapter_name", "adapters_per_pass", "ensemble_scorer", "lora_config", "prefix_split", "stack_size",
-           "train_ensemble"]
+# Loaded on first use, so that importing `gradfilter_ops` (which needs only the formula) does not import torch.
+_SUBMODULE = {"adapters_per_pass": "policy", "lora_config": "policy", "prefix_split": "policy", "stack_size": "policy",
+              "EnsembleScorer": "scoring", "PooledEnsembleScorer": "scoring", "ensemble_scorer": "scoring",
+              "MANIFEST": "snapshots", "ONLINE_NORMS": "snapshots", "Snapshots": "snapshots",
+              "adapter_name": "snapshots", "EnsembleTrainer": "training", "train_ensemble": "training"}
+__all__ = sorted(_SUBMODULE)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULE:
+        return getattr(import_module(f".{_SUBMODULE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
