@@ -17,7 +17,7 @@ from gradfilter_ops.evaluation.arguments import parse_set
 from gradfilter_ops.evaluation.cli import run
 from gradfilter_ops.evaluation.corrupt import (CLEAN, KINDS, REFUSALS, REPEAT_PHRASE_WORDS, TRUNCATE_KEEP,
                                               corrupt_dataset, corrupt_response)
-from gradfilter_ops.evaluation.data import load_rows
+from gradfilter_ops.evaluation.data import read_instruction_rows
 from gradfilter_ops.evaluation.gradients import per_example_parts, snapshot_norms, train_all_epochs
 from gradfilter_ops.evaluation.metrics import (auroc, bootstrap_auroc, contamination, kept_indices, kind_survival,
                                               paired_auroc_difference, spearman)
@@ -94,11 +94,11 @@ def test_load_rows_caps_each_file_with_a_seeded_sample(tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps({"instruction": f"q{i}", "output": f"a {i}" if i % 5 else " "})
                                for i in range(30)) + "\n")
-    rows = load_rows([DEMO_DATA, other], rows_per_file=10, seed=1)
+    rows = read_instruction_rows([DEMO_DATA, other], rows_per_file=10, seed=1)
     assert len(rows) == 20
     assert rows[:10] == [r for r in seed_tasks(175) if r in rows[:10]]  # file order kept
     assert all(r["output"].strip() for r in rows[10:])  # empty responses skipped
-    assert rows == load_rows([DEMO_DATA, other], rows_per_file=10, seed=1)
+    assert rows == read_instruction_rows([DEMO_DATA, other], rows_per_file=10, seed=1)
 
 
 # --- metrics --------------------------------------------------------------------------------------

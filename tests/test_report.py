@@ -17,8 +17,8 @@ from gradfilter_ops.dropped import DROP_REASON
 from gradfilter_ops.report.cli import main
 from gradfilter_ops.report.markdown import jsonable, md_cell
 from gradfilter_ops.report.plots import require_matplotlib, symlog_edges, symlog_threshold, symlog_ticks
-from gradfilter_ops.report.records import NO_GROUP, NO_STATUS, load_rows, score_fields
-from gradfilter_ops.report.summary import is_degenerate, summarize
+from gradfilter_ops.report.rows import NO_GROUP, NO_STATUS, report_rows, score_fields
+from gradfilter_ops.report.statistics import is_degenerate, describe_selection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +92,7 @@ def assert_png(path: Path) -> None:
 
 def test_both_layouts_are_read():
     kept, dropped = selection_rows()
-    records = load_rows(kept=kept, dropped=dropped, group_by="source")
+    records = report_rows(kept=kept, dropped=dropped, group_by="source")
     assert len(records) == 14
     assert records[0][fields.GSNR] == 3e4 and records[0][fields.STATUS] == fields.OK  # from __dj__stats__
     assert records[7][fields.GSNR] == -3.0 and records[7]["reason"] == fields.BELOW_CUTOFF  # from columns
@@ -108,7 +108,7 @@ def test_both_layouts_are_read():
 
 def test_summary_counts_reasons_groups_and_cutoff():
     kept, dropped = selection_rows()
-    s = summarize(load_rows(kept=kept, dropped=dropped, group_by="source"),
+    s = describe_selection(report_rows(kept=kept, dropped=dropped, group_by="source"),
                       mode="selection", group_by="source", examples=3)
     assert (s["rows"], s["kept"], s["dropped"]) == (14, 6, 8)
     assert s["drop_reasons"] == {fields.BELOW_CUTOFF: 4, fields.GROUP_QUOTA_FULL: 1, fields.EMPTY_RESPONSE: 1,
@@ -138,14 +138,14 @@ def test_summary_counts_reasons_groups_and_cutoff():
 def test_scored_mode_selects_the_top_ratio_like_the_filter():
     rows = [row(i, "ab"[i % 2], scores(float(i), 1.0, 1.0 + (i % 3), 0.5), "columns") for i in range(60)]
     rows[5] = row(5, "b", scores(None, None, None, None, fields.EMPTY_RESPONSE), "columns")
-    records = load_rows(scored=rows, top_ratio=0.1, group_by="source")
-    s = summarize(records, mode="scored", group_by="source")
+    records = report_rows(scored=rows, top_ratio=0.1, group_by="source")
+    s = describe_selection(records, mode="scored", group_by="source")
     assert s["kept"] == 6 and s["cutoff"] == 54.0
     assert [r["index"] for r in records if r["kept"]] == list(range(54, 60))
     assert s["drop_reasons"] == {fields.BELOW_CUTOFF: 53, fields.EMPTY_RESPONSE: 1}
     assert s["negative_drops"] == 39 and "negative_drops" in {w["code"] for w in s["warnings"]}
     assert "tiny" not in {w["code"] for w in s["warnings"]}
-    assert summarize(load_rows(scored=rows), mode="scored")["kept"] == 6  # default ratio 0.1
+    assert describe_selection(report_rows(scored=rows), mode="scored")["kept"] == 6  # default ratio 0.1
 
 
 def test_degenerate_detection():

@@ -23,7 +23,7 @@ from jsonargparse import ArgumentParser
 
 from .arguments import build_config, parse_set, quote
 from .corrupt import KINDS, corrupt_dataset
-from .data import build_chatterbot, load_rows
+from .data import build_chatterbot, read_instruction_rows
 from .readings import config_reading, parse_reading
 from .runs import compute, merge_members
 from .separation import write_separation
@@ -104,7 +104,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     config = build_config(args.hf_model, overrides)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(args.data, args.rows_per_file, args.seed, config.instruction_field, config.output_field)
+    rows = read_instruction_rows(args.data, args.rows_per_file, args.seed, config.instruction_field, config.output_field)
     kinds_wanted = tuple(args.kinds.split(",")) if args.kinds else KINDS
     rows = corrupt_dataset(rows, args.corrupt_fraction, args.seed, kinds_wanted, config.instruction_field,
                            config.input_field, config.output_field)

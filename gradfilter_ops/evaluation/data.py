@@ -12,7 +12,7 @@ import numpy as np
 from ..jsonl import read_jsonl
 
 
-def load_rows(paths: Sequence[str | Path], rows_per_file: Optional[int] = None, seed: int = 0,
+def read_instruction_rows(paths: Sequence[str | Path], rows_per_file: Optional[int] = None, seed: int = 0,
               instruction_field: str = "instruction", output_field: str = "output") -> list[dict]:
     """Rows with a non-empty instruction and response from each file; at most `rows_per_file` of each
     (a seeded sample, kept in file order)."""

@@ -81,12 +81,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Parse `argv` (the arguments after `downstream`) and run; returns what results.json holds."""
     from .arguments import build_config, parse_set, quote
     from .corrupt import CLEAN, KINDS, corrupt_dataset
-    from .data import load_rows
+    from .data import read_instruction_rows
     from ..selection import rows_for_ratio
     from .downstream import (budget_label, drop_heldout_rows, encode_all, load_target, pick_signals,
                              run_grid, select_budgets, split_heldout)
     from ..manifest import package_versions
-    from .downstream_report import plot_curves, render_downstream_report, results_table, summarize, write_curves
+    from .downstream_report import plot_curves, render_downstream_report, results_table, paired_summary, write_curves
     from .finetune import FinetuneRecipe
     from .readings import config_reading, parse_reading
     from .runs import compute
@@ -109,9 +109,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     started = time.time()
 
     fields = (config.instruction_field, config.output_field)
-    rows = load_rows(args.data, args.rows_per_file, args.seed, *fields)
+    rows = read_instruction_rows(args.data, args.rows_per_file, args.seed, *fields)
     if args.heldout_data:
-        pool, heldout = rows, load_rows(args.heldout_data, args.heldout_rows_per_file, args.seed, *fields)
+        pool, heldout = rows, read_instruction_rows(args.heldout_data, args.heldout_rows_per_file, args.seed, *fields)
         heldout_source = "from " + ", ".join(args.heldout_data)
     else:
         pool, heldout = split_heldout(rows, 0.2 if args.heldout is None else args.heldout, args.seed)
@@ -148,7 +148,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         sel = by_key[(rec["budget"], rec["signal"])]
         rec["corrupted_share"] = float(np.mean([kinds[i] != CLEAN for i in sel.indices]))
         rec["rule_dropped"] = sel.rule_dropped
-    table_rows = summarize(records)
+    table_rows = paired_summary(records)
 
     write_curves(out_dir, records)
     np.savez_compressed(out_dir / "heldout_losses.npz", **{f"{r['budget']}|{r['signal']}|{r['seed']}":

@@ -29,7 +29,7 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def summarize(records: Sequence[dict[str, Any]], reference: str = "G-SNR") -> list[dict[str, Any]]:
+def paired_summary(records: Sequence[dict[str, Any]], reference: str = "G-SNR") -> list[dict[str, Any]]:
     """One row per (budget, signal): final held-out loss and the mean over the curve (the area under it,
     per step: lower = converges faster), each with its t-interval over seeds; and for every signal but
     `reference`, the paired difference reference minus it per seed (negative: the reference is better)."""
@@ -67,7 +67,7 @@ def format_interval(value: tuple[float, float, float], signed: bool = False) -> 
 
 
 def results_table(rows: Sequence[dict[str, Any]], reference: str = "G-SNR") -> str:
-    """The markdown table of `summarize`'s rows."""
+    """The markdown table of `paired_summary`'s rows."""
     head = (f"| budget | signal | rows | corrupted | held-out loss, final (95 % CI) | mean over the curve (95 % CI) "
             f"| {reference} minus it, final | {reference} minus it, curve |\n|---|---|---:|---:|---|---|---|---|")
     lines = [head]

@@ -98,9 +98,9 @@ class Pool:
 
 
 def _usable(path: Path, instruction_field: str, output_field: str) -> list[dict]:
-    from .data import load_rows
+    from .data import read_instruction_rows
 
-    return load_rows([path], None, 0, instruction_field, output_field)
+    return read_instruction_rows([path], None, 0, instruction_field, output_field)
 
 
 def draw_pools(spec: ProtocolSpec, seed: int, instruction_field: str = "instruction", input_field: str = "input",

@@ -21,7 +21,7 @@ warnings), `markdown` (report.md), `plots` (the PNGs), `cli` (the command).
 from .cli import main, run
 from .markdown import render_markdown
 from .plots import write_plots
-from .records import load_rows
-from .summary import summarize
+from .rows import report_rows
+from .statistics import describe_selection
 
-__all__ = ["load_rows", "main", "render_markdown", "run", "summarize", "write_plots"]
+__all__ = ["report_rows", "main", "render_markdown", "run", "describe_selection", "write_plots"]

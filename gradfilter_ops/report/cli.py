@@ -23,8 +23,8 @@ from ..dropped import DROP_REASON
 from ..jsonl import read_jsonl
 from .markdown import jsonable, render_markdown
 from .plots import require_matplotlib, write_plots
-from .records import DEFAULT_TOP_RATIO, load_rows
-from .summary import summarize
+from .rows import DEFAULT_TOP_RATIO, report_rows
+from .statistics import describe_selection
 
 PROG = "gsnr-report"
 
@@ -78,17 +78,17 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                    "output_field": args.output_field, "messages_field": args.messages_field}
     try:
         if args.scored is not None:
-            records = load_rows(scored=read_jsonl(args.scored, allow_empty=True), top_ratio=args.top_ratio,
+            records = report_rows(scored=read_jsonl(args.scored, allow_empty=True), top_ratio=args.top_ratio,
                                 group_by=args.group_by, text_fields=text_fields)
             mode = "scored"
         else:
-            records = load_rows(kept=read_jsonl(args.kept, allow_empty=True),
+            records = report_rows(kept=read_jsonl(args.kept, allow_empty=True),
                                 dropped=read_jsonl(args.dropped, allow_empty=True) if args.dropped is not None else None,
                                 group_by=args.group_by, text_fields=text_fields)
             mode = "selection" if args.dropped is not None else "kept_only"
     except ValueError as e:
         parser.error(str(e))
-    summary = summarize(records, mode=mode, group_by=args.group_by, examples=args.examples)
+    summary = describe_selection(records, mode=mode, group_by=args.group_by, examples=args.examples)
 
     args.out.mkdir(parents=True, exist_ok=True)
     plots = None if args.no_plots else write_plots(records, summary, args.out, args.dpi)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import fields
-from .records import is_finite
+from .rows import is_finite
 
 SYMLOG_DECADES = 3.0  # a symlog axis when |values| span at least this many decades
 MAX_GROUP_BARS = 30  # the group plot shows the largest groups; the table shows all

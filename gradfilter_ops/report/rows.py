@@ -77,7 +77,7 @@ def make_record(row: dict, index: int, kept: bool, reason: Optional[str], group_
             "prompt": prompt, "response": response, **score_fields(row)}
 
 
-def load_rows(kept: Optional[Sequence[dict]] = None, dropped: Optional[Sequence[dict]] = None,
+def report_rows(kept: Optional[Sequence[dict]] = None, dropped: Optional[Sequence[dict]] = None,
               scored: Optional[Sequence[dict]] = None, top_ratio: Optional[float] = None,
               group_by: Optional[str] = None, text_fields: Optional[dict[str, str]] = None) -> list[dict]:
     """Records for the report, from kept (+ dropped) rows, or from scored rows and a top ratio.

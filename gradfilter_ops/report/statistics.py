@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from .. import fields
 from ..engine.gsnr import NEGATIVE_DROP_WARN_SHARE, negative_drop_share
-from .records import NO_GROUP, is_finite
+from .rows import NO_GROUP, is_finite
 
 DEGENERATE_REL = 1e-12  # finite G-SNRs all equal within this relative spread: degenerate
 NON_FINITE_WARN = 0.2  # warn when more than this share of rows has no finite G-SNR
@@ -50,7 +50,7 @@ def example_row(r: dict) -> dict:
     return {**{k: r[k] for k in keys}, "prompt": r["prompt"], "response": r["response"]}
 
 
-def summarize(records: Sequence[dict], *, mode: str = "selection", group_by: Optional[str] = None,
+def describe_selection(records: Sequence[dict], *, mode: str = "selection", group_by: Optional[str] = None,
               examples: int = 5) -> dict:
     """Every number the report shows, as a JSON-able dict; `warnings` is a list of {code, message}.
 
