@@ -167,7 +167,8 @@ class GSNRScorer(RowGrouping):
             logger.info(f"gsnr: reusing trained members {done.members} from {cache.ensemble_dir}.")
         started = time.perf_counter()
         fitted.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id, done=done,
-                                          on_member=fitted.save_member if cache else None, members=members)
+                                          on_member=fitted.save_member if cache else None, members=members,
+                                          precision=self.precision)
         self.timings["train_s"] = time.perf_counter() - started
         return fitted
 
@@ -257,7 +258,7 @@ class GSNRScorer(RowGrouping):
         self.fitted.load_snapshots()
         if self._ensemble is None:
             self._ensemble = ensemble_scorer(self._model, self.snapshots, self.config, self.pad_id,
-                                            workers=self.config.member_workers)
+                                            workers=self.config.member_workers, precision=self.precision)
         return self._ensemble.sq_norms(examples)
 
     def score(self, dataset: Any, batch_size: int = 256, num_proc: Optional[int] = None) -> Any:

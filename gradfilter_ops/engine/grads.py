@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .head import frozen_head, token_losses
+from .peft_internals import base_model
+from ..precision import autocast
 from ..prompts import Encoded
 
 
@@ -106,7 +108,7 @@ def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     and the pads' outputs reach no loss (their gradients are zero). That keeps the fast fused
     attention kernels usable.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     hidden = base.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
     targets = batch["targets"]
     head = base.get_output_embeddings()
@@ -185,9 +187,7 @@ def lora_output_grads(model: torch.nn.Module, activations: LoraRecorder, batch: 
     Every example's own gradient of any of those linears is `sum_t delta_t h_t^T` over its own rows
     (`layer_sq_norms`). `blocks`, as in `response_loss_sums`.
     """
-    device_type = batch["input_ids"].device.type
-    with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
-                                                 enabled=autocast_dtype is not None):
+    with activations.recording(), autocast(batch["input_ids"].device, autocast_dtype):
         sums, counts = response_loss_sums(model, batch, blocks)
         losses = sums / counts.clamp_min(1)
     wanted = _wanted(activations, grad_params)

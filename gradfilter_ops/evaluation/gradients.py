@@ -65,14 +65,12 @@ def snapshot_norms(model, snapshots, config, examples, pad_id: int, progress: bo
 
     from ..engine import EnsembleScorer
     from ..engine.grads import collate, length_buckets
-    from ..precision import resolve as resolve_precision
-
     scorer = EnsembleScorer(model, snapshots, config, pad_id)  # loads every adapter, hooks A and B
     try:
         epochs = list(snapshots.epochs)
         shape = (snapshots.num_members, len(epochs), len(examples))
         out = {key: np.zeros(shape) for key in ("A", "B", "W", "loss")}
-        autocast_dtype = resolve_precision(config.precision, scorer.device).autocast_dtype
+        autocast_dtype = scorer.precision.autocast_dtype
         buckets = length_buckets([len(e.input_ids) for e in examples], config.score_batch_size)
         bar = tqdm(total=len(buckets) * len(scorer.names), desc="eval: per-example gradients", disable=not progress,
                    mininterval=30)
