@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from .config import DEFAULT_PROXY
 from .presets import (
     CACHE_ENV_VAR,
     PRESETS,
@@ -53,8 +54,6 @@ __all__ = [
     "resolve_cache_dir",
     "resolve_device",
 ]
-
-DEFAULT_PROXY = "openai-community/gpt2"
 
 # A text every usable tokenizer must encode into several tokens and decode back.
 ROUND_TRIP_TEXT = "Write a short answer: the cat sat on the mat, 42 times."
