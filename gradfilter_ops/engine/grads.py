@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .head import frozen_head, token_losses
-from .peft_internals import base_model
+from .peft_internals import base_model, lora_layers
 from ..precision import autocast
 from ..prompts import Encoded
 
@@ -153,15 +153,12 @@ class LoraActivations(LoraRecorder):
     """Records the inputs and outputs of every LoRA `A`/`B` linear (forward hooks on peft's layers)."""
 
     def __init__(self, model: torch.nn.Module):
-        from peft.tuners.lora import LoraLayer
-
         super().__init__()
         self._handles = []
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                for kind, linears in (("A", module.lora_A), ("B", module.lora_B)):
-                    for linear in linears.values():
-                        self._handles.append(linear.register_forward_hook(self._hook(kind)))
+        for module in lora_layers(model):
+            for kind, linears in (("A", module.lora_A), ("B", module.lora_B)):
+                for linear in linears.values():
+                    self._handles.append(linear.register_forward_hook(self._hook(kind)))
 
     def _hook(self, kind: str):
         def hook(_module, inputs, output):

@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .peft_internals import base_model
+from .peft_internals import base_model, forwards_replaced
 from ..precision import autocast
 
 
@@ -107,16 +107,12 @@ class FrozenPrefix:
                 return (hidden.to(args[0].dtype), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
 
-        lower = self.layers[: self.split]
-        for layer in lower:
-            layer.forward = skip  # an instance attribute: shadows the class's forward
-        handle = self.layers[self.split].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for layer in lower:
-                del layer.forward
+        with forwards_replaced(self.layers[: self.split], lambda _layer: skip):
+            handle = self.layers[self.split].register_forward_pre_hook(inject, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
 
 
 def padded(hiddens: Sequence[Optional[np.ndarray]], length: int, width: int, device: torch.device) -> torch.Tensor:
