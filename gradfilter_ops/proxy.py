@@ -18,16 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from .config import DEFAULT_PROXY
-from .presets import (
-    CACHE_ENV_VAR,
-    PRESETS,
-    CacheDirError,
-    Preset,
-    ProxyLoadError,
-    load_gguf,
-    preset_folder,
-    resolve_cache_dir,
-)
+from .presets import PRESETS, ProxyLoadError, load_gguf, preset_folder, resolve_cache_dir
 
 if TYPE_CHECKING:
     import os
@@ -36,13 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "CACHE_ENV_VAR",
-    "DEFAULT_PROXY",
-    "PRESETS",
-    "CacheDirError",
     "FrozenProxy",
-    "Preset",
-    "ProxyLoadError",
     "check_proxy_limits",
     "check_tokenizer",
     "freeze",
@@ -51,7 +36,6 @@ __all__ = [
     "load_proxy",
     "pad_id_of",
     "proxy_fingerprint",
-    "resolve_cache_dir",
     "resolve_device",
 ]
 

@@ -30,12 +30,11 @@ from .fitted import FittedEnsemble
 from .groups import RowGrouping
 from .manifest import run_manifest
 from .records import batch_of, records_row_by_row, rows_of, score_records
-from .summary import NEGATIVE_DROP_WARN_SHARE, log_summary, summarize
+from .summary import log_summary, summarize
 from .template import check_template_fields
 from .threads import FORKED_MAP_WORKER, ThreadPolicy
 
-__all__ = ["NEGATIVE_DROP_WARN_SHARE", "FittedEnsemble", "GSNRScorer", "batch_of", "log_summary", "map_num_proc",
-           "rows_of", "summarize"]
+__all__ = ["GSNRScorer", "map_num_proc"]
 
 
 class GSNRScorer(RowGrouping):
@@ -181,7 +180,8 @@ class GSNRScorer(RowGrouping):
         return encoded, sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda p: p[0])
 
     def _cache_entry(self, keys: Sequence[str]) -> Optional[CacheEntry]:
-        from .proxy import resolve_cache_dir
+        from .presets import resolve_cache_dir
+
         cache_dir = resolve_cache_dir(self.config.cache_dir) if self.config.use_cache else None
         return CacheEntry(cache_dir, self.fingerprint, digest(list(keys))) if cache_dir else None
 
