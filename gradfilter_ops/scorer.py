@@ -28,7 +28,7 @@ from .cache import CacheEntry, atomic_write_json, digest
 from .config import GROUP_OPTIONS, NON_SCORE_OPTIONS, GSNRConfig
 from .fitted import FittedEnsemble
 from .groups import RowGrouping
-from .manifest import run_manifest
+from .manifest import own_version, run_manifest
 from .records import batch_of, records_row_by_row, rows_of, score_records
 from .summary import log_summary, summarize
 from .template import check_template_fields
@@ -95,7 +95,6 @@ class GSNRScorer(RowGrouping):
             return
         import torch
 
-        from . import __version__
         from .prompts import PromptFormatter
         from .precision import resolve as resolve_precision
         from .proxy import load_frozen_proxy, proxy_fingerprint, resolve_device
@@ -112,7 +111,7 @@ class GSNRScorer(RowGrouping):
             options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS + GROUP_OPTIONS}
             self.fingerprint = digest({"proxy": proxy_fingerprint(self.config.hf_model, model), "options": options,
                                        "device": self._device.type, "precision": self.precision.name,
-                                       "version": __version__})
+                                       "version": own_version()})
         self._model, self._tokenizer = model.to(self._device), tokenizer
         self._formatter = PromptFormatter(self.config, tokenizer)
         self.timings.setdefault("load_s", time.perf_counter() - started)
