@@ -20,7 +20,7 @@ def test_pyproject_floor_is_the_oldest_supported_peft():
 def test_an_older_peft_is_refused_with_the_supported_versions(monkeypatch):
     assert peft_internals.peft_version_error(peft_internals.PEFT_OLDEST) is None
     assert peft_internals.peft_version_error(peft.__version__) is None  # the installed one
-    monkeypatch.setattr(peft, "__version__", "0.10.0")
+    monkeypatch.setattr(peft, "__version__", "0.1.0")
     peft_internals.check_peft_version.cache_clear()
     try:
         with pytest.raises(RuntimeError) as error:
@@ -28,7 +28,7 @@ def test_an_older_peft_is_refused_with_the_supported_versions(monkeypatch):
     finally:
         peft_internals.check_peft_version.cache_clear()
     message = str(error.value)
-    assert f"peft >= {peft_internals.PEFT_OLDEST}" in message and "peft 0.10.0 is installed" in message
+    assert f"peft >= {peft_internals.PEFT_OLDEST}" in message and "peft 0.1.0 is installed" in message
     assert peft_internals.PEFT_NEWEST_TESTED in message
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 # The oldest peft release the engine's tests pass on, and the newest they were run with.
-PEFT_OLDEST = "0.13.0"
+PEFT_OLDEST = "0.9.0"
 PEFT_NEWEST_TESTED = "0.21.2"
 
 
