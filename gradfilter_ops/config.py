@@ -15,8 +15,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 from jsonargparse.typing import (ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                                  restricted_number_type)
 
-from .proxy import DEFAULT_PROXY
 from .template import template_fields
+
+# The proxy when none is named: GPT-2 small, on the Hub (`proxy.load_proxy` takes it as its default too).
+DEFAULT_PROXY = "openai-community/gpt2"
 
 # Types of the fields: `__post_init__` checks every value against its field's type.
 Format = Literal["auto", "alpaca", "chat", "custom"]

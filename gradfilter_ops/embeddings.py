@@ -30,8 +30,10 @@ def pooled_hidden_states(model: torch.nn.Module, encoded: Sequence[Encoded], pad
     import torch
 
     from .engine.grads import collate, length_buckets
+    from .engine.peft_internals import base_model
+    from .precision import autocast
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     out = np.zeros((len(encoded), base.get_input_embeddings().embedding_dim), dtype=np.float32)
     if not encoded:
         return out
@@ -43,8 +45,7 @@ def pooled_hidden_states(model: torch.nn.Module, encoded: Sequence[Encoded], pad
         with torch.no_grad(), adapters_off:
             for indices in length_buckets([len(e.input_ids) for e in encoded], batch_size):
                 batch = collate([encoded[i] for i in indices], pad_id, device)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):
+                with autocast(device, autocast_dtype):
                     # No attention mask, as in `grads.response_loss_sums`: right padding under causal attention.
                     hidden = base.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)

@@ -9,6 +9,16 @@ from typing import Any
 PACKAGES = ("gradfilter-ops", "torch", "transformers", "peft", "datasets", "py-data-juicer")
 
 
+def own_version() -> str:
+    """This package's installed version ("0.0.0+unknown" in a source tree that was not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradfilter-ops")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
 def package_versions() -> dict[str, Any]:
     """Python's version and that of each package in `PACKAGES` (None when it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version

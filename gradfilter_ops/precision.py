@@ -39,6 +39,11 @@ class Precision:
         return {"resolved": self.name, "reason": self.reason}
 
 
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
+    """Autocast to `dtype` on `device` (a `Precision.autocast_dtype`); a no-op for None, plain fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of bf16 units, as /proc/cpuinfo names them
 ONEDNN_ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 # oneDNN ISA caps that keep its bf16 kernels (any other value, e.g. AVX2 or AVX512_CORE, emulates bf16).

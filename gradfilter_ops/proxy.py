@@ -17,16 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .presets import (
-    CACHE_ENV_VAR,
-    PRESETS,
-    CacheDirError,
-    Preset,
-    ProxyLoadError,
-    load_gguf,
-    preset_folder,
-    resolve_cache_dir,
-)
+from .config import DEFAULT_PROXY
+from .presets import PRESETS, ProxyLoadError, load_gguf, preset_folder, resolve_cache_dir
 
 if TYPE_CHECKING:
     import os
@@ -35,13 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "CACHE_ENV_VAR",
-    "DEFAULT_PROXY",
-    "PRESETS",
-    "CacheDirError",
     "FrozenProxy",
-    "Preset",
-    "ProxyLoadError",
     "check_proxy_limits",
     "check_tokenizer",
     "freeze",
@@ -50,11 +36,8 @@ __all__ = [
     "load_proxy",
     "pad_id_of",
     "proxy_fingerprint",
-    "resolve_cache_dir",
     "resolve_device",
 ]
-
-DEFAULT_PROXY = "openai-community/gpt2"
 
 # A text every usable tokenizer must encode into several tokens and decode back.
 ROUND_TRIP_TEXT = "Write a short answer: the cat sat on the mat, 42 times."

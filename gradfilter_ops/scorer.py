@@ -28,14 +28,13 @@ from .cache import CacheEntry, atomic_write_json, digest
 from .config import GROUP_OPTIONS, NON_SCORE_OPTIONS, GSNRConfig
 from .fitted import FittedEnsemble
 from .groups import RowGrouping
-from .manifest import run_manifest
+from .manifest import own_version, run_manifest
 from .records import batch_of, records_row_by_row, rows_of, score_records
-from .summary import NEGATIVE_DROP_WARN_SHARE, log_summary, summarize
+from .summary import log_summary, summarize
 from .template import check_template_fields
 from .threads import FORKED_MAP_WORKER, ThreadPolicy
 
-__all__ = ["NEGATIVE_DROP_WARN_SHARE", "FittedEnsemble", "GSNRScorer", "batch_of", "log_summary", "map_num_proc",
-           "rows_of", "summarize"]
+__all__ = ["GSNRScorer", "map_num_proc"]
 
 
 class GSNRScorer(RowGrouping):
@@ -96,7 +95,6 @@ class GSNRScorer(RowGrouping):
             return
         import torch
 
-        from . import __version__
         from .prompts import PromptFormatter
         from .precision import resolve as resolve_precision
         from .proxy import load_frozen_proxy, proxy_fingerprint, resolve_device
@@ -113,7 +111,7 @@ class GSNRScorer(RowGrouping):
             options = {k: v for k, v in self.config.to_dict().items() if k not in NON_SCORE_OPTIONS + GROUP_OPTIONS}
             self.fingerprint = digest({"proxy": proxy_fingerprint(self.config.hf_model, model), "options": options,
                                        "device": self._device.type, "precision": self.precision.name,
-                                       "version": __version__})
+                                       "version": own_version()})
         self._model, self._tokenizer = model.to(self._device), tokenizer
         self._formatter = PromptFormatter(self.config, tokenizer)
         self.timings.setdefault("load_s", time.perf_counter() - started)
@@ -167,7 +165,8 @@ class GSNRScorer(RowGrouping):
             logger.info(f"gsnr: reusing trained members {done.members} from {cache.ensemble_dir}.")
         started = time.perf_counter()
         fitted.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id, done=done,
-                                          on_member=fitted.save_member if cache else None, members=members)
+                                          on_member=fitted.save_member if cache else None, members=members,
+                                          precision=self.precision)
         self.timings["train_s"] = time.perf_counter() - started
         return fitted
 
@@ -180,7 +179,8 @@ class GSNRScorer(RowGrouping):
         return encoded, sorted(((self._key(row), e) for row, e in zip(rows, encoded) if e.ok), key=lambda p: p[0])
 
     def _cache_entry(self, keys: Sequence[str]) -> Optional[CacheEntry]:
-        from .proxy import resolve_cache_dir
+        from .presets import resolve_cache_dir
+
         cache_dir = resolve_cache_dir(self.config.cache_dir) if self.config.use_cache else None
         return CacheEntry(cache_dir, self.fingerprint, digest(list(keys))) if cache_dir else None
 
@@ -257,7 +257,7 @@ class GSNRScorer(RowGrouping):
         self.fitted.load_snapshots()
         if self._ensemble is None:
             self._ensemble = ensemble_scorer(self._model, self.snapshots, self.config, self.pad_id,
-                                            workers=self.config.member_workers)
+                                            workers=self.config.member_workers, precision=self.precision)
         return self._ensemble.sq_norms(examples)
 
     def score(self, dataset: Any, batch_size: int = 256, num_proc: Optional[int] = None) -> Any:

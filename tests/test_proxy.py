@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradfilter_ops.proxy import (
-    CACHE_ENV_VAR,
-    ProxyLoadError,
-    load_proxy,
-    proxy_fingerprint,
-    resolve_cache_dir,
-)
+from gradfilter_ops.presets import CACHE_ENV_VAR, ProxyLoadError, resolve_cache_dir
+from gradfilter_ops.proxy import load_proxy, proxy_fingerprint
 
 
 def test_cache_dir_defaults_to_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,7 +146,8 @@ def test_smollm2_preset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 # --- bad proxies, bad cache folders (issue 14) ---------------------------------------------------
 
-from gradfilter_ops.proxy import CacheDirError, check_proxy_limits  # noqa: E402
+from gradfilter_ops.presets import CacheDirError  # noqa: E402
+from gradfilter_ops.proxy import check_proxy_limits  # noqa: E402
 
 
 def _copy_without(src: Path, dest: Path, *skip: str) -> Path:

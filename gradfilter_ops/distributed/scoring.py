@@ -12,7 +12,8 @@ from loguru import logger
 from .. import fields
 from ..config import require_positive_int
 from ..provenance import ensembles_of, fitted_ensemble, scorer_fingerprint, warn_other_ensembles
-from ..scorer import GSNRScorer, log_summary, summarize
+from ..scorer import GSNRScorer
+from ..summary import log_summary, summarize
 from ..threads import use_ray_assigned_cpus
 from .blocks import add_scores, proven_rows, read_fields
 from .completeness import check_every_row_once, row_digests

@@ -14,7 +14,8 @@ gradient norms (phase 2) and the formula (phase 3).
 - `workers`: the spawned process pool both use, sharing the frozen proxy.
 - `grads`: exact per-example squared gradient norms of the LoRA parameters in one batched pass;
   `head`: the frozen LM head's fused loss; `prefix`: the frozen layers below the adapters, run once;
-  `stacking`: several members in one forward.
+  `stacking`: several members in one forward; `peft_internals`: every access to peft beyond its
+  public API, with the check of the installed peft's version.
 - `gsnr`: the formula, drop over noise, and the negative-drop share.
 """
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .head import frozen_head, token_losses
+from .peft_internals import base_model, lora_layers
+from ..precision import autocast
 from ..prompts import Encoded
 
 
@@ -106,7 +108,7 @@ def response_loss_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     and the pads' outputs reach no loss (their gradients are zero). That keeps the fast fused
     attention kernels usable.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     hidden = base.get_decoder()(input_ids=batch["input_ids"]).last_hidden_state
     targets = batch["targets"]
     head = base.get_output_embeddings()
@@ -151,15 +153,12 @@ class LoraActivations(LoraRecorder):
     """Records the inputs and outputs of every LoRA `A`/`B` linear (forward hooks on peft's layers)."""
 
     def __init__(self, model: torch.nn.Module):
-        from peft.tuners.lora import LoraLayer
-
         super().__init__()
         self._handles = []
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                for kind, linears in (("A", module.lora_A), ("B", module.lora_B)):
-                    for linear in linears.values():
-                        self._handles.append(linear.register_forward_hook(self._hook(kind)))
+        for module in lora_layers(model):
+            for kind, linears in (("A", module.lora_A), ("B", module.lora_B)):
+                for linear in linears.values():
+                    self._handles.append(linear.register_forward_hook(self._hook(kind)))
 
     def _hook(self, kind: str):
         def hook(_module, inputs, output):
@@ -172,6 +171,26 @@ class LoraActivations(LoraRecorder):
             handle.remove()
 
 
+Record = tuple[str, torch.Tensor, torch.Tensor]  # (kind "A" or "B", input, output) of one LoRA linear's run
+
+
+def lora_output_grads(model: torch.nn.Module, activations: LoraRecorder, batch: dict[str, torch.Tensor],
+                      grad_params: str = "AB", autocast_dtype: torch.dtype | None = None,
+                      blocks: int = 1) -> tuple[torch.Tensor, list[Record], tuple[torch.Tensor, ...]]:
+    """The core of every per-example norm: one forward and one backward pass of a batch.
+
+    Returns each example's mean response loss (float32 [B]), the recorded runs of the LoRA linears
+    whose kind is in `grad_params`, and the gradient of the summed mean losses at each of their outputs.
+    Every example's own gradient of any of those linears is `sum_t delta_t h_t^T` over its own rows
+    (`layer_sq_norms`). `blocks`, as in `response_loss_sums`.
+    """
+    with activations.recording(), autocast(batch["input_ids"].device, autocast_dtype):
+        sums, counts = response_loss_sums(model, batch, blocks)
+        losses = sums / counts.clamp_min(1)
+    wanted = _wanted(activations, grad_params)
+    return losses, wanted, torch.autograd.grad(losses.sum(), [out for _, _, out in wanted])
+
+
 def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraRecorder,
                               batch: dict[str, torch.Tensor], grad_params: str = "AB",
                               autocast_dtype: torch.dtype | None = None, blocks: int = 1) -> torch.Tensor:
@@ -180,14 +199,8 @@ def per_example_grad_sq_norms(model: torch.nn.Module, activations: LoraRecorder,
     `grad_params="B"` restricts the norm to the `B` matrices; `blocks`, as in `response_loss_sums`.
     Returns a float32 tensor of shape [B].
     """
-    device_type = batch["input_ids"].device.type
-    with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
-                                                 enabled=autocast_dtype is not None):
-        sums, counts = response_loss_sums(model, batch, blocks)
-        losses = sums / counts.clamp_min(1)
-    wanted = _wanted(activations, grad_params)
-    output_grads = torch.autograd.grad(losses.sum(), [out for _, out in wanted])
-    return _sq_norms(wanted, output_grads)
+    _, wanted, output_grads = lora_output_grads(model, activations, batch, grad_params, autocast_dtype, blocks)
+    return summed_sq_norms(wanted, output_grads)
 
 
 def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations: LoraRecorder,
@@ -202,16 +215,16 @@ def backward_with_sq_norms(loss: torch.Tensor, counts: torch.Tensor, activations
     off the same backward pass and rescaled by (C / c_i)^2: "online" norms, at the weights of this step.
     """
     wanted = _wanted(activations, grad_params)
-    grads = torch.autograd.grad(loss, [*params, *(out for _, out in wanted)])
+    grads = torch.autograd.grad(loss, [*params, *(out for _, _, out in wanted)])
     for param, grad in zip(params, grads):
         param.grad = grad
     totals = counts.view(blocks, -1).sum(dim=1).repeat_interleave(len(counts) // blocks)
     scale = (totals / counts.clamp_min(1)).float().pow(2)
-    return _sq_norms(wanted, grads[len(params):]) * scale
+    return summed_sq_norms(wanted, grads[len(params):]) * scale
 
 
-def _wanted(activations: LoraRecorder, grad_params: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    wanted = [(inp, out) for kind, inp, out in activations.records if kind in grad_params]
+def _wanted(activations: LoraRecorder, grad_params: str) -> list[Record]:
+    wanted = [record for record in activations.records if record[0] in grad_params]
     if not wanted:
         raise RuntimeError("No LoRA layer ran in the forward pass; is an adapter active?")
     return wanted
@@ -224,10 +237,10 @@ def layer_sq_norms(inp: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor
         return torch.bmm(output_grad.float().transpose(1, 2), inp.float()).pow(2).sum(dim=(1, 2))  # [B, out, in]
 
 
-def _sq_norms(wanted: Sequence[tuple[torch.Tensor, torch.Tensor]], output_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def summed_sq_norms(records: Sequence[Record], output_grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-example squared norms of `sum_t delta_t h_t^T`, summed over the recorded layers: float32 [B]."""
     sq_norms = torch.zeros(output_grads[0].shape[0], dtype=torch.float32, device=output_grads[0].device)
-    for (inp, _), grad in zip(wanted, output_grads):
+    for (_, inp, _), grad in zip(records, output_grads):
         sq_norms += layer_sq_norms(inp, grad)
     return sq_norms
 

@@ -3,19 +3,20 @@ adapters, and how many members share one stacked step (`stack_size`) or scoring 
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from ..config import GSNRConfig
 
 
-def prefix_split(config: GSNRConfig, model: torch.nn.Module) -> int:
-    """The first adapted decoder layer: the layers below it form the frozen prefix (0: none)."""
-    if config.lora_layer_fraction >= 1:
-        return 0
-    from .prefix import adapted_layers, decoder_layers
-
-    _, layers = decoder_layers(model)
-    return adapted_layers(len(layers), config.lora_layer_fraction)[0]
+def prefix_split(lora: Mapping[str, Any]) -> int:
+    """The first adapted decoder layer of a LoRA config (`lora_config(...).to_dict()`, or a snapshot's
+    `lora`): the layers below it form the frozen prefix (0: adapters on every layer, no prefix)."""
+    layers = lora.get("layers_to_transform")
+    if isinstance(layers, int):
+        return layers
+    return min(layers) if layers else 0
 
 
 def lora_config(config: GSNRConfig, model: torch.nn.Module):

@@ -26,10 +26,13 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .peft_internals import base_model, forwards_replaced
+from ..precision import autocast
+
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The attribute name and the list of the proxy's decoder layers (`h` in GPT-2, `layers` in Llama)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     decoder = base.get_decoder()
     count = base.config.num_hidden_layers
     for name, child in decoder.named_children():
@@ -58,7 +61,7 @@ class FrozenPrefix:
     """Runs the proxy's layers below `split` once, and the rest from their saved output."""
 
     def __init__(self, model: torch.nn.Module, split: int):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         self.decoder = base.get_decoder()
         _, self.layers = decoder_layers(base)
         if not 0 < split < len(self.layers):
@@ -104,16 +107,12 @@ class FrozenPrefix:
                 return (hidden.to(args[0].dtype), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
 
-        lower = self.layers[: self.split]
-        for layer in lower:
-            layer.forward = skip  # an instance attribute: shadows the class's forward
-        handle = self.layers[self.split].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for layer in lower:
-                del layer.forward
+        with forwards_replaced(self.layers[: self.split], lambda _layer: skip):
+            handle = self.layers[self.split].register_forward_pre_hook(inject, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
 
 
 def padded(hiddens: Sequence[Optional[np.ndarray]], length: int, width: int, device: torch.device) -> torch.Tensor:
@@ -149,8 +148,7 @@ class PrefixStore:
             with open(os.path.join(folder, "prefix.f32"), "wb") as f:
                 for indices in length_buckets(lengths, batch_size):
                     batch = collate([examples[i] for i in indices], pad_id, device)
-                    with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                        enabled=autocast_dtype is not None):
+                    with autocast(device, autocast_dtype):
                         hidden = prefix.hidden(batch["input_ids"]).cpu().numpy()
                     if store is None:
                         store = cls(folder, lengths, hidden.shape[-1])

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 
 from ..config import GSNRConfig
 from .grads import LoraActivations, collate, length_buckets, per_example_grad_sq_norms, to_device
-from ..precision import resolve as resolve_precision
+from ..precision import Precision, autocast, resolve as resolve_precision
 from ..prompts import Encoded
-from .policy import adapters_per_pass
+from .policy import adapters_per_pass, prefix_split
 from .snapshots import Snapshots, adapter_name
 from .workers import can_spawn, held, hold, member_pool
 
@@ -25,14 +25,17 @@ class EnsembleScorer:
 
     With `stack_size` > 1 the 2 x `stack_size` adapters of that many members run in one stacked pass
     over copies of each length bucket (`stacking.StackedLora`). `model` (the peft model), `names`
-    ((member, epoch) -> adapter name) and `activations` (its LoRA hooks) are there to be read.
+    ((member, epoch) -> adapter name) and `activations` (its LoRA hooks) are there to be read; `precision`
+    is `config.precision` as resolved for the model's device (resolved here when not given).
     """
 
-    def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int):
+    def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
+                 precision: Optional[Precision] = None):
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
         self.config, self.snapshots, self.pad_id = config, snapshots, pad_id
         self.device = next(model.parameters()).device
+        self.precision = precision or resolve_precision(config.precision, self.device)
         lora = LoraConfig(**{k: v for k, v in snapshots.lora.items() if k in LoraConfig.__dataclass_fields__})
         self.model, self.names = None, {}
         for (member, epoch), state in sorted(snapshots.states.items()):
@@ -46,8 +49,7 @@ class EnsembleScorer:
         self.model.eval()
         self.activations = LoraActivations(self.model)
         self._stacks = {}
-        layers = snapshots.lora.get("layers_to_transform")
-        split = min(layers) if layers else 0
+        split = prefix_split(snapshots.lora)
         self.frozen = None
         if split:
             from .prefix import FrozenPrefix
@@ -86,7 +88,7 @@ class EnsembleScorer:
     def _fill(self, examples: Sequence[Encoded], indices: list[int], groups: list, out: torch.Tensor, bar) -> None:
         """Norms of one length bucket under every snapshot in `groups` (lists of ((member row, epoch row),
         adapter), each run in one pass); halves the bucket when the GPU runs out of memory."""
-        autocast_dtype = resolve_precision(self.config.precision, self.device).autocast_dtype
+        autocast_dtype = self.precision.autocast_dtype
         try:
             rows = to_device(torch.tensor(indices), self.device)
             bucket = [examples[i] for i in indices]
@@ -94,8 +96,7 @@ class EnsembleScorer:
             hidden = None  # the frozen prefix's output for the bucket, computed once for every adapter
             if self.frozen is not None:
                 batches[1] = collate(bucket, self.pad_id, self.device)
-                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):
+                with autocast(self.device, autocast_dtype):
                     hidden = self.frozen.hidden(batches[1]["input_ids"])
             for group in groups:
                 if len(group) not in batches:
@@ -144,9 +145,9 @@ class PooledEnsembleScorer:
     (adapters are small), a member per job; the same norms."""
 
     def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
-                 workers: int):
+                 workers: int, precision: Optional[Precision] = None):
         self.snapshots = snapshots
-        self.pool = member_pool(workers, _hold_scorer, model, snapshots, config, pad_id)
+        self.pool = member_pool(workers, _hold_scorer, model, snapshots, config, pad_id, precision)
 
     def sq_norms(self, examples: Sequence[Encoded], progress: bool = True,
                  members: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -164,16 +165,17 @@ class PooledEnsembleScorer:
 
 
 def ensemble_scorer(model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
-                    workers: int = 1):
+                    workers: int = 1, precision: Optional[Precision] = None):
     """A `PooledEnsembleScorer` when `workers` > 1 processes can share the members, else an `EnsembleScorer`."""
     workers = min(workers, snapshots.num_members) if can_spawn() else 1
     if workers > 1:
-        return PooledEnsembleScorer(model, snapshots, config, pad_id, workers)
-    return EnsembleScorer(model, snapshots, config, pad_id)
+        return PooledEnsembleScorer(model, snapshots, config, pad_id, workers, precision)
+    return EnsembleScorer(model, snapshots, config, pad_id, precision)
 
 
-def _hold_scorer(model, snapshots: Snapshots, config: GSNRConfig, pad_id: int) -> None:
-    hold("scorer", EnsembleScorer(model, snapshots, config, pad_id))
+def _hold_scorer(model, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
+                 precision: Optional[Precision]) -> None:
+    hold("scorer", EnsembleScorer(model, snapshots, config, pad_id, precision))
 
 
 def _worker_sq_norms(examples: Sequence[Encoded], member: int) -> np.ndarray:

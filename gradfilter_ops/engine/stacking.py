@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import fields
 from .grads import LoraRecorder
+from .peft_internals import cast_input, forwards_replaced, is_plain_lora_linear, lora_layers
 from ..prompts import Encoded
 
 
@@ -37,16 +38,13 @@ class StackedLora(LoraRecorder):
     (and their weights require grad)."""
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str]):
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.lora.layer import Linear
-
         self.names = list(names)
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.layers = lora_layers(model)
         if not self.layers:
             raise ValueError("StackedLora needs a peft model with LoRA layers.")
         for layer in self.layers:
             missing = [n for n in self.names if n not in layer.lora_A]
-            if not isinstance(layer, Linear) or missing or any(n in layer.lora_variant for n in self.names):
+            if missing or not is_plain_lora_linear(layer, self.names):
                 raise ValueError(f"Stacked members support plain LoRA on linear layers only; {type(layer).__name__} "
                                  f"(adapters missing: {missing}) is not. Set `stack_members: 1`.")
         super().__init__()
@@ -57,13 +55,12 @@ class StackedLora(LoraRecorder):
         self._requires_grad = [(w, w.requires_grad) for w in weights]
         for weight in weights:
             weight.requires_grad_(True)
-        for layer in self.layers:
-            layer.forward = self._forward_of(layer)  # an instance attribute: shadows the class's forward
+        self._forwards = forwards_replaced(self.layers, self._forward_of)
+        self._forwards.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for layer in self.layers:
-            del layer.forward
+        self._forwards.__exit__(*exc)
         for weight, requires_grad in self._requires_grad:
             weight.requires_grad_(requires_grad)
 
@@ -77,7 +74,7 @@ class StackedLora(LoraRecorder):
             result = layer.base_layer(x, *args, **kwargs)
             a = torch.stack([layer.lora_A[n].weight for n in names])  # [K, r, in]
             b = torch.stack([layer.lora_B[n].weight for n in names])  # [K, out, r]
-            x = layer._cast_input_dtype(x, a.dtype)
+            x = cast_input(layer, x, a.dtype)
             if dropout and layer.training:
                 x = F.dropout(x, dropout, training=True)
             k, rank, out = len(names), a.shape[1], b.shape[1]

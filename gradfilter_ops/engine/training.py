@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..config import GSNRConfig
 from .grads import (LoraActivations, backward_with_sq_norms, collate, response_loss_sums, shuffled_length_batches,
                      to_device)
-from ..precision import resolve as resolve_precision
+from ..precision import Precision, autocast, resolve as resolve_precision
 from ..prompts import Encoded
 from .policy import lora_config, prefix_split, stack_size
 from .snapshots import Snapshots
@@ -32,20 +32,23 @@ class EnsembleTrainer:
     member's adapter is kept, and, with `score_mode: online`, whose training steps record every
     row's squared gradient norm; any set of epochs up to `num_epochs`, so one run can keep them all.
     `reuse_prefix` runs the frozen layers below the adapters once over the rows and feeds each step
-    their output (False: run every layer at every step; the same members either way).
+    their output (False: run every layer at every step; the same members either way). `precision` is
+    `config.precision` as resolved for the model's device (resolved here when not given).
     """
 
     def __init__(self, model: torch.nn.Module, config: GSNRConfig, pad_id: int,
-                 keep_epochs: Optional[Iterable[int]] = None, reuse_prefix: bool = True):
+                 keep_epochs: Optional[Iterable[int]] = None, reuse_prefix: bool = True,
+                 precision: Optional[Precision] = None):
         default = (config.early_epoch, config.resolved_late_epoch)
         epochs = default if keep_epochs is None else tuple(sorted(set(keep_epochs)))
         outside = [e for e in epochs if not 1 <= e <= config.num_epochs]
         if not epochs or outside:
             raise ValueError(f"keep_epochs must be epochs in 1..num_epochs={config.num_epochs}; got {list(epochs)}.")
         self.model, self.config, self.pad_id, self.epochs = model, config, pad_id, epochs
-        self.reuse_prefix = reuse_prefix
         self.lora = lora_config(config, model)
+        self.split = prefix_split(self.lora.to_dict()) if reuse_prefix else 0  # 0: every layer runs every step
         self.device = next(model.parameters()).device
+        self.precision = precision or resolve_precision(config.precision, self.device)
 
     def train(self, examples: Sequence[Encoded], members: Optional[Sequence[int]] = None, *,
               done: Optional[Snapshots] = None, on_member: Optional[Callable[[Snapshots, int], None]] = None,
@@ -111,14 +114,13 @@ class EnsembleTrainer:
 
     def _prefix_store(self, examples: Sequence[Encoded]):
         """The frozen prefix's output of every training row (None when every layer has adapters)."""
-        split = prefix_split(self.config, self.model) if self.reuse_prefix else 0
-        if not split:
+        if not self.split:
             return None
         from .prefix import FrozenPrefix, PrefixStore
 
-        logger.info(f"gsnr: running the {split} frozen layers below the adapters once over {len(examples)} rows")
-        return PrefixStore.build(FrozenPrefix(self.model, split), examples, self.pad_id, self.config.score_batch_size,
-                                 resolve_precision(self.config.precision, self.device).autocast_dtype)
+        logger.info(f"gsnr: running the {self.split} frozen layers below the adapters once over {len(examples)} rows")
+        return PrefixStore.build(FrozenPrefix(self.model, self.split), examples, self.pad_id,
+                                 self.config.score_batch_size, self.precision.autocast_dtype)
 
     def _in_workers(self, examples: Sequence[Encoded], members: list[int], workers: int, store):
         """Train `members` in `workers` processes; yields (member, states, norms) as each finishes."""
@@ -149,8 +151,8 @@ class EnsembleTrainer:
         from .stacking import StackedLora, filler
 
         model, config, epochs, device = self.model, self.config, self.epochs, self.device
-        autocast_dtype = resolve_precision(config.precision, device).autocast_dtype
-        frozen = FrozenPrefix(model, prefix_split(config, model)) if store is not None else None
+        autocast_dtype = self.precision.autocast_dtype
+        frozen = FrozenPrefix(model, self.split) if store is not None else None
         # Adapter names that are no substring of one another (peft selects a state dict's keys by substring).
         names = [f"member{m}_train" for m in members]
         peft_model = None
@@ -189,8 +191,7 @@ class EnsembleTrainer:
                     fed = (frozen.feeding(padded(store.rows(flat), batch["input_ids"].shape[1], store.width, device))
                            if frozen is not None else nullcontext())
                     with fed, (activations.recording() if record else nullcontext()), \
-                            torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                           enabled=autocast_dtype is not None):
+                            autocast(device, autocast_dtype):
                         sums, counts = response_loss_sums(peft_model, batch, blocks=k)
                     loss = (sums.view(k, block).sum(1) / counts.view(k, block).sum(1).clamp_min(1)).sum()
                     if record:
@@ -242,8 +243,9 @@ def _worker_member(member: int) -> tuple[int, dict, Optional[np.ndarray]]:
 def train_ensemble(model: torch.nn.Module, examples: Sequence[Encoded], config: GSNRConfig, pad_id: int,
                    progress: bool = True, done: Optional[Snapshots] = None,
                    on_member: Optional[Callable[[Snapshots, int], None]] = None,
-                   members: Optional[Sequence[int]] = None, keep_epochs: Optional[Iterable[int]] = None) -> Snapshots:
+                   members: Optional[Sequence[int]] = None, keep_epochs: Optional[Iterable[int]] = None,
+                   precision: Optional[Precision] = None) -> Snapshots:
     """Train the LoRA ensemble and keep its snapshots: `EnsembleTrainer(model, config, pad_id,
-    keep_epochs).train(examples, members, done=..., on_member=..., progress=...)`."""
-    return EnsembleTrainer(model, config, pad_id, keep_epochs).train(examples, members, done=done,
-                                                                      on_member=on_member, progress=progress)
+    keep_epochs, precision=...).train(examples, members, done=..., on_member=..., progress=...)`."""
+    trainer = EnsembleTrainer(model, config, pad_id, keep_epochs, precision=precision)
+    return trainer.train(examples, members, done=done, on_member=on_member, progress=progress)

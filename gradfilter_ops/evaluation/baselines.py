@@ -13,7 +13,7 @@ def proxy_losses(model, examples, pad_id: int, batch_size: int, precision: str) 
     import torch
 
     from ..engine.grads import collate, length_buckets, response_loss_sums
-    from ..precision import resolve as resolve_precision
+    from ..precision import autocast, resolve as resolve_precision
 
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(precision, device).autocast_dtype
@@ -21,7 +21,7 @@ def proxy_losses(model, examples, pad_id: int, batch_size: int, precision: str) 
     with torch.no_grad():
         for indices in length_buckets([len(e.input_ids) for e in examples], batch_size):
             batch = collate([examples[i] for i in indices], pad_id, device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with autocast(device, autocast_dtype):
                 sums, counts = response_loss_sums(model, batch)
             out[indices] = (sums / counts.clamp_min(1)).double().cpu().numpy()
     return out

@@ -126,7 +126,7 @@ def finetune(model, train: Sequence, heldout: Sequence, recipe: FinetuneRecipe, 
     from peft import get_peft_model
 
     from ..engine.grads import collate, response_loss_sums
-    from ..precision import resolve as resolve_precision
+    from ..precision import autocast, resolve as resolve_precision
 
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(precision, device).autocast_dtype
@@ -146,7 +146,7 @@ def finetune(model, train: Sequence, heldout: Sequence, recipe: FinetuneRecipe, 
         peft_model.train()
         for step, indices in enumerate(training_batches(len(train), recipe.batch_size, recipe.steps, seed), 1):
             batch = collate([train[i] for i in indices], pad_id, device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            with autocast(device, autocast_dtype):
                 sums, counts = response_loss_sums(peft_model, batch)
             loss = sums.sum() / counts.sum().clamp_min(1)
             loss.backward()

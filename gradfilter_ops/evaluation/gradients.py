@@ -38,30 +38,22 @@ def per_example_parts(model, activations, batch, autocast_dtype=None, scaling: f
     """
     import torch
 
-    device_type = batch["input_ids"].device.type
-    from ..engine.grads import layer_sq_norms, response_loss_sums
+    from ..engine.grads import lora_output_grads, summed_sq_norms
 
-    with activations.recording(), torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
-                                                 enabled=autocast_dtype is not None):
-        sums, counts = response_loss_sums(model, batch)
-        losses = sums / counts.clamp_min(1)
-    records = activations.records
-    if not records:
-        raise RuntimeError("No LoRA layer ran in the forward pass; is an adapter active?")
-    grads = torch.autograd.grad(losses.sum(), [out for _, _, out in records])
-    out = {key: torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device) for key in "ABW"}
-    pending_x = None
+    losses, records, grads = lora_output_grads(model, activations, batch, "AB", autocast_dtype)
+    out = {}
+    for kind in "AB":  # the A and B parts, as `grad_params` counts them
+        pairs = [(record, grad) for record, grad in zip(records, grads) if record[0] == kind]
+        out[kind] = summed_sq_norms([record for record, _ in pairs], [grad for _, grad in pairs])
+    out["W"] = torch.zeros(losses.shape[0], dtype=torch.float32, device=losses.device)
     with torch.no_grad():
-        for (kind, inp, _), grad in zip(records, grads):
-            out[kind] += layer_sq_norms(inp, grad)  # the A or B part, as `grad_params` counts it
-            g, h = grad.float(), inp.float()
-            if kind == "A":
-                pending_x = h  # the layer input x; B of the same layer runs next
-            else:
+        # Each layer records its A run (input: the layer input x) right before its B run (output gradient g).
+        for (kind, inp, _), (next_kind, _, _), grad in zip(records, records[1:], grads[1:]):
+            if kind == "A" and next_kind == "B":
+                g, x = grad.float(), inp.float()
                 # ||sum_t g_t x_t^T||^2 = sum_{t,t'} (g_t . g_t')(x_t . x_t'), g = scaling * delta.
-                gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(pending_x, pending_x.transpose(1, 2))
+                gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))
                 out["W"] += gram.sum(dim=(1, 2)) / scaling ** 2
-                pending_x = None
     out["loss"] = losses.detach().float()
     return out
 
@@ -73,14 +65,12 @@ def snapshot_norms(model, snapshots, config, examples, pad_id: int, progress: bo
 
     from ..engine import EnsembleScorer
     from ..engine.grads import collate, length_buckets
-    from ..precision import resolve as resolve_precision
-
     scorer = EnsembleScorer(model, snapshots, config, pad_id)  # loads every adapter, hooks A and B
     try:
         epochs = list(snapshots.epochs)
         shape = (snapshots.num_members, len(epochs), len(examples))
         out = {key: np.zeros(shape) for key in ("A", "B", "W", "loss")}
-        autocast_dtype = resolve_precision(config.precision, scorer.device).autocast_dtype
+        autocast_dtype = scorer.precision.autocast_dtype
         buckets = length_buckets([len(e.input_ids) for e in examples], config.score_batch_size)
         bar = tqdm(total=len(buckets) * len(scorer.names), desc="eval: per-example gradients", disable=not progress,
                    mininterval=30)

@@ -17,8 +17,10 @@ from ..config import GSNRConfig
 from ..dropped import write_dropped_rows
 from ..provenance import (carries_proof, ensembles_of, fitted_ensemble, proof, scorer_fingerprint,
                           warn_other_ensembles)
-from ..scorer import GSNRScorer, log_summary, map_num_proc, rows_of, summarize
+from ..records import rows_of
+from ..scorer import GSNRScorer, map_num_proc
 from ..selection import in_range, range_drops, validate_range
+from ..summary import log_summary, summarize
 
 OP_NAME = "gsnr_scorer"
 MANIFEST_FILE = "gsnr_manifest.json"
