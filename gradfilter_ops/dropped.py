@@ -52,6 +52,7 @@ def write_dropped_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], reas
 
 
 Verdict = tuple[bool, Optional[str]]  # (kept, the reason when not)
+RowsAt = Callable[[list[int]], Iterable[Mapping[str, Any]]]  # row indices -> those rows, in order
 
 
 def verdicts(rows: int, reasons: Mapping[int, str]) -> Iterator[Verdict]:
@@ -72,8 +73,7 @@ class DropSink:
         self.seconds: Optional[float] = None
         self._watch = Stopwatch()
 
-    def take(self, step_verdicts: Iterable[Verdict], dropped_rows: Callable[[list[int]], Iterable[Mapping[str, Any]]],
-             ) -> list[int]:
+    def take(self, step_verdicts: Iterable[Verdict], dropped_rows: RowsAt) -> list[int]:
         """Take a step's verdict on each row, in row order; `dropped_rows(indices)` gives the rows at those
         indices (a `datasets.Dataset` or an iterable of row dicts, read once, in order). Returns the indices of
         the kept rows."""
