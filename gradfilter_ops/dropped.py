@@ -1,19 +1,27 @@
-"""The side file of dropped rows: each row as it came (less `LOADER_FIELDS`), plus the reason it was not kept.
+"""Dropped rows: the drop sink of a step, and its side file of each row as it came (less `LOADER_FIELDS`),
+plus the reason it was not kept.
 
-One writer serves every path, as datatrove's exclusion writer does: a `datasets.Dataset` (the Data-Juicer
-ops, the `datasets` API) and the rows of Ray blocks, fetched one block at a time, go through
-`write_dropped_rows` and come out as the same JSON lines.
+As in datatrove's filters and exclusion writer, a step gives each row a verdict, kept or dropped with a
+reason (`verdicts`), and its `DropSink` counts the reasons, logs them once, writes the dropped rows to the
+step's own file and times the step. Every op that drops rows goes through it: `gsnr_scorer` and
+`gsnr_top_k_filter`, and their Ray variants. One writer serves every path: a `datasets.Dataset` (the
+Data-Juicer ops) and the rows of Ray blocks, fetched one block at a time, go through `write_dropped_rows`
+and come out as the same JSON lines.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+from loguru import logger
 
 from .cache import atomic_write
+from .timing import Stopwatch
 
 DROP_REASON = "gsnr_drop_reason"
 # Data-Juicer's loader adds it to every row of a file without it, and drops the rows without it of a file
@@ -41,6 +49,49 @@ def write_dropped_rows(path: str | Path, rows: Iterable[Mapping[str, Any]], reas
 
     atomic_write(path, write)
     return path
+
+
+Verdict = tuple[bool, Optional[str]]  # (kept, the reason when not)
+RowsAt = Callable[[list[int]], Iterable[Mapping[str, Any]]]  # row indices -> those rows, in order
+
+
+def verdicts(rows: int, reasons: Mapping[int, str]) -> Iterator[Verdict]:
+    """The verdict on each of `rows` rows of a step that drops the rows of `reasons` (row index -> reason)."""
+    return ((i not in reasons, reasons.get(i)) for i in range(rows))
+
+
+class DropSink:
+    """The end of a step that drops rows (`step`, the op's name in the log): it takes the step's verdicts,
+    counts the reasons (`counts`), logs them once, writes the dropped rows with their reasons to `path`
+    (the step's own file; none when None, or when nothing is dropped) and times the step, from when the
+    sink is made until it has written (`seconds`). `scope` qualifies what was kept (" in the gsnr range")."""
+
+    def __init__(self, step: str, path: Optional[str | Path], scope: str = ""):
+        self.step, self.path, self.scope = step, path, scope
+        self.counts: Counter = Counter()
+        self.written: Optional[Path] = None  # the file written, if any
+        self.seconds: Optional[float] = None
+        self._watch = Stopwatch()
+
+    def take(self, step_verdicts: Iterable[Verdict], dropped_rows: RowsAt) -> list[int]:
+        """Take a step's verdict on each row, in row order; `dropped_rows(indices)` gives the rows at those
+        indices (a `datasets.Dataset` or an iterable of row dicts, read once, in order). Returns the indices of
+        the kept rows."""
+        kept, dropped, reasons = [], [], []
+        for i, (keep, reason) in enumerate(step_verdicts):
+            if keep:
+                kept.append(i)
+            else:
+                dropped.append(i)
+                reasons.append(reason)
+        self.counts = Counter(reasons)
+        if dropped and self.path is not None:
+            self.written = write_dropped_rows(self.path, dropped_rows(dropped), reasons)
+        self.seconds = self._watch.seconds
+        where = f"; wrote them to {self.written}" if self.written is not None else ""
+        logger.info(f"{self.step}: kept {len(kept)} of {len(kept) + len(dropped)} rows{self.scope}; dropped by "
+                    f"reason: {dict(self.counts)}{where} ({self.seconds:.1f} s).")
+        return kept
 
 
 def dataset_rows(dataset: Any, batch_size: int = 1000) -> Iterator[dict[str, Any]]:

@@ -4,7 +4,6 @@ and looked up by row key when a batch is scored."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
 
@@ -14,6 +13,7 @@ from . import fields
 from .cache import CacheEntry
 from .config import GSNRConfig
 from .records import rows_of
+from .timing import Stopwatch
 
 RowGroups = dict[str, dict[str, int]]  # row key -> its group stats (the `fields.GROUP_FIELDS` asked for)
 
@@ -68,10 +68,10 @@ def fit_row_groups(model, scoreable, cache: Optional[CacheEntry], config: GSNRCo
     if cached is not None and cached[0] == keys:
         vectors = cached[1]
     else:
-        started = time.perf_counter()
+        started = Stopwatch()
         vectors = pooled_hidden_states(model, [unique[key] for key in keys], pad_id, config.score_batch_size,
                                        autocast_dtype)
-        seconds = time.perf_counter() - started
+        seconds = started.seconds
         if cache is not None:
             cache.add_embeddings(keys, vectors)
     groups = row_groups(vectors, clusters=config.clusters, num_clusters=config.num_clusters,

@@ -16,7 +16,6 @@ re-run on the same rows does no proxy work, and a killed run resumes from its fi
 from __future__ import annotations
 
 import os
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -33,6 +32,7 @@ from .records import batch_of, records_row_by_row, rows_of, score_records
 from .summary import log_summary, summarize
 from .template import check_template_fields
 from .threads import FORKED_MAP_WORKER, ThreadPolicy
+from .timing import Stopwatch
 
 __all__ = ["GSNRScorer", "map_num_proc"]
 
@@ -99,7 +99,7 @@ class GSNRScorer(RowGrouping):
         from .precision import resolve as resolve_precision
         from .proxy import load_frozen_proxy, proxy_fingerprint, resolve_device
 
-        started = time.perf_counter()
+        started = Stopwatch()
         self._device = resolve_device(self.config.device, rank)
         self.precision = resolve_precision(self.config.precision, self._device)
         logger.info(f"gsnr: precision {self.precision.name} on {self._device.type} ({self.precision.reason}).")
@@ -114,7 +114,7 @@ class GSNRScorer(RowGrouping):
                                        "version": own_version()})
         self._model, self._tokenizer = model.to(self._device), tokenizer
         self._formatter = PromptFormatter(self.config, tokenizer)
-        self.timings.setdefault("load_s", time.perf_counter() - started)
+        self.timings.setdefault("load_s", started.seconds)
 
     @property
     def pad_id(self) -> int:
@@ -163,11 +163,11 @@ class GSNRScorer(RowGrouping):
         done = fitted.cached_members()
         if done is not None and done.members:
             logger.info(f"gsnr: reusing trained members {done.members} from {cache.ensemble_dir}.")
-        started = time.perf_counter()
+        started = Stopwatch()
         fitted.snapshots = train_ensemble(self._model, [e for _, e in scoreable], self.config, self.pad_id, done=done,
                                           on_member=fitted.save_member if cache else None, members=members,
                                           precision=self.precision)
-        self.timings["train_s"] = time.perf_counter() - started
+        self.timings["train_s"] = started.seconds
         return fitted
 
     def _scoreable(self, dataset: Any, batch_size: int = 1000):
@@ -269,13 +269,13 @@ class GSNRScorer(RowGrouping):
             return dataset
         if self.fitted is None:
             self.fit(dataset)
-        started = time.perf_counter()
+        started = Stopwatch()
         try:
             scored = dataset.map(self.score_batch, batched=True, batch_size=batch_size,
                                  num_proc=map_num_proc(num_proc), desc="gsnr: per-example gradients")
         finally:
             self.release()
-        self.timings["score_s"] = time.perf_counter() - started
+        self.timings["score_s"] = started.seconds
         self.summary = summarize(scored[fields.STATUS], scored[fields.DROP])
         log_summary(self.summary)
         self.write_manifest()

@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import pytest
 from datasets import Dataset
@@ -290,3 +291,29 @@ def test_ray_scoring_writes_the_row_groups_of_the_datasets_api(tiny_config):
     assert {s[fields.CLUSTER] for s in again.values() if s[fields.STATUS] == fields.OK} == {0, 1}
     assert all(fields.DUPLICATE_GROUP not in s for s in again.values())  # not asked for: not left to be misread
     assert {k: s[fields.GSNR] for k, s in again.items()} == {k: s[fields.GSNR] for k, s in got.items()}
+
+
+def test_ray_and_default_top_k_ops_sink_the_same_rows_reasons_and_counts(tmp_path):
+    from data_juicer.core.data import NestedDataset
+    from loguru import logger
+
+    from gradfilter_ops.ops import GSNRTopKFilter, RayGSNRTopKFilter
+
+    rows = stats_rows(20)
+    ops = {"default": GSNRTopKFilter(top_ratio=0.4, group_by="source", work_dir=str(tmp_path / "default")),
+           "ray": RayGSNRTopKFilter(top_ratio=0.4, group_by="source", work_dir=str(tmp_path / "ray"))}
+    seen = []
+    handle = logger.add(lambda message: seen.append(str(message)), level="INFO")  # after the ops reset loguru
+    try:
+        kept = {"default": list(ops["default"].process(NestedDataset(Dataset.from_list(rows)))["id"]),
+                "ray": [r["id"] for r in ops["ray"].run(ray.data.from_items(rows, override_num_blocks=3)).take_all()]}
+    finally:
+        logger.remove(handle)
+    dropped = {name: {r["id"]: r["gsnr_drop_reason"] for r in map(json.loads, (tmp_path / name / "gsnr_dropped.jsonl")
+                                                                  .open())} for name in ops}
+    assert kept["ray"] == kept["default"] and dropped["ray"] == dropped["default"]
+    assert sorted(kept["default"] + list(dropped["default"])) == sorted(r["id"] for r in rows)
+    counts = dict(Counter(dropped["default"][r["id"]] for r in rows if r["id"] in dropped["default"]))
+    for name in ("gsnr_top_k_filter", "ray_gsnr_top_k_filter"):
+        lines = [m for m in seen if m.split(" - ", 1)[-1].startswith(f"{name}: kept {len(kept['default'])} of")]
+        assert len(lines) == 1 and f"kept {len(kept['default'])} of 20 rows; dropped by reason: {counts}" in lines[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from .. import fields
-from ..provenance import carries_proof, fitted_ensemble, proof, scorer_fingerprint
+from ..provenance import fitted_ensemble, proven_rows, score_unproven, scorer_fingerprint
 from ..scorer import GSNRScorer
 
 
@@ -81,13 +81,11 @@ def score_inputs(block, stats_column: Optional[str]):
                                if c == stats_column or c in fields.STATS_FIELDS or c in fields.GROUP_FIELDS])
 
 
-def proven_rows(block, stats_column: str, fingerprint: str, config, ensemble: Optional[str] = None) -> list[bool]:
-    """For each row of `block`, whether its `stats_column` holds a score this scorer wrote for it (by
-    `ensemble`, when given)."""
+def block_proven(block, stats_column: str, fingerprint: str, config, ensemble: Optional[str] = None) -> list[bool]:
+    """`provenance.proven_rows` for the rows of `block`, whose stats are in `stats_column`."""
     existing = block_fields(block, stats_column, fields.STATS_FIELDS)
-    rows = score_inputs(block, stats_column).to_pylist()
-    return [carries_proof(fingerprint, config, row, {name: existing[name][i] for name in fields.STATS_FIELDS},
-                          ensemble) for i, row in enumerate(rows)]
+    stats = [{name: existing[name][i] for name in fields.STATS_FIELDS} for i in range(block.num_rows)]
+    return proven_rows(fingerprint, config, score_inputs(block, stats_column).to_pydict(), stats, ensemble)
 
 
 def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
@@ -102,28 +100,15 @@ def add_scores(block, scorer: GSNRScorer, stats_column: Optional[str] = None):
     group_names = scorer.config.group_fields
     names = (fields.STATS_FIELDS if stats_column else fields.SCORE_FIELDS) + group_names
     existing = block_fields(block, stats_column, names) if stats_column else None
-    proven = (proven_rows(block, stats_column, scorer_fingerprint(scorer), scorer.config, fitted_ensemble(scorer))
+    proven = (block_proven(block, stats_column, scorer_fingerprint(scorer), scorer.config, fitted_ensemble(scorer))
               if stats_column else [False] * n)
-    todo = [i for i in range(n) if not proven[i]]
     values = existing or {name: [None] * n for name in names}
-    inputs = score_inputs(block, stats_column)
-    if todo:
-        scored = inputs.take(pa.array(todo))
-        scores = scorer.score_batch(scored.to_pydict())
-        rows = scored.to_pylist()
-        for j, i in enumerate(todo):
-            record = {name: scores[name][j] for name in fields.SCORE_FIELDS + group_names}
-            if stats_column:
-                record[fields.ENSEMBLE] = fitted_ensemble(scorer)
-                record[fields.PROOF] = proof(scorer.fingerprint, scorer.config, rows[j], record)
-            for name in names:
-                values[name][i] = record[name]
-    kept = [i for i in range(n) if proven[i]]
-    if group_names and kept:  # a proven score keeps its value; its groups are those of this run's rows
-        groups = scorer.group_batch(inputs.take(pa.array(kept)).to_pydict())
-        for j, i in enumerate(kept):
-            for name in group_names:
-                values[name][i] = groups[name][j]
+    updates = score_unproven(scorer, score_inputs(block, stats_column).to_pydict(), proven,
+                             with_proof=bool(stats_column))
+    for i, update in enumerate(updates):
+        for name in names:
+            if name in update:
+                values[name][i] = update[name]
     arrays = {name: pa.array(values[name], type=types[name]) for name in names}
     stale = [name for name in fields.GROUP_FIELDS if name not in group_names]
     if stats_column is None:

@@ -3,7 +3,6 @@ adapters, which it gets through Ray's object store, not through `cache_dir`."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,11 +10,12 @@ from loguru import logger
 
 from .. import fields
 from ..config import require_positive_int
-from ..provenance import ensembles_of, fitted_ensemble, scorer_fingerprint, warn_other_ensembles
+from ..provenance import ensembles_of, every_row_proven, fitted_ensemble, scorer_fingerprint, warn_other_ensembles
 from ..scorer import GSNRScorer
 from ..summary import log_summary, summarize
 from ..threads import use_ray_assigned_cpus
-from .blocks import add_scores, proven_rows, read_fields
+from ..timing import timed
+from .blocks import add_scores, block_proven, read_fields
 from .completeness import check_every_row_once, row_digests
 from .resources import task_resources
 from .training import fit_dataset, group_dataset, shipped
@@ -49,20 +49,14 @@ class _ScoreBlocks:
         return add_scores(block, self.scorer, self.stats_column)
 
 
-def _unproven(scorer: GSNRScorer, dataset, stats_column: str, statuses: list) -> int:
-    """Rows of a materialized `dataset` whose stats claim a score (`statuses`, in block order) that this
-    scorer did not write for them; logged, whether every row or only some carry stats."""
+def _block_flags(scorer: GSNRScorer, dataset, stats_column: str) -> list[bool]:
+    """`provenance.proven_rows` over every block of a materialized `dataset`, in block order (any ensemble)."""
     import ray
 
-    check = ray.remote(proven_rows)
+    check = ray.remote(block_proven)
     fingerprint = scorer_fingerprint(scorer)
-    flags = [flag for part in ray.get([check.remote(ref, stats_column, fingerprint, scorer.config)
-                                       for ref in dataset.to_arrow_refs()]) for flag in part]
-    unproven = sum(status is not None and not proven for status, proven in zip(statuses, flags))
-    if unproven:
-        logger.warning(f"gsnr: {unproven} row(s) arrived with G-SNR stats that this scorer did not write for them "
-                       "(another proxy or options, or edited or made-up scores); scoring them again.")
-    return unproven
+    return [flag for part in ray.get([check.remote(ref, stats_column, fingerprint, scorer.config)
+                                      for ref in dataset.to_arrow_refs()]) for flag in part]
 
 
 def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = None, concurrency: int = 1,
@@ -85,9 +79,8 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         logger.warning("gsnr: the dataset is empty; nothing to score.")
         return Scored(dataset, scorer)
     exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS + fields.GROUP_FIELDS)
-    claimed = sum(status is not None for status in statuses) if stats_column else 0
-    if (claimed and not _unproven(scorer, dataset, stats_column, statuses) and claimed == len(statuses)
-            and len(ensembles) <= 1):
+    claims = [status is not None and bool(stats_column) for status in statuses]
+    if every_row_proven("gsnr", claims, lambda: _block_flags(scorer, dataset, stats_column), ensembles):
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
         if scorer.config.group_fields:
@@ -98,13 +91,12 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         warn_other_ensembles("gsnr", ensembles, fitted_ensemble(fitted))
     rows = row_digests(dataset, stats_column, labels=True)
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
-    started = time.perf_counter()
-    scored = dataset.map_batches(_ScoreBlocks,
-                                 fn_constructor_kwargs={"scorer": shipped(fitted), "stats_column": stats_column},
-                                 batch_size=batch_size, batch_format="pyarrow",
-                                 compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
-                                 num_gpus=gpus).materialize()
-    fitted.timings["score_s"] = time.perf_counter() - started
+    with timed(fitted.timings, "score_s"):
+        scored = dataset.map_batches(_ScoreBlocks,
+                                     fn_constructor_kwargs={"scorer": shipped(fitted), "stats_column": stats_column},
+                                     batch_size=batch_size, batch_format="pyarrow",
+                                     compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
+                                     num_gpus=gpus).materialize()
     check_every_row_once(rows, scored, stats_column)
     values = read_fields(scored, [fields.STATUS, fields.DROP], stats_column)
     fitted.summary = summarize(values[fields.STATUS], values[fields.DROP])

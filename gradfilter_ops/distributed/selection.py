@@ -1,5 +1,6 @@
 """Selection on Ray: a few numbers per row come to the driver, `selection.select` runs over them in
-block order, and each block is cut where it lies; dropped rows stream to one JSON-lines file."""
+block order, and each block is cut where it lies; the dropped rows go to a `DropSink`, which streams
+them to one JSON-lines file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Optional, Sequence
 from loguru import logger
 
 from .. import fields
-from ..dropped import write_dropped_rows
+from ..dropped import DropSink, verdicts
 from ..provenance import check_one_ensemble, ensembles_of
 from ..selection import Selection, select, stat_selection_inputs, validate_options
 from .blocks import fields_by_block, joined
@@ -60,41 +61,39 @@ def _offsets(refs) -> list[int]:
     return offsets
 
 
-def split_rows(dataset, reasons: dict[int, str], dropped_path: Optional[str | Path] = None):
+def split_rows(dataset, reasons: dict[int, str], sink: DropSink):
     """The rows of a materialized `dataset` that `reasons` (row index -> why) leaves out, cut block by
-    block; the others, each with its `gsnr_drop_reason`, go to `dropped_path` as JSON lines (one
-    block in memory at a time) when it is given. Returns (kept dataset, the path written or None)."""
+    block; the verdicts go to `sink`, which counts them and writes the dropped rows with their reasons to
+    its file, one block in memory at a time. Returns the kept dataset."""
     import ray
 
     refs = dataset.to_arrow_refs()
     offsets = _offsets(refs)
     take = ray.remote(_take)
-    keep = [i for i in range(offsets[-1]) if i not in reasons]
-    kept = ray.data.from_arrow_refs([take.remote(ref, local) for ref, local in zip(refs, _local(keep, offsets))])
-    if not dropped_path or not reasons:
-        return kept, None
-    dropped = sorted(reasons)
 
-    def dropped_rows():  # one block in memory at a time
+    def dropped_rows(dropped: list[int]):  # one block in memory at a time
         for ref, indices in zip(refs, _local(dropped, offsets)):
             if indices:
                 yield from ray.get(take.remote(ref, indices)).to_pylist()
 
-    return kept, write_dropped_rows(dropped_path, dropped_rows(), [reasons[i] for i in dropped])
+    keep = sink.take(verdicts(offsets[-1], reasons), dropped_rows)
+    return ray.data.from_arrow_refs([take.remote(ref, local) for ref, local in zip(refs, _local(keep, offsets))])
 
 
 def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[float] = None,
                    max_tokens: Optional[int] = None, stats_column: Optional[str] = None,
                    group_by: Optional[str] = None, group_quota: str = "proportional", min_per_group: int = 0,
                    diversity: Optional[str] = None, near_duplicates: str = "keep",
-                   dropped_path: Optional[str | Path] = None) -> Selected:
+                   dropped_path: Optional[str | Path] = None, step: str = "gsnr") -> Selected:
     """Keep the best rows by G-SNR under one budget (`selection.select`, ties by block order) and
-    write the dropped ones, with their reasons, to `dropped_path` when given. `diversity: clusters`
-    and `near_duplicates: drop` read the scorer's `gsnr_cluster` and `gsnr_duplicate_group`."""
+    write the dropped ones, with their reasons, to `dropped_path` when given (a `DropSink` named `step`
+    in the log). `diversity: clusters` and `near_duplicates: drop` read the scorer's `gsnr_cluster` and
+    `gsnr_duplicate_group`."""
     validate_options(top_k=top_k, top_ratio=top_ratio, max_tokens=max_tokens, grouped=group_by is not None,
                      group_quota=group_quota, min_per_group=min_per_group, diversity=diversity,
                      near_duplicates=near_duplicates)
     dataset = dataset.materialize()
+    sink = DropSink(step, dropped_path)  # times the selection, not the work before it that materialize runs
     names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS, fields.ENSEMBLE, *fields.GROUP_FIELDS]
     parts = fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
     statuses = joined(parts, fields.STATUS)
@@ -110,8 +109,9 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
         diversity, near_duplicates, statuses, joined(parts, fields.CLUSTER),
         joined(parts, fields.DUPLICATE_GROUP))
     groups = cluster_groups if cluster_groups is not None else groups
-    selection = select(joined(parts, fields.GSNR), statuses, tokens=[t or 0 for t in joined(parts, fields.TOTAL_TOKENS)],
-                       groups=groups, group_quota=group_quota, min_per_group=min_per_group, top_k=top_k,
-                       top_ratio=top_ratio, max_tokens=max_tokens, duplicate_groups=duplicate_groups)
-    kept, written = split_rows(dataset, selection.reasons, dropped_path)
-    return Selected(kept, selection, len(statuses), groups, written)
+    selection = select(joined(parts, fields.GSNR), statuses,
+                       tokens=[t or 0 for t in joined(parts, fields.TOTAL_TOKENS)], groups=groups,
+                       group_quota=group_quota, min_per_group=min_per_group, top_k=top_k, top_ratio=top_ratio,
+                       max_tokens=max_tokens, duplicate_groups=duplicate_groups)
+    kept = split_rows(dataset, selection.reasons, sink)
+    return Selected(kept, selection, len(statuses), groups, sink.written)

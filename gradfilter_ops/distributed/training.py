@@ -4,13 +4,13 @@ as `GSNRScorer.fit` would, joined on the driver into one fitted scorer."""
 from __future__ import annotations
 
 import copy
-import time
 from typing import Optional, Sequence
 
 from loguru import logger
 
 from ..scorer import GSNRScorer
 from ..threads import FORKED_MAP_WORKER, KEEP_THREADS, use_ray_assigned_cpus
+from ..timing import Stopwatch
 from .resources import task_resources
 
 
@@ -56,13 +56,13 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
     refs = dataset.to_arrow_refs()
     logger.info(f"gsnr: training members {shares} in {tasks} Ray task(s), {cpus} CPU(s) and {gpus} GPU(s) each.")
     fit = ray.remote(_fit_share).options(num_cpus=cpus, num_gpus=gpus)
-    started = time.perf_counter()
+    started = Stopwatch()
     fitted = ray.get([fit.remote(shipped(scorer), refs, list(exclude), share) for share in shares])
     for part in fitted:
         part.thread_policy = FORKED_MAP_WORKER  # back on the driver: a plain scorer again
     for other in fitted[1:]:
         fitted[0].absorb(other)
-    fitted[0].timings["train_s"] = time.perf_counter() - started
+    fitted[0].timings["train_s"] = started.seconds
     return fitted[0]
 
 

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,6 +28,7 @@ from .runs import compute, merge_members
 from .separation import write_separation
 from .signals import signals_for
 from .tables import compare_runs
+from ..timing import Stopwatch
 
 PROG = "gsnr-eval"
 DOWNSTREAM = "downstream"  # the subcommand: gsnr-eval downstream ...
@@ -109,7 +109,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     rows = corrupt_dataset(rows, args.corrupt_fraction, args.seed, kinds_wanted, config.instruction_field,
                            config.input_field, config.output_field)
     timings: dict[str, float] = {}
-    started = time.time()
+    started = Stopwatch()
     result = compute(rows, config, out_dir, args.skip_ifd, args.reuse, not args.quiet, timings, args.baselines_from)
 
     command = f"{PROG} " + " ".join(quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -117,7 +117,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     summary = write_separation(rows, result, config, signals_for(result, config, args.seed, base), base, out_dir,
                                command, timings, seed=args.seed, bootstrap=args.bootstrap,
                                corrupt_fraction=args.corrupt_fraction, quiet=args.quiet)
-    summary["total_s"] = time.time() - started
+    summary["total_s"] = started.seconds
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 

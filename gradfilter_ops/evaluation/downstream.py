@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ..selection import rows_for_ratio
+from ..timing import Stopwatch
 from .finetune import FinetuneRecipe, FinetuneResult, finetune, target_lora
 
 DEFAULT_SIGNALS = ("G-SNR", "random", "response length", "proxy perplexity", "IFD (Superfiltering)")
@@ -126,7 +126,7 @@ def run_grid(model, pool_encoded: Sequence, heldout_encoded: Sequence, selection
     lora = target_lora(recipe, config, model)
     done: dict[tuple, FinetuneResult] = {}
     records = []
-    started = time.time()
+    started = Stopwatch()
     total = len(selections) * len(seeds)
     for seed in seeds:
         for sel in selections:
@@ -141,9 +141,9 @@ def run_grid(model, pool_encoded: Sequence, heldout_encoded: Sequence, selection
             if progress:
                 print(f"downstream: {len(records)}/{total} seed {seed} {sel.budget} {sel.signal}: held-out loss "
                       f"{result.heldout_loss[0]:.3f} -> {result.heldout_loss[-1]:.3f}"
-                      f"{' (same rows as an earlier selection)' if reused else ''} [{time.time() - started:.0f} s]",
+                      f"{' (same rows as an earlier selection)' if reused else ''} [{started.seconds:.0f} s]",
                       file=sys.stderr, flush=True)
     if timings is not None:
-        timings["fine-tunes"] = time.time() - started
+        timings["fine-tunes"] = started.seconds
         timings["fine-tunes trained"] = float(len(done))
     return records

@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, get_type_hints
 
 import numpy as np
 from jsonargparse import ArgumentParser
+
+from ..timing import Stopwatch
 
 PROG = "gsnr-eval downstream"
 
@@ -106,7 +107,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    started = time.time()
+    started = Stopwatch()
 
     fields = (config.instruction_field, config.output_field)
     rows = read_instruction_rows(args.data, args.rows_per_file, args.seed, *fields)
@@ -136,10 +137,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     signals = pick_signals(every_signal, args.signals)
     selections = select_budgets(signals, args.budgets, len(pool))
 
-    start = time.time()
+    start = Stopwatch()
     model, formatter, pad_id = load_target(args.target or config.hf_model, config)
     pool_encoded, heldout_encoded = encode_all(formatter, pool, "pool"), encode_all(formatter, heldout, "held-out")
-    timings["load target"] = time.time() - start
+    timings["load target"] = start.seconds
     seeds = [args.seed + j for j in range(args.seeds)]
     records = run_grid(model, pool_encoded, heldout_encoded, selections, recipe, config, seeds, pad_id,
                        not args.quiet, timings)
@@ -165,7 +166,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         for row in heldout:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     plotted = plot_curves(out_dir / "curves.png", records)
-    timings["total"] = time.time() - started
+    timings["total"] = started.seconds
 
     meta = {
         "command": command, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from jsonargparse import ArgumentParser
+
+from ..timing import Stopwatch
 
 PROG = "gsnr-eval protocol"
 
@@ -118,21 +119,21 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
     if embedded.exists():
         embeddings = np.load(embedded)
     else:
-        start = time.time()
+        start = Stopwatch()
         model, formatter, pad_id = proxy
         autocast = resolve_precision(config.precision, next(model.parameters()).device).autocast_dtype
         embeddings = pooled_hidden_states(model, [formatter.encode(r) for r in pool.rows], pad_id,
                                           config.score_batch_size, autocast)
         np.save(embedded, embeddings)
-        timings["embeddings"] = time.time() - start
+        timings["embeddings"] = start.seconds
     signals = pool_signals(result, config, seed)
     for k, (name, reading_config) in enumerate((readings or {}).items(), 1):
-        started = time.time()
+        started = Stopwatch()
         extra = compute(pool.rows, reading_config, out_dir / pool.name / f"scores-{k}", True, True, progress, {},
                         baselines_from=str(folder), snapshot_pass=reading_config.score_mode == "snapshot")
         score = pool_signals(extra, reading_config, seed)["G-SNR"]
         signals[name] = dataclasses.replace(score, name=name, note=f"{score.note}; {name}")
-        timings[f"scoring {name}"] = time.time() - started
+        timings[f"scoring {name}"] = started.seconds
     kinds, rng = [r["eval_corruption"] for r in pool.rows], np.random.default_rng(seed)
     bins = length_bins(result["response_tokens"])
     separation = {name: evaluate_signal(s, kinds, rng, bootstrap, signals["G-SNR"].score, bins)
@@ -173,7 +174,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                             "config": config.to_dict(), "recipe": dataclasses.asdict(recipe), "seed": args.seed,
                             "target": args.target, "skip_ifd": args.skip_ifd, "precision": precision})
     command = f"{PROG} " + " ".join(quote(a) for a in argv)
-    started = time.time()
+    started = Stopwatch()
 
     pools = draw_pools(spec, args.seed, config.instruction_field, config.input_field, config.output_field)
     if args.pools:
@@ -188,11 +189,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     seeds = [args.seed + j for j in range(args.seeds)]
     records_path = out_dir / "records.jsonl"
     done = load_records(records_path)
-    finetune_started = time.time()
+    finetune_started = Stopwatch()
     run_finetunes(pools, prepared, seeds, target, target_lora(recipe, config, target[0]), recipe, config, done,
                   records_path, not args.quiet)
 
-    timings = {"total": time.time() - started, "fine-tunes": time.time() - finetune_started,
+    timings = {"total": started.seconds, "fine-tunes": finetune_started.seconds,
                **{f"{name}: {k}": v for name, p in prepared.items() for k, v in p["timings"].items()}}
     spec_rows = {s.name: s.rows for s in spec.pools}
     pools_meta = {pool.name: {"rows": len(pool.rows), "corrupted": int(sum(prepared[pool.name]["corrupted"])),
@@ -244,7 +245,7 @@ def run_finetunes(pools, prepared: dict, seeds: Sequence[int], target, lora, rec
 
     model, _, pad_id = target
     total = sum(len(p["selections"]) for p in prepared.values()) * len(seeds)
-    count, started = 0, time.time()
+    count, started = 0, Stopwatch()
     with open(records_path, "a", encoding="utf-8") as sink:
         for seed in seeds:
             for pool in pools:
@@ -267,7 +268,7 @@ def run_finetunes(pools, prepared: dict, seeds: Sequence[int], target, lora, rec
                         if progress:
                             final = {k: round(v[-1], 3) for k, v in rec["curves"].items()}
                             print(f"protocol: {count}/{total} seed {seed} {pool.name} {sel.budget} {sel.signal}: "
-                                  f"{final} [{time.time() - started:.0f} s]", file=sys.stderr, flush=True)
+                                  f"{final} [{started.seconds:.0f} s]", file=sys.stderr, flush=True)
                     by_rows.setdefault(rows_key, done[key])
 
 

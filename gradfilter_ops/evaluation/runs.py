@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -15,6 +14,7 @@ import numpy as np
 from ..config import NON_SCORE_OPTIONS
 from .baselines import ifd_scores, proxy_losses
 from .gradients import snapshot_norms, train_all_epochs
+from ..timing import Stopwatch
 
 # Fields that change neither the raw norms nor the baselines: speed (the options that never change a
 # score), and how the norms are read (the report reads every way from the same norms).
@@ -82,7 +82,7 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
             return {**{k: data[k] for k in data}, "epochs": tuple(meta["epochs"])}
         print("eval: --reuse ignored: the cached run used other rows or another config", file=sys.stderr)
 
-    start = time.time()
+    start = Stopwatch()
     proxy = load_frozen_proxy(config.hf_model, cache_dir=config.cache_dir, device=config.device)
     model, tokenizer, pad_id = proxy.model, proxy.tokenizer, proxy.pad_id
     formatter = PromptFormatter(config, tokenizer)
@@ -97,17 +97,17 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
         "truncated": np.array([e.truncated for e in encoded], dtype=bool),
         "loss_tokens": np.array([e.num_loss_tokens for e in encoded], dtype=np.float64),
     }
-    timings["load and encode"] = time.time() - start
+    timings["load and encode"] = start.seconds
 
     earlier = _baselines_from(baselines_from, json.loads(json.dumps(key)))
     result.update({k: v for k, v in earlier.items() if k != "ifd" or not skip_ifd})
     if "proxy_loss" not in result:
-        start = time.time()
+        start = Stopwatch()
         result["proxy_loss"] = proxy_losses(model, encoded, pad_id, config.score_batch_size, config.precision)
-        timings["proxy perplexity"] = time.time() - start
+        timings["proxy perplexity"] = start.seconds
 
     if not skip_ifd and "ifd" not in result:
-        start = time.time()
+        start = Stopwatch()
         folder = hf_folder(config.hf_model, config.cache_dir)
         if folder is None:
             print("eval: IFD skipped: Data-Juicer cannot load a .gguf proxy", file=sys.stderr)
@@ -115,15 +115,15 @@ def compute(rows: list[dict], config, out_dir: Path, skip_ifd: bool, reuse: bool
             # The prompt as text, exactly as the formatter builds it (not the decoded, possibly cut ids).
             texts = [alpaca_prompt(r[config.instruction_field], r.get(config.input_field)) for r in rows]
             result["ifd"] = ifd_scores(rows, texts, folder, config.output_field, config.max_length, progress)
-        timings["IFD (Data-Juicer)"] = time.time() - start
+        timings["IFD (Data-Juicer)"] = start.seconds
 
-    start = time.time()
+    start = Stopwatch()
     snapshots = train_all_epochs(model, encoded, config, pad_id, progress)
-    timings["train ensemble"] = time.time() - start
+    timings["train ensemble"] = start.seconds
     if snapshot_pass:
-        start = time.time()
+        start = Stopwatch()
         norms = snapshot_norms(model, snapshots, config, encoded, pad_id, progress)
-        timings["per-example gradients"] = time.time() - start
+        timings["per-example gradients"] = start.seconds
         for k, v in norms.items():
             result[f"norm_{k}"] = v
     result["norm_online"] = snapshots.online_sq_norms()

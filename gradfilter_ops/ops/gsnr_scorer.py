@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 from data_juicer.ops.base_op import OPERATORS, Filter
 from data_juicer.utils.constant import Fields
@@ -14,47 +13,31 @@ from ._options import RANGE_OPTIONS, bind_options, config_options, recipe_option
 from ._recipe import check_dropped_files, recipe, restore_prior_stats, scorer_dropped_path
 from ._stats import checked_stats
 from ..config import GSNRConfig
-from ..dropped import write_dropped_rows
-from ..provenance import (carries_proof, ensembles_of, fitted_ensemble, proof, scorer_fingerprint,
+from ..dropped import DropSink, verdicts
+from ..provenance import (claims_score, ensembles_of, every_row_proven, fitted_ensemble, proven_by, score_unproven,
                           warn_other_ensembles)
-from ..records import rows_of
 from ..scorer import GSNRScorer, map_num_proc
-from ..selection import in_range, range_drops, validate_range
+from ..selection import range_drops, validate_range
 from ..summary import log_summary, summarize
 
 OP_NAME = "gsnr_scorer"
 MANIFEST_FILE = "gsnr_manifest.json"
+RANGE_SCOPE = " in the gsnr range"  # what the scorer ops keep, in their drop sink's log
 
 
-def proven_rows(scorer: GSNRScorer, batch: dict) -> list[bool]:
-    """For each row of a batch (a dict of columns), whether its stats hold a score that `scorer`
-    wrote for it (`provenance`), by the ensemble it fitted when it has; only those are not scored again."""
-    stats = batch.get(Fields.stats)
-    if stats is None:
-        return [False] * len(next(iter(batch.values()), []))
-    fingerprint = scorer_fingerprint(scorer)
-    rows = rows_of({key: values for key, values in batch.items() if key != Fields.stats})
-    ensemble = fitted_ensemble(scorer)
-    return [carries_proof(fingerprint, scorer.config, row, s, ensemble) for row, s in zip(rows, stats)]
+def _inputs(batch: dict) -> dict:
+    """A batch's columns without its stats: the fields a row is scored on."""
+    return {key: values for key, values in batch.items() if key != Fields.stats}
 
 
-def _unproven(scorer: GSNRScorer, dataset) -> int:
-    """Rows of `dataset` to score: all of them without a stats column, else those without a proven score."""
-    if Fields.stats not in dataset.column_names:
-        return len(dataset)
-    claimed = sum(bool(s) and s.get(fields.STATUS) is not None for s in dataset[Fields.stats])
-    if not claimed:
-        return len(dataset)
-    proven = sum(sum(proven_rows(scorer, batch)) for batch in dataset.iter(batch_size=1000))
-    if proven < claimed:
-        logger.warning(f"{OP_NAME}: {claimed - proven} row(s) arrived with G-SNR stats that this scorer did not write "
-                       "for them (another proxy or options, or edited or made-up scores); scoring them again.")
-    return len(dataset) - proven
-
-
-def log_range_drops(op_name: str, rows: int, reasons: dict[int, str]) -> None:
-    logger.info(f"{op_name}: kept {rows - len(reasons)} of {rows} rows in the gsnr range; dropped by reason: "
-                f"{dict(Counter(reasons.values()))}.")
+def _every_row_proven(scorer: GSNRScorer, dataset, ensembles) -> bool:
+    """Whether every row of `dataset` carries a score `scorer` proves, all from one ensemble (`provenance`)."""
+    if not len(dataset) or Fields.stats not in dataset.column_names:
+        return False
+    return every_row_proven(OP_NAME, [claims_score(s) for s in dataset[Fields.stats]],
+                            lambda: [flag for batch in dataset.iter(batch_size=1000)
+                                     for flag in proven_by(scorer, _inputs(batch), batch[Fields.stats])],
+                            ensembles)
 
 
 def _stale_groups(stats, group_names) -> list[str]:
@@ -142,7 +125,7 @@ class GSNRScorerOp(Filter):
         dataset = restore_prior_stats(dataset)
         checked_stats(OP_NAME, dataset)
         ensembles = ensembles_of(dataset[Fields.stats]) if Fields.stats in dataset.column_names else {}
-        if len(dataset) and len(ensembles) <= 1 and not _unproven(self.scorer, dataset):
+        if _every_row_proven(self.scorer, dataset, ensembles):
             logger.info(f"{OP_NAME}: every row already has a G-SNR score; training nothing (the scores come from "
                         "one ensemble).")
             if self.scorer.config.group_fields:
@@ -164,45 +147,22 @@ class GSNRScorerOp(Filter):
         # dj-analyze sets `process` to None to compute stats only: then, like its own filters, drop nothing.
         if not reduce or self.process is None or (self.min_gsnr is None and self.max_gsnr is None):
             return scored
+        sink = DropSink(OP_NAME, scorer_dropped_path(self), RANGE_SCOPE)
         reasons = range_drops([s[fields.GSNR] for s in stats], [s[fields.STATUS] for s in stats], self.min_gsnr,
                               self.max_gsnr)
-        log_range_drops(OP_NAME, len(stats), reasons)
-        dropped = sorted(reasons)
-        if dropped and self.work_dir:
-            path = write_dropped_rows(scorer_dropped_path(self), scored.select(dropped), [reasons[i] for i in dropped])
-            logger.info(f"{OP_NAME}: wrote the dropped rows to {path}.")
-        return scored.select([i for i in range(len(stats)) if i not in reasons])
+        return scored.select(sink.take(verdicts(len(stats), reasons), scored.select))
 
     def compute_stats_batched(self, samples, rank=None):
         all_stats = samples[Fields.stats]
-        proven = proven_rows(self.scorer, samples)
-        todo = [i for i, ok in enumerate(proven) if not ok]
+        columns = _inputs(samples)
+        proven = proven_by(self.scorer, columns, all_stats)
         group_names = self.scorer.config.group_fields
-        if not todo and not group_names and not any(_stale_groups(s, group_names) for s in all_stats):
+        if all(proven) and not group_names and not any(_stale_groups(s, group_names) for s in all_stats):
             return samples
-        if todo:
-            columns = {key: [values[i] for i in todo] for key, values in samples.items() if key != Fields.stats}
-            scores = self.scorer.score_batch(columns, rank=rank)
-            fingerprint, ensemble = scorer_fingerprint(self.scorer), fitted_ensemble(self.scorer)
-            for j, (i, row) in enumerate(zip(todo, rows_of(columns))):
-                record = {name: scores[name][j] for name in fields.SCORE_FIELDS}
-                record[fields.ENSEMBLE] = ensemble
-                record[fields.PROOF] = proof(fingerprint, self.scorer.config, row, record)
-                record.update({name: scores[name][j] for name in group_names})
-                # A row of partly scored input has null stats.
-                all_stats[i] = {**(all_stats[i] or {}), **record}
-        kept = [i for i, ok in enumerate(proven) if ok]
-        if group_names and kept:  # a proven score keeps its value; its groups are those of this run's rows
-            groups = self.scorer.group_batch({key: [values[i] for i in kept] for key, values in samples.items()
-                                              if key != Fields.stats})
-            for j, i in enumerate(kept):
-                all_stats[i] = {**all_stats[i], **{name: groups[name][j] for name in group_names}}
-        # Group stats of an earlier run with other options would be read as this run's: they go.
+        updates = score_unproven(self.scorer, columns, proven, rank=rank)
+        # A row of partly scored input has null stats; group stats of an earlier run with other options would be
+        # read as this run's: they go.
+        merged = [{**(stats or {}), **update} if update else stats for stats, update in zip(all_stats, updates)]
         samples[Fields.stats] = [{k: v for k, v in s.items() if k not in _stale_groups(s, group_names)} if s else s
-                                 for s in all_stats]
+                                 for s in merged]
         return samples
-
-    def process_batched(self, samples):
-        if self.min_gsnr is None and self.max_gsnr is None:
-            return [True] * len(samples[Fields.stats])
-        return [in_range(stats[fields.GSNR], self.min_gsnr, self.max_gsnr) for stats in samples[Fields.stats]]

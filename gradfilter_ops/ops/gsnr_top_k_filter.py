@@ -14,9 +14,9 @@ from ._options import TOP_K_OPTIONS, bind_options, recipe_options, reject_unknow
 from ._recipe import (SUFFIX_FIELD, TOP_K_DROPPED_FILE, TOP_K_STEPS, check_dropped_files, default_dropped_file, recipe,
                       restore_prior_stats, step_index)
 from ._stats import checked_stats
-from ..dropped import check_writable, write_dropped_rows
+from ..dropped import DropSink, check_writable, verdicts
 from ..provenance import check_one_ensemble, ensembles_of
-from ..selection import Selection, select, stat_selection_inputs, validate_options
+from ..selection import select, stat_selection_inputs, validate_options
 
 OP_NAME = "gsnr_top_k_filter"
 
@@ -27,12 +27,10 @@ def check_selection_options(options: dict) -> None:
                      **{name: value for name, value in options.items() if name != "group_by"})
 
 
-def log_selection(op_name: str, selection: Selection, rows: int, groups: Optional[list[str]],
-                  group_by: Optional[str]) -> None:
-    logger.info(f"{op_name}: kept {len(selection.keep)} of {rows} rows; dropped by reason: "
-                f"{dict(Counter(selection.reasons[i] for i in sorted(selection.reasons)))}.")
+def log_groups(op_name: str, keep: list[int], groups: Optional[list[str]], group_by: str) -> None:
+    """How many rows of each group a grouped selection kept (nothing without groups)."""
     if groups is not None:
-        kept = Counter(groups[i] for i in selection.keep)
+        kept = Counter(groups[i] for i in keep)
         logger.info(f"{op_name}: kept per {group_by}: "
                     f"{ {g: f'{kept[g]}/{n}' for g, n in sorted(Counter(groups).items())} }.")
 
@@ -119,19 +117,15 @@ class GSNRTopKFilter(Selector):
             groups = [str(g) for g in dataset[self.group_by]]
         statuses = [s[fields.STATUS] for s in stats]
         cluster_groups, duplicate_groups = stat_selection_inputs(
-            self.stat_options["diversity"], self.stat_options["near_duplicates"], statuses, [s.get(fields.CLUSTER) for s in stats],
-            [s.get(fields.DUPLICATE_GROUP) for s in stats])
+            self.stat_options["diversity"], self.stat_options["near_duplicates"], statuses,
+            [s.get(fields.CLUSTER) for s in stats], [s.get(fields.DUPLICATE_GROUP) for s in stats])
         groups = cluster_groups if cluster_groups is not None else groups
+        sink = DropSink(OP_NAME, dropped_path_of(self))
         selection = select([s[fields.GSNR] for s in stats], statuses,
                            tokens=[s.get(fields.TOTAL_TOKENS) or 0 for s in stats], groups=groups,
                            group_quota=self.group_quota, min_per_group=self.min_per_group,
                            duplicate_groups=duplicate_groups, **self.budget)
-        dropped = sorted(selection.reasons)
-        log_selection(OP_NAME, selection, len(stats), groups, self.group_by or fields.CLUSTER)
-        path = dropped_path_of(self)
-        if dropped and path is not None:
-            write_dropped_rows(path, dataset.select(dropped), [selection.reasons[i] for i in dropped])
-            logger.info(f"{OP_NAME}: wrote the {len(dropped)} dropped rows to {path}.")
-        kept = dataset.select(selection.keep)
+        kept = dataset.select(sink.take(verdicts(len(stats), selection.reasons), dataset.select))
+        log_groups(OP_NAME, selection.keep, groups, self.group_by or fields.CLUSTER)
         # The loader's own field: an export that kept it would make the loader drop the rows added to it later.
         return kept.remove_columns([SUFFIX_FIELD]) if SUFFIX_FIELD in kept.column_names else kept

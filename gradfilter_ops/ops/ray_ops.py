@@ -19,18 +19,17 @@ import os
 
 from data_juicer.ops.base_op import OPERATORS, Pipeline
 from data_juicer.utils.constant import Fields
-from loguru import logger
 
 from .. import fields
 from ..config import GSNRConfig, require_positive_int
-from ..dropped import check_writable
+from ..dropped import DropSink, check_writable
 from ..scorer import GSNRScorer
 from ..selection import range_drops, validate_range
 from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, config_options, recipe_options,
                        reject_unknown_options)
 from ._recipe import check_dropped_files, recipe, scorer_dropped_path
-from .gsnr_scorer import MANIFEST_FILE, log_range_drops
-from .gsnr_top_k_filter import check_selection_options, dropped_path_of, log_selection
+from .gsnr_scorer import MANIFEST_FILE, RANGE_SCOPE
+from .gsnr_top_k_filter import check_selection_options, dropped_path_of, log_groups
 
 SCORER_NAME = "ray_gsnr_scorer"
 TOP_K_NAME = "ray_gsnr_top_k_filter"
@@ -81,13 +80,10 @@ class RayGSNRScorerOp(Pipeline):
             self.scorer.write_manifest(os.path.join(self.work_dir, MANIFEST_FILE))
         if self.min_gsnr is None and self.max_gsnr is None:
             return scored.dataset
+        sink = DropSink(SCORER_NAME, scorer_dropped_path(self), RANGE_SCOPE)
         values = read_fields(scored.dataset, [fields.GSNR, fields.STATUS], stats_column=Fields.stats)
         reasons = range_drops(values[fields.GSNR], values[fields.STATUS], self.min_gsnr, self.max_gsnr)
-        log_range_drops(SCORER_NAME, len(values[fields.STATUS]), reasons)
-        kept, path = split_rows(scored.dataset, reasons, scorer_dropped_path(self))
-        if path is not None:
-            logger.info(f"{SCORER_NAME}: wrote the dropped rows to {path}.")
-        return kept
+        return split_rows(scored.dataset, reasons, sink)
 
 
 @OPERATORS.register_module(TOP_K_NAME)
@@ -119,14 +115,10 @@ class RayGSNRTopKFilter(Pipeline):
 
         try:
             selected = select_dataset(dataset, stats_column=Fields.stats, dropped_path=dropped_path_of(self),
-                                      **self.options)
+                                      step=TOP_K_NAME, **self.options)
         except MissingScores as error:
             raise ValueError(f"{TOP_K_NAME} needs the G-SNR stats of every row: put a `{SCORER_NAME}` step before it "
                              f"in the recipe ({error}).") from error
-        log_selection(TOP_K_NAME, selected.selection, selected.rows, selected.groups,
-                      self.options["group_by"] or fields.CLUSTER)
-        if selected.dropped_path is not None:
-            logger.info(f"{TOP_K_NAME}: wrote the {len(selected.selection.reasons)} dropped rows to "
-                        f"{selected.dropped_path}.")
+        log_groups(TOP_K_NAME, selected.selection.keep, selected.groups, self.options["group_by"] or fields.CLUSTER)
         return selected.dataset
 
