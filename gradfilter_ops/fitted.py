@@ -1,5 +1,5 @@
 """`FittedEnsemble`: what `GSNRScorer.fit` made of a dataset, as one value that can be merged
-(members fitted apart, in Ray tasks), shipped (`portable`: read into memory from the cache, for a
+(members fitted apart, in Ray tasks), shipped (`load_into_memory`: read into memory from the cache, for a
 worker that cannot see `cache_dir`) and cached (the members go to the cache entry as they finish)."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class FittedEnsemble:
             self.snapshots = Snapshots.load(self.cache.ensemble_dir, entry=self.cache.key)
         return self.snapshots
 
-    def portable(self) -> "FittedEnsemble":
+    def load_into_memory(self) -> "FittedEnsemble":
         """Read into memory what scoring takes from the cache (the trained adapters, the cached scores)."""
         from .engine import MANIFEST
 

@@ -135,7 +135,7 @@ class GSNRScorer(RowGrouping):
         returns the `FittedEnsemble`, also kept as `self.fitted`.
 
         Rows are sorted by content hash first, so the ensemble does not depend on the row order.
-        `members` trains only those members: a share of the ensemble, joined with `absorb`; the row
+        `members` trains only those members: a share of the ensemble, joined with `merge_members`; the row
         groups (`fit_groups`) are made by the share that holds member 0.
         """
         from .engine import train_ensemble
@@ -184,22 +184,22 @@ class GSNRScorer(RowGrouping):
         cache_dir = resolve_cache_dir(self.config.cache_dir) if self.config.use_cache else None
         return CacheEntry(cache_dir, self.fingerprint, digest(list(keys))) if cache_dir else None
 
-    def absorb(self, other: "GSNRScorer") -> None:
+    def merge_members(self, other: "GSNRScorer") -> None:
         """Join the members that `other` trained (`fit(..., members=...)`) on the same rows with the same options
         (`FittedEnsemble.merge`), and its row groups when it made them."""
         if self.fitted is None or other.fitted is None:
-            raise ValueError("absorb: both scorers must be fitted first.")
+            raise ValueError("merge_members: both scorers must be fitted first.")
         self.fitted = self.fitted.merge(other.fitted)
         if self.row_groups is None:
             self.row_groups = other.row_groups
         if "train_s" in other.timings:
             self.timings["train_s"] = max(self.timings.get("train_s", 0.0), other.timings["train_s"])
 
-    def portable(self) -> "GSNRScorer":
+    def load_into_memory(self) -> "GSNRScorer":
         """Read into memory what scoring takes from the cache (the trained adapters, the cached scores), so
         that a pickled copy scores where `cache_dir` cannot be seen (a Ray actor on another node)."""
         if self.fitted is not None:
-            self.fitted.portable()
+            self.fitted.load_into_memory()
         return self
 
     def release(self) -> None:

@@ -21,7 +21,7 @@ from gradfilter_ops.evaluation.data import read_instruction_rows
 from gradfilter_ops.evaluation.gradients import per_example_parts, snapshot_norms, train_all_epochs
 from gradfilter_ops.evaluation.metrics import (auroc, bootstrap_auroc, contamination, kept_indices, kind_survival,
                                               paired_auroc_difference, spearman)
-from gradfilter_ops.evaluation.readings import Reading, reading_scores
+from gradfilter_ops.evaluation.readings import NormReading, reading_scores
 from gradfilter_ops.evaluation.runs import merge_members
 from helpers import DEMO_DATA, seed_tasks
 
@@ -161,7 +161,7 @@ def test_readings_from_raw_norms():
 
     rng = np.random.default_rng(0)
     norms = {k: rng.random((4, 3, 10)) + 0.1 for k in ("A", "B", "W", "loss")}
-    reading = Reading(params="AB", early=1, late=3, members=2, norm="l2", noise="std", eps=1e-3)
+    reading = NormReading(params="AB", early=1, late=3, members=2, norm="l2", noise="std", eps=1e-3)
     got = reading_scores(norms, (1, 2, 3), reading)
     want = gsnr_from_sq_norms((norms["A"] + norms["B"])[:2][:, [0, 2]], norm="l2", noise="std", eps=1e-3)
     np.testing.assert_allclose(got["score"], want.gsnr)

@@ -86,13 +86,13 @@ def test_members_fitted_apart_join_into_one_ensemble(tiny_config):
     first.fit(rows, members=[0, 2])
     second.fit(rows, members=[1])
     assert first.snapshots.members == [0, 2] and second.snapshots.members == [1]
-    first.absorb(second)
+    first.merge_members(second)
     assert first.snapshots.members == [0, 1, 2]
     with pytest.raises(ValueError, match=r"members \[1\] are in more than one part"):
         Snapshots.merge([first.snapshots, second.snapshots])
     other_rows = GSNRScorer(config)
     other_rows.fit(rows[:5], members=[1])
     with pytest.raises(ValueError, match="other rows"):
-        first.absorb(other_rows)
+        first.merge_members(other_rows)
     with pytest.raises(ValueError, match="outside the ensemble"):
         GSNRScorer(config).fit(rows, members=[3])

@@ -18,7 +18,7 @@ from ..timing import timed
 from .blocks import add_scores, block_proven, read_fields
 from .completeness import check_every_row_once, row_digests
 from .resources import task_resources
-from .training import fit_dataset, group_dataset, shipped
+from .training import fit_dataset, group_dataset, ray_worker_copy
 
 
 def on_this_node(scorer: GSNRScorer) -> GSNRScorer:
@@ -93,7 +93,7 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
     with timed(fitted.timings, "score_s"):
         scored = dataset.map_batches(_ScoreBlocks,
-                                     fn_constructor_kwargs={"scorer": shipped(fitted), "stats_column": stats_column},
+                                     fn_constructor_kwargs={"scorer": ray_worker_copy(fitted), "stats_column": stats_column},
                                      batch_size=batch_size, batch_format="pyarrow",
                                      compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
                                      num_gpus=gpus).materialize()

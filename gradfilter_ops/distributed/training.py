@@ -14,7 +14,7 @@ from ..timing import Stopwatch
 from .resources import task_resources
 
 
-def shipped(scorer: GSNRScorer) -> GSNRScorer:
+def ray_worker_copy(scorer: GSNRScorer) -> GSNRScorer:
     """A copy (without the loaded proxy) to send to Ray workers, which, unlike `datasets`' forked map
     workers, keep their CPUs for torch (`threads.KEEP_THREADS`)."""
     copied = copy.copy(scorer)
@@ -34,10 +34,10 @@ def _rows(refs: list, exclude: Sequence[str]) -> list[dict]:
 def _fit_share(scorer: GSNRScorer, refs: list, exclude: Sequence[str], members: list[int]) -> GSNRScorer:
     use_ray_assigned_cpus()
     scorer.fit(_rows(refs, exclude), members=members)
-    scorer.portable()
+    scorer.load_into_memory()
     if scorer.snapshots is not None:  # read back from the cache, it may hold the other tasks' members too
         scorer.snapshots = scorer.snapshots.only(members)
-    return shipped(scorer)
+    return ray_worker_copy(scorer)
 
 
 def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: Sequence[str] = (),
@@ -57,11 +57,11 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
     logger.info(f"gsnr: training members {shares} in {tasks} Ray task(s), {cpus} CPU(s) and {gpus} GPU(s) each.")
     fit = ray.remote(_fit_share).options(num_cpus=cpus, num_gpus=gpus)
     started = Stopwatch()
-    fitted = ray.get([fit.remote(shipped(scorer), refs, list(exclude), share) for share in shares])
+    fitted = ray.get([fit.remote(ray_worker_copy(scorer), refs, list(exclude), share) for share in shares])
     for part in fitted:
         part.thread_policy = FORKED_MAP_WORKER  # back on the driver: a plain scorer again
     for other in fitted[1:]:
-        fitted[0].absorb(other)
+        fitted[0].merge_members(other)
     fitted[0].timings["train_s"] = started.seconds
     return fitted[0]
 
@@ -70,7 +70,7 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
 def _fit_groups(scorer: GSNRScorer, refs: list, exclude: Sequence[str]) -> GSNRScorer:
     use_ray_assigned_cpus()
     scorer.fit_groups(_rows(refs, exclude))
-    return shipped(scorer)
+    return ray_worker_copy(scorer)
 
 
 def group_dataset(scorer: GSNRScorer, dataset, *, exclude: Sequence[str] = (), num_cpus: Optional[float] = None,
@@ -81,6 +81,6 @@ def group_dataset(scorer: GSNRScorer, dataset, *, exclude: Sequence[str] = (), n
 
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, 1)
     grouped = ray.get(ray.remote(_fit_groups).options(num_cpus=cpus, num_gpus=gpus).remote(
-        shipped(scorer), dataset.to_arrow_refs(), list(exclude)))
+        ray_worker_copy(scorer), dataset.to_arrow_refs(), list(exclude)))
     grouped.thread_policy = FORKED_MAP_WORKER  # back on the driver: a plain scorer again
     return grouped

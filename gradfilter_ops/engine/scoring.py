@@ -101,16 +101,16 @@ class EnsembleScorer:
             for group in groups:
                 if len(group) not in batches:
                     batches[len(group)] = collate(bucket * len(group), self.pad_id, self.device)
-                fed = self.frozen.feeding(hidden.repeat(len(group), 1, 1)) if hidden is not None else nullcontext()
+                prefix_fed = self.frozen.feeding(hidden.repeat(len(group), 1, 1)) if hidden is not None else nullcontext()
                 if len(group) == 1:
                     (slot, name), = group
                     self.model.set_adapter(name)
-                    with fed:
+                    with prefix_fed:
                         norms = per_example_grad_sq_norms(self.model, self.activations, batches[1],
                                                           self.config.grad_params, autocast_dtype)
                     out[slot].index_copy_(0, rows, norms)
                     continue
-                with self._stacked(tuple(name for _, name in group)) as stacked, fed:
+                with self._stacked(tuple(name for _, name in group)) as stacked, prefix_fed:
                     norms = per_example_grad_sq_norms(self.model, stacked, batches[len(group)],
                                                       self.config.grad_params, autocast_dtype, blocks=len(group))
                 for (slot, _), block in zip(group, norms.view(len(group), len(indices))):

@@ -188,9 +188,9 @@ class EnsembleTrainer:
                     block = max(len(indices) for indices in step)
                     flat = [i for indices in step for i in [*indices, *[None] * (block - len(indices))]]
                     batch = collate([examples[i] if i is not None else pad_row for i in flat], self.pad_id, device)
-                    fed = (frozen.feeding(padded(store.rows(flat), batch["input_ids"].shape[1], store.width, device))
+                    prefix_fed = (frozen.feeding(padded(store.rows(flat), batch["input_ids"].shape[1], store.width, device))
                            if frozen is not None else nullcontext())
-                    with fed, (activations.recording() if record else nullcontext()), \
+                    with prefix_fed, (activations.recording() if record else nullcontext()), \
                             autocast(device, autocast_dtype):
                         sums, counts = response_loss_sums(peft_model, batch, blocks=k)
                     loss = (sums.view(k, block).sum(1) / counts.view(k, block).sum(1).clamp_min(1)).sum()

@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table on stdout")
     p.add_argument("--main-reading", type=Optional[str], metavar="K=V,...",
                    help="score the main table's G-SNR (and ablations) with another reading of the same run, "
-                        "e.g. params=W,early=1,late=2 (fields of Reading)")
+                        "e.g. params=W,early=1,late=2 (fields of NormReading)")
     p.add_argument("--merge", type=str, nargs=2, metavar="DIR",
                    help="join two runs whose seeds follow on (seed, seed + num_members) into one ensemble in --out")
     p.add_argument("--compare", type=str, nargs="+", metavar="DIR", help="print chosen readings of earlier runs side by side")

@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
                    help="a GSNRConfig override for the scoring (and the fields, max_length, device and precision "
                         "of the fine-tune), the value read as JSON; repeat")
     p.add_argument("--main-reading", type=Optional[str], metavar="K=V,...",
-                   help="select with another reading of G-SNR, e.g. params=B (fields of Reading)")
+                   help="select with another reading of G-SNR, e.g. params=B (fields of NormReading)")
     p.add_argument("--target", type=Optional[str], help="the fine-tuned model: preset, folder or Hub id (null: the proxy)")
     p.add_argument("--budgets", type=list[float], default=[0.1, 0.3], help="shares of the pool to select")
     p.add_argument("--signals", type=list[str], default=list(DEFAULT_SIGNALS),

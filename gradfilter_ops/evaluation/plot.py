@@ -11,12 +11,12 @@ import numpy as np
 
 from .corrupt import CLEAN
 from .metrics import auroc, keep_scores
-from .readings import Reading, norms_of, reading_scores
+from .readings import NormReading, norms_of, reading_scores
 from .signals import Signal
 
 
 def plot_separation(path: Path, signals: Sequence[Signal], kinds: Sequence[str], result: Mapping[str, Any],
-                    reading: Reading) -> bool:
+                    reading: NormReading) -> bool:
     """Write `path` (PNG); False, with a message, when matplotlib is not installed."""
     try:
         import matplotlib

@@ -19,7 +19,7 @@ EPS_GRID = (1e-8, 1e-4, 1e-2, 1.0)  # the eps values every grid reads
 
 
 @dataclasses.dataclass(frozen=True)
-class Reading:
+class NormReading:
     """One way to turn the raw norms into a score."""
 
     # AB, B, A, W (gradient w.r.t. the adapted frozen weight, experimental) or online (AB, read off the
@@ -40,7 +40,7 @@ class Reading:
                 f"{self.noise} eps={self.eps:g}{loss}")
 
 
-def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: Reading) -> np.ndarray:
+def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: NormReading) -> np.ndarray:
     """[members, 2, N] squared norms of one reading, cut out of the per-part norms of all epochs."""
     if reading.params == "AB":
         part = norms["A"] + norms["B"]
@@ -48,7 +48,7 @@ def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading
         part = norms[reading.params]
     s, t = list(epochs).index(reading.early), list(epochs).index(reading.late)
     if reading.members > part.shape[0]:
-        raise ValueError(f"Reading asks for {reading.members} members; the run trained {part.shape[0]}.")
+        raise ValueError(f"The reading asks for {reading.members} members; the run trained {part.shape[0]}.")
     sq = part[: reading.members][:, [s, t], :]
     if reading.example_loss == "sum":
         if "tokens" not in norms:
@@ -57,7 +57,7 @@ def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading
     return sq
 
 
-def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: Reading) -> dict[str, np.ndarray]:
+def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: NormReading) -> dict[str, np.ndarray]:
     """The reading's keep-score (higher = keep) and the G-SNR parts it came from."""
     from ..engine.gsnr import gsnr_from_sq_norms
 
@@ -86,16 +86,16 @@ def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], readi
 
 
 def parse_reading(text: Optional[str]) -> dict[str, Any]:
-    """`params=W,early=1,late=2` -> changes to the config's own reading (see `Reading`)."""
+    """`params=W,early=1,late=2` -> changes to the config's own reading (see `NormReading`)."""
     if not text:
         return {}
     out = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         key = key.strip()
-        if key not in Reading.__dataclass_fields__:
-            raise ValueError(f"--main-reading: unknown field {key!r}; known: {list(Reading.__dataclass_fields__)}.")
-        kind = type(getattr(Reading(), key))
+        if key not in NormReading.__dataclass_fields__:
+            raise ValueError(f"--main-reading: unknown field {key!r}; known: {list(NormReading.__dataclass_fields__)}.")
+        kind = type(getattr(NormReading(), key))
         out[key] = kind(value.strip())
     return out
 
@@ -110,8 +110,8 @@ def norms_of(result: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return norms
 
 
-def config_reading(config, members: Optional[int] = None, **changes) -> Reading:
-    """The reading a `GSNRConfig` scores with, with `changes` (fields of `Reading`) on top: with
+def config_reading(config, members: Optional[int] = None, **changes) -> NormReading:
+    """The reading a `GSNRConfig` scores with, with `changes` (fields of `NormReading`) on top: with
     `score_mode: online` (the package default) the online norms, which the evaluation records over `A`
     and `B` only."""
     params = config.grad_params
@@ -120,13 +120,13 @@ def config_reading(config, members: Optional[int] = None, **changes) -> Reading:
             raise ValueError("The evaluation records online norms over A and B only: with grad_params "
                              f"{config.grad_params!r} set score_mode=snapshot, or read params=online.")
         params = "online"
-    base = Reading(params=params, early=config.early_epoch, late=config.resolved_late_epoch,
+    base = NormReading(params=params, early=config.early_epoch, late=config.resolved_late_epoch,
                    members=members or config.num_members, norm=config.norm, noise=config.noise, eps=config.eps,
                    example_loss=config.example_loss)
     return dataclasses.replace(base, **changes)
 
 
-def reading_grid(config, result) -> list[Reading]:
+def reading_grid(config, result) -> list[NormReading]:
     """Readings compared in one run: every part, snapshot pair, M, norm, noise and eps around the config."""
     epochs = result["epochs"]
     members = norms_of(result)["A"].shape[0]
@@ -135,17 +135,17 @@ def reading_grid(config, result) -> list[Reading]:
     grid = []
     for params, (s, t), m, norm, noise, eps in itertools.product(
             ("AB", "B", "W"), pairs, ms, NORMS, NOISES, EPS_GRID):
-        grid.append(Reading(params=params, early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
+        grid.append(NormReading(params=params, early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
     for params, (s, t), m in itertools.product(("AB", "B", "W"), pairs, ms):
         for signal in ("drop", "raw_drop", "neg_late_norm"):
-            grid.append(Reading(params=params, early=s, late=t, members=m, signal=signal))
-        grid.append(Reading(params="AB", early=s, late=t, members=m, signal="loss_drop"))
+            grid.append(NormReading(params=params, early=s, late=t, members=m, signal=signal))
+        grid.append(NormReading(params="AB", early=s, late=t, members=m, signal="loss_drop"))
     if "online" in norms_of(result):
         for (s, t), m in itertools.product(pairs, ms):
             for signal in ("gsnr", "drop", "raw_drop", "neg_late_norm"):
-                grid.append(Reading(params="online", early=s, late=t, members=m, signal=signal))
+                grid.append(NormReading(params="online", early=s, late=t, members=m, signal=signal))
             for norm, noise, eps in itertools.product(NORMS, NOISES, EPS_GRID):
-                grid.append(Reading(params="online", early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
+                grid.append(NormReading(params="online", early=s, late=t, members=m, norm=norm, noise=noise, eps=eps))
     if "loss_tokens" in result:  # the gradient of the summed loss, for the config's parts, pair and M
         base = config_reading(config, members=min(config.num_members, members))
         for norm, noise in itertools.product(NORMS, NOISES):
@@ -153,7 +153,7 @@ def reading_grid(config, result) -> list[Reading]:
     return list(dict.fromkeys(grid))
 
 
-def evaluate_readings(result, kinds, grid: Sequence[Reading]) -> list[dict[str, Any]]:
+def evaluate_readings(result, kinds, grid: Sequence[NormReading]) -> list[dict[str, Any]]:
     """One `readings.csv` row per reading: its fields, AUROC, top-k contamination, negative-drop share."""
     clean = np.array([k == CLEAN for k in kinds])
     rows = []

@@ -14,12 +14,12 @@ import numpy as np
 from ..selection import rows_for_ratio
 from .corrupt import CLEAN
 from .plot import plot_separation
-from .readings import Reading, evaluate_readings, norms_of, reading_grid, reading_scores
+from .readings import NormReading, evaluate_readings, norms_of, reading_grid, reading_scores
 from .signals import Signal, evaluate_signal
 from .tables import main_table, render_corruption_report
 
 
-def write_separation(rows: list[dict], result: Mapping[str, Any], config, signals: Sequence[Signal], base: Reading,
+def write_separation(rows: list[dict], result: Mapping[str, Any], config, signals: Sequence[Signal], base: NormReading,
                      out_dir: Path, command: str, timings: Mapping[str, float], *, seed: int, bootstrap: int,
                      corrupt_fraction: float, quiet: bool) -> dict[str, Any]:
     """Evaluate `signals` (G-SNR, read with `base`, first) and every reading of G-SNR on `rows`, whose

@@ -12,7 +12,7 @@ from .baselines import superfiltering_keep_score
 from .corrupt import CLEAN
 from .metrics import (auroc, bootstrap_auroc, contamination, kept_indices, kind_survival,
                       paired_auroc_difference, stratified_auroc)
-from .readings import Reading, config_reading, norms_of, reading_scores
+from .readings import NormReading, config_reading, norms_of, reading_scores
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class Signal:
     negative_drop_share: Optional[float] = None
 
 
-def signals_for(result: Mapping[str, Any], config, seed: int, reading: Optional[Reading] = None) -> list[Signal]:
+def signals_for(result: Mapping[str, Any], config, seed: int, reading: Optional[NormReading] = None) -> list[Signal]:
     """The compared signals; G-SNR and its ablations use `reading` (default: the config's own)."""
     norms, epochs = norms_of(result), result["epochs"]
     reading = reading or config_reading(config)

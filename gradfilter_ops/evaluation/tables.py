@@ -16,7 +16,7 @@ from ..engine.gsnr import negative_drop_share
 from .corrupt import CLEAN
 from .metrics import spearman
 from ..config import EXAMPLE_LOSSES, NOISES, NORMS
-from .readings import EPS_GRID, Reading, norms_of, reading_scores
+from .readings import EPS_GRID, NormReading, norms_of, reading_scores
 from .signals import Signal
 
 
@@ -62,7 +62,7 @@ def kind_table(signals: Sequence[Signal], evals: Sequence[Mapping[str, Any]], ke
     return "\n".join(lines)
 
 
-def parts_table(result: Mapping[str, Any], reading: Reading, kinds: Sequence[str]) -> str:
+def parts_table(result: Mapping[str, Any], reading: NormReading, kinds: Sequence[str]) -> str:
     """Median G-SNR parts per corruption kind: where do the kinds sit on the signal and the noise?"""
     g = reading_scores(norms_of(result), result["epochs"], reading)
     loss = norms_of(result)["loss"][: reading.members]
@@ -80,7 +80,7 @@ def parts_table(result: Mapping[str, Any], reading: Reading, kinds: Sequence[str
     return "\n".join(lines)
 
 
-def length_table(result: Mapping[str, Any], readings: Sequence[Reading], kinds: Sequence[str]) -> str:
+def length_table(result: Mapping[str, Any], readings: Sequence[NormReading], kinds: Sequence[str]) -> str:
     """How each part of a reading follows the response's length: Spearman's rho with the number of
     response tokens, over the clean rows (a score that only follows length is a length filter)."""
     clean = np.array([k == CLEAN for k in kinds])
@@ -93,7 +93,7 @@ def length_table(result: Mapping[str, Any], readings: Sequence[Reading], kinds: 
     return "\n".join(lines)
 
 
-def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: Sequence[int]) -> str:
+def readings_markdown(rows: Sequence[Mapping[str, Any]], base: NormReading, epochs: Sequence[int]) -> str:
     """One-factor-at-a-time views of the grid around the config's reading, plus the best readings."""
     def pick(**fixed):
         want = {**dataclasses.asdict(base), **fixed}
@@ -134,7 +134,7 @@ def readings_markdown(rows: Sequence[Mapping[str, Any]], base: Reading, epochs: 
             "| reading | AUROC | corrupted in top 10 % | corrupted in top 30 % | rows with negative drop |",
             "|---|---|---|---|---|"]
     for r in best:
-        label = Reading(**{k: r[k] for k in Reading.__dataclass_fields__}).label()
+        label = NormReading(**{k: r[k] for k in NormReading.__dataclass_fields__}).label()
         out.append(line(label, r))
     return "\n".join(out)
 
@@ -152,7 +152,7 @@ def compare_runs(folders: Sequence[str], readings: Sequence[str]) -> str:
         with open(Path(folder) / "readings.csv") as f:
             table = list(csv.DictReader(f))
         for row in table:
-            reading = Reading(params=row["params"], early=int(row["early"]), late=int(row["late"]),
+            reading = NormReading(params=row["params"], early=int(row["early"]), late=int(row["late"]),
                               members=int(row["members"]), norm=row["norm"], noise=row["noise"],
                               eps=float(row["eps"]), signal=row["signal"],
                               example_loss=row.get("example_loss", "mean"))
