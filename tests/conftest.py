@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny GPT-2 with the real GPT-2 tokenizer, the ``--runslow`` switch, the ``integration``
-marker, and one torch thread per pytest-xdist worker."""
+"""Shared fixtures: a tiny GPT-2 with the GPT-2 tokenizer cut to 4096 tokens, the ``--runslow`` switch, the
+``integration`` marker, and one torch thread per pytest-xdist worker."""
 
 from __future__ import annotations
 
@@ -47,39 +47,96 @@ def gpt2_tokenizer_files() -> tuple[Path, Path]:
     return data / "encoder.json", data / "vocab.bpe"
 
 
+# Tokens of the tiny proxy's vocabulary: the full GPT-2 vocabulary (50257) makes the LM head and its log-softmax
+# most of every test's time; with 4096 a tiny training is about ten times faster.
+TINY_VOCAB = 4096
+
+
+def write_gpt2_bpe(vocab_file: Path, merges_file: Path, folder: Path, size: int) -> None:
+    """GPT-2's byte-level BPE cut to its first `size` tokens, as `vocab.json` and `merges.txt` in `folder`: the 256
+    byte tokens, the first `size - 257` merges (GPT-2's token 256 + i is the result of merge i) and
+    `<|endoftext|>` as the last token. Every text still encodes (into more, shorter tokens)."""
+    import json
+
+    eos = "<|endoftext|>"
+    full = json.loads(vocab_file.read_text(encoding="utf-8"))
+    header, *merges = [line for line in merges_file.read_text(encoding="utf-8").split("\n") if line]
+    kept = merges[: size - 257]
+    vocab = {token: i for token, i in full.items() if i < size - 1 and token != eos}
+    assert len(vocab) == size - 1 and all(vocab["".join(m.split(" "))] == 256 + i for i, m in enumerate(kept))
+    vocab[eos] = size - 1
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
+
+
+def write_tiny_gpt2(folder: Path, vocab_size: int, **config) -> None:
+    """A tiny randomly initialised (seed 0) GPT-2 whose last token is `<|endoftext|>`, into `folder`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=vocab_size,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, **config)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_files: tuple[Path, Path]) -> Path:
-    """A folder holding a tiny randomly initialised (seed 0) GPT-2 and the real GPT-2 tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    """A folder holding a tiny randomly initialised (seed 0) GPT-2 and the GPT-2 tokenizer cut to `TINY_VOCAB`
+    tokens (`write_gpt2_bpe`)."""
+    from transformers import GPT2TokenizerFast
 
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(path)
-    vocab, merges = gpt2_tokenizer_files
+    write_tiny_gpt2(path, TINY_VOCAB)
     # from_pretrained on the standard file names works across transformers 4 and 5;
     # the constructor's file arguments do not (5 silently ignores vocab_file=/merges_file=).
+    write_gpt2_bpe(*gpt2_tokenizer_files, path, TINY_VOCAB)
+    tokenizer = GPT2TokenizerFast.from_pretrained(path)
+    assert len(tokenizer) == TINY_VOCAB and tokenizer.eos_token_id == TINY_VOCAB - 1
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def full_vocab_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_files: tuple[Path, Path]) -> Path:
+    """`tiny_gpt2_dir` with the whole GPT-2 tokenizer (50257 tokens), for the tests of the real vocabulary."""
+    from transformers import GPT2TokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gpt2-full-vocab")
+    write_tiny_gpt2(path, 50257)
+    vocab, merges = gpt2_tokenizer_files
     shutil.copyfile(vocab, path / "vocab.json")
     shutil.copyfile(merges, path / "merges.txt")
     GPT2TokenizerFast.from_pretrained(path).save_pretrained(path)
     return path
 
 
-@pytest.fixture()
-def tiny_config(tiny_gpt2_dir, tmp_path):
+def tiny_config_factory(model_dir: Path, cache_dir: Path):
     """A GSNRConfig factory for the tiny proxy: small ensemble, short sequences, CPU, fp32 (so that the scores
     are the same on CPUs with and without bf16 units), snapshot mode (the method as specified, which the tests
     of the scoring passes exercise; `score_mode="online"` where a test is about the default)."""
     from gradfilter_ops.config import GSNRConfig
 
     def make(**overrides):
-        values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", precision="fp32",
+        values = dict(hf_model=str(model_dir), cache_dir=str(cache_dir), device="cpu", precision="fp32",
                       num_members=2, train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3,
                       use_cache=False, score_mode="snapshot")
         values.update(overrides)
         return GSNRConfig(**values)
 
     return make
+
+
+@pytest.fixture()
+def tiny_config(tiny_gpt2_dir, tmp_path):
+    """`tiny_config_factory` with a cache folder of the test's own."""
+    return tiny_config_factory(tiny_gpt2_dir, tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def module_tiny_config(tiny_gpt2_dir, tmp_path_factory):
+    """`tiny_config_factory` with a cache folder of the module's own: for module fixtures that tests only read."""
+    return tiny_config_factory(tiny_gpt2_dir, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
