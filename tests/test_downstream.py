@@ -19,7 +19,7 @@ from gradfilter_ops.evaluation.downstream_report import t_interval
 from gradfilter_ops.evaluation.finetune import FinetuneRecipe, finetune, target_lora, training_batches
 from gradfilter_ops.evaluation.signals import Signal
 from gradfilter_ops.selection import rows_for_ratio
-from helpers import DEMO_DATA, seed_tasks
+from helpers import DEMO_DATA, seed_tasks, write_tiny_gpt2
 
 # One worker runs the whole file (`--dist loadgroup`): its module fixtures (the downstream run) are built once.
 pytestmark = pytest.mark.xdist_group("test_downstream")
@@ -40,8 +40,6 @@ def learnable_gpt2_dir(tiny_gpt2_dir, tmp_path_factory):
     import shutil
 
     from transformers import GPT2Config, GPT2TokenizerFast
-
-    from conftest import write_tiny_gpt2
 
     path = tmp_path_factory.mktemp("learnable-gpt2")
     write_tiny_gpt2(path, GPT2Config.from_pretrained(tiny_gpt2_dir).vocab_size, initializer_range=0.3)
