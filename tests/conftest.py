@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny GPT-2 with the real GPT-2 tokenizer, the ``--runslow`` switch, the ``integration``
-marker, and one torch thread per pytest-xdist worker."""
+"""Shared fixtures: a tiny GPT-2 with the GPT-2 tokenizer cut to 4096 tokens, the ``--runslow`` switch, the
+``integration`` marker, and one torch thread per pytest-xdist worker."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from helpers import TINY_VOCAB, write_gpt2_bpe, write_tiny_gpt2
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `-n 2` on 2 cores: two workers with every thread each would oversubscribe the CPU. Set before torch is
@@ -49,37 +51,61 @@ def gpt2_tokenizer_files() -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_files: tuple[Path, Path]) -> Path:
-    """A folder holding a tiny randomly initialised (seed 0) GPT-2 and the real GPT-2 tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    """A folder holding a tiny randomly initialised (seed 0) GPT-2 and the GPT-2 tokenizer cut to `TINY_VOCAB`
+    tokens (`write_gpt2_bpe`)."""
+    from transformers import GPT2TokenizerFast
 
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128)).save_pretrained(path)
-    vocab, merges = gpt2_tokenizer_files
+    write_tiny_gpt2(path, TINY_VOCAB)
     # from_pretrained on the standard file names works across transformers 4 and 5;
     # the constructor's file arguments do not (5 silently ignores vocab_file=/merges_file=).
+    write_gpt2_bpe(*gpt2_tokenizer_files, path, TINY_VOCAB)
+    tokenizer = GPT2TokenizerFast.from_pretrained(path)
+    assert len(tokenizer) == TINY_VOCAB and tokenizer.eos_token_id == TINY_VOCAB - 1
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def full_vocab_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_files: tuple[Path, Path]) -> Path:
+    """`tiny_gpt2_dir` with the whole GPT-2 tokenizer (50257 tokens), for the tests of the real vocabulary."""
+    from transformers import GPT2TokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gpt2-full-vocab")
+    write_tiny_gpt2(path, 50257)
+    vocab, merges = gpt2_tokenizer_files
     shutil.copyfile(vocab, path / "vocab.json")
     shutil.copyfile(merges, path / "merges.txt")
     GPT2TokenizerFast.from_pretrained(path).save_pretrained(path)
     return path
 
 
-@pytest.fixture()
-def tiny_config(tiny_gpt2_dir, tmp_path):
+def tiny_config_factory(model_dir: Path, cache_dir: Path):
     """A GSNRConfig factory for the tiny proxy: small ensemble, short sequences, CPU, fp32 (so that the scores
     are the same on CPUs with and without bf16 units), snapshot mode (the method as specified, which the tests
     of the scoring passes exercise; `score_mode="online"` where a test is about the default)."""
     from gradfilter_ops.config import GSNRConfig
 
     def make(**overrides):
-        values = dict(hf_model=str(tiny_gpt2_dir), cache_dir=str(tmp_path / "cache"), device="cpu", precision="fp32",
+        values = dict(hf_model=str(model_dir), cache_dir=str(cache_dir), device="cpu", precision="fp32",
                       num_members=2, train_batch_size=4, score_batch_size=4, max_length=96, learning_rate=1e-3,
                       use_cache=False, score_mode="snapshot")
         values.update(overrides)
         return GSNRConfig(**values)
 
     return make
+
+
+@pytest.fixture()
+def tiny_config(tiny_gpt2_dir, tmp_path):
+    """`tiny_config_factory` with a cache folder of the test's own."""
+    return tiny_config_factory(tiny_gpt2_dir, tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def module_tiny_config(tiny_gpt2_dir, tmp_path_factory):
+    """`tiny_config_factory` with a cache folder of the module's own: for module fixtures that tests only read."""
+    return tiny_config_factory(tiny_gpt2_dir, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from gradfilter_ops import fields
 
 from helpers import seed_tasks
 
-pytestmark = pytest.mark.integration
+# One worker runs the whole file (`--dist loadgroup`): its module fixtures (its dj-analyze run) are built once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_analyze")]
 
 STATS = "__dj__stats__"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,9 @@ from gradfilter_ops import GSNRConfig, GSNRScorer, fields
 
 from helpers import seed_tasks
 
+# One worker runs the whole file (`--dist loadgroup`): its dj-process runs and their score cache are built once.
+pytestmark = pytest.mark.xdist_group("test_bad_input")
+
 STATS = "__dj__stats__"
 REPO = Path(__file__).resolve().parents[1]
 

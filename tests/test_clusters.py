@@ -87,7 +87,7 @@ def proxy_rows(tiny_gpt2_dir):
     from gradfilter_ops.proxy import load_proxy
 
     model, tokenizer = load_proxy(str(tiny_gpt2_dir))
-    formatter = PromptFormatter(GSNRConfig(hf_model=str(tiny_gpt2_dir), max_length=96), tokenizer)
+    formatter = PromptFormatter(GSNRConfig(hf_model=str(tiny_gpt2_dir), max_length=128), tokenizer)
     encoded = [formatter.encode(row) for row in seed_tasks(7)]
     assert len({len(e.input_ids) for e in encoded}) > 1  # batches need padding
     return model.train(), tokenizer, encoded

@@ -19,7 +19,10 @@ from gradfilter_ops.evaluation.downstream_report import t_interval
 from gradfilter_ops.evaluation.finetune import FinetuneRecipe, finetune, target_lora, training_batches
 from gradfilter_ops.evaluation.signals import Signal
 from gradfilter_ops.selection import rows_for_ratio
-from helpers import DEMO_DATA, seed_tasks
+from helpers import DEMO_DATA, seed_tasks, write_tiny_gpt2
+
+# One worker runs the whole file (`--dist loadgroup`): its module fixtures (the downstream run) are built once.
+pytestmark = pytest.mark.xdist_group("test_downstream")
 
 SIGNALS = ("G-SNR", "random", "response length", "proxy perplexity", "IFD (Superfiltering)")
 STEPS, BATCH, SEEDS = 4, 2, (3, 4)
@@ -30,19 +33,16 @@ CURVE = [0, 2, 4]
 def learnable_gpt2_dir(tiny_gpt2_dir, tmp_path_factory):
     """conftest's tiny GPT-2, built the same way but with initializer_range 0.3: the fine-tune target.
 
-    conftest's own sits at the uniform loss (ln 50257 = 10.8; with weights of scale 0.02 its logits span
+    conftest's own sits at the uniform loss (ln 4096 = 8.3; with weights of scale 0.02 its logits span
     about +-0.6), so a few LoRA steps barely move it and a check that training works would test noise.
     It stays the proxy that scores; this one is what gets fine-tuned (`--target`).
     """
     import shutil
 
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2TokenizerFast
 
     path = tmp_path_factory.mktemp("learnable-gpt2")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128,
-                               initializer_range=0.3)).save_pretrained(path)
+    write_tiny_gpt2(path, GPT2Config.from_pretrained(tiny_gpt2_dir).vocab_size, initializer_range=0.3)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(tiny_gpt2_dir / name, path / name)
     GPT2TokenizerFast.from_pretrained(path).save_pretrained(path)
@@ -67,6 +67,7 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.integration  # the downstream run: 22 fine-tunes and Data-Juicer's IFD
 def test_it_runs_end_to_end_and_writes_the_table_curves_plot_and_meta(downstream_run):
     out = downstream_run
     results = json.loads((out / "results.json").read_text())
@@ -101,6 +102,7 @@ def test_it_runs_end_to_end_and_writes_the_table_curves_plot_and_meta(downstream
     assert row["reference_minus"] == pytest.approx(list(want))
 
 
+@pytest.mark.integration  # the downstream run: 22 fine-tunes and Data-Juicer's IFD
 def test_every_selection_has_the_budget_and_no_heldout_row(downstream_run):
     out = downstream_run
     pool, heldout = _read(out / "pool.jsonl"), _read(out / "heldout.jsonl")
@@ -121,6 +123,7 @@ def test_every_selection_has_the_budget_and_no_heldout_row(downstream_run):
     assert sorted(selections["10%|G-SNR"]) == sorted(p["eval_index"] for p in order[:4])
 
 
+@pytest.mark.integration  # the downstream run: 22 fine-tunes and Data-Juicer's IFD
 def test_every_fine_tune_gets_the_same_steps_and_moves_the_model(downstream_run):
     curves = json.loads((downstream_run / "curves.json").read_text())
     assert len(curves) == 11 * len(SEEDS)
@@ -153,7 +156,8 @@ def test_same_seed_same_curve_and_a_good_selection_beats_garbage(tiny_target):
     rows = seed_tasks(40)
     heldout, like_heldout = encode(rows[:8]), encode(rows[:8] + rows[8:20])
     rng = np.random.default_rng(0)  # garbage: the same prompts, responses of random tokens
-    garbage = encode([{**r, "output": formatter.tokenizer.decode(rng.integers(0, 50000, 20).tolist())}
+    garbage = encode([{**r, "output": formatter.tokenizer.decode(rng.integers(0, len(formatter.tokenizer) - 1,
+                                                                              20).tolist())}
                       for r in rows[20:40]])
     recipe = FinetuneRecipe(steps=6, batch_size=2, learning_rate=5e-2, eval_every=3)
     lora = target_lora(recipe, config, model)

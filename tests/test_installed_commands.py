@@ -22,7 +22,8 @@ import pytest
 from gradfilter_ops import fields
 from helpers import DEMO_DATA
 
-pytestmark = pytest.mark.integration
+# One worker runs the whole file (`--dist loadgroup`): its module fixtures (the wheel and the venv) are built once.
+pytestmark = pytest.mark.xdist_group("test_installed_commands")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"gsnr-report": "gradfilter_ops.report.cli:main", "gsnr-eval": "gradfilter_ops.evaluation.cli:main"}
@@ -65,6 +66,20 @@ def venv(wheel, tmp_path_factory) -> Path:
     return root / "bin"
 
 
+def test_the_commands_of_this_environment_run():
+    """The fast check (the wheel's own are integration tests): the environment running the tests declares both
+    commands with their entry points, and each script starts and prints its options."""
+    from importlib.metadata import entry_points
+
+    declared = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name in COMMANDS}
+    assert declared == COMMANDS
+    for command in COMMANDS:
+        script = Path(sys.executable).parent / command  # the console script of the interpreter running the tests
+        run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "--out" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.integration
 def test_wheel_declares_both_commands_and_holds_their_modules(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -76,6 +91,7 @@ def test_wheel_declares_both_commands_and_holds_their_modules(wheel):
         assert f"gradfilter_ops/{module}" in names
 
 
+@pytest.mark.integration
 def test_installed_commands_run_from_the_wheel(venv, tiny_gpt2_dir, tmp_path):
     where = _run([venv / "python", "-c", "import gradfilter_ops; print(gradfilter_ops.__file__)"], cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(venv.parent)  # the wheel's copy, not the checkout

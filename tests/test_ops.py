@@ -17,6 +17,9 @@ from gradfilter_ops import GSNRConfig, fields
 
 from helpers import seed_tasks
 
+# One worker runs the whole file (`--dist loadgroup`): its dj-process runs and their score cache are built once.
+pytestmark = pytest.mark.xdist_group("test_ops")
+
 STATS = "__dj__stats__"
 
 
@@ -187,7 +190,9 @@ def test_rerun_on_scored_rows_trains_nothing(tmp_path, first_run, scorer_args):
 @pytest.mark.integration
 def test_two_processes_give_the_same_scores(tmp_path, first_run, data_file, scorer_args):
     rows, _ = first_run
-    two, _ = dj_process(write_recipe(tmp_path, "np2", data_file, {**scorer_args}, np_=2, top_ratio=0.25))
+    args = {**scorer_args, "use_cache": False}  # no cache: the two map processes must compute the scores
+    two, log = dj_process(write_recipe(tmp_path, "np2", data_file, args, np_=2, top_ratio=0.25))
+    assert "gsnr_scorer_compute_stats (num_proc=2)" in log and "training LoRA ensemble" in log
     assert [r["id"] for r in two] == [r["id"] for r in rows]
     for a, b in zip(rows, two):
         assert b[STATS][fields.EARLY] == pytest.approx(a[STATS][fields.EARLY], rel=1e-4)

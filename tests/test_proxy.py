@@ -36,8 +36,8 @@ def test_cache_dir_argument_beats_env_var(tmp_path: Path, monkeypatch: pytest.Mo
     assert not (tmp_path / "from-env").exists()
 
 
-def test_load_local_folder(tiny_gpt2_dir: Path) -> None:
-    model, tokenizer = load_proxy(str(tiny_gpt2_dir))
+def test_load_local_folder(full_vocab_gpt2_dir: Path) -> None:
+    model, tokenizer = load_proxy(str(full_vocab_gpt2_dir))
 
     assert not model.training
     assert model.dtype == torch.float32

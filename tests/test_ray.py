@@ -13,17 +13,24 @@ from gradfilter_ops.threads import FORKED_MAP_WORKER
 
 from helpers import seed_tasks
 
-pytestmark = pytest.mark.integration
+# One worker runs the whole file (`--dist loadgroup`): its module fixtures (its Ray cluster) are built once.
+pytestmark = pytest.mark.xdist_group("test_ray")
 
 ray = pytest.importorskip("ray")
 STATS = "__dj__stats__"
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def on_ray_cluster(test):
+    """Marks a test that runs on the module's local Ray cluster: it starts Ray, so it is an integration test;
+    the tests without the mark need no cluster and stay in the fast set."""
+    return pytest.mark.integration(pytest.mark.usefixtures("local_ray")(test))
 
 
 def bad_rows() -> list[dict]:
@@ -31,6 +38,7 @@ def bad_rows() -> list[dict]:
             {"id": "bad_missing", "instruction": "Say something.", "input": None}]
 
 
+@on_ray_cluster
 def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_config):
     from gradfilter_ops.distributed import score_dataset
 
@@ -70,6 +78,7 @@ def stats_rows(n: int) -> list[dict]:
     return rows
 
 
+@on_ray_cluster
 @pytest.mark.parametrize("budget", [{"top_k": 7}, {"top_ratio": 0.5, "group_by": "source", "min_per_group": 3},
                                     {"max_tokens": 200}])
 def test_ray_selection_over_blocks_equals_the_selection_over_the_rows(tmp_path, budget):
@@ -90,6 +99,7 @@ def test_ray_selection_over_blocks_equals_the_selection_over_the_rows(tmp_path, 
     assert all(r[STATS]["text_len"] == int(r["id"][1:]) + 10 for r in dropped)  # rows as they came
 
 
+@on_ray_cluster
 def test_ray_selection_without_scores_says_so():
     from gradfilter_ops.distributed import MissingScores, select_dataset
 
@@ -118,6 +128,7 @@ def test_scored_rows_keep_their_score_and_other_stats_survive(tiny_config):
     assert [r[STATS]["text_len"] for r in out] == [5, 6, 6] and out[1][STATS][fields.GSNR] is None
 
 
+@on_ray_cluster
 def test_ray_scorer_op_range_drops_rows_with_their_reasons(tmp_path, tiny_gpt2_dir):
     from gradfilter_ops.ops import RayGSNRScorerOp
 
@@ -164,6 +175,7 @@ def test_default_ops_refuse_the_ray_executor_and_ray_ops_take_their_options():
     assert math.isclose(RayGSNRTopKFilter(top_ratio=0.5).options["top_ratio"], 0.5)
 
 
+@on_ray_cluster
 def test_ray_selection_never_keeps_an_unscored_row(tmp_path):
     from gradfilter_ops.distributed import select_dataset
     from gradfilter_ops.selection import NoScoredRows
@@ -176,6 +188,7 @@ def test_ray_selection_never_keeps_an_unscored_row(tmp_path):
         select_dataset(ray.data.from_items(rows[:2]), stats_column=STATS, top_k=1)
 
 
+@on_ray_cluster
 def test_ray_warns_of_unproven_stats_when_only_some_rows_carry_stats(tiny_config):
     from loguru import logger
 
@@ -197,6 +210,7 @@ def test_ray_warns_of_unproven_stats_when_only_some_rows_carry_stats(tiny_config
     assert all(stats[fields.STATUS] == fields.OK for stats in got.values())
 
 
+@on_ray_cluster
 def test_rows_lost_or_doubled_are_named_by_position_and_id():
     from gradfilter_ops.distributed import LostRows
     from gradfilter_ops.distributed.completeness import check_every_row_once, row_digests
@@ -212,6 +226,7 @@ def test_rows_lost_or_doubled_are_named_by_position_and_id():
     check_every_row_once(before, ray.data.from_items(rows[::-1]).materialize(), STATS)  # order does not matter
 
 
+@on_ray_cluster
 def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
     """As `gsnr_scorer` does (tests/test_trust.py): a row scored by another ensemble is scored again."""
     from gradfilter_ops.distributed import score_dataset
@@ -243,6 +258,7 @@ def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
     assert {i: r[STATS] for i, r in subset.items()} == {r["id"]: first[r["id"]][STATS] for r in rows[:3]}
 
 
+@on_ray_cluster
 def test_ray_selection_by_clusters_and_near_duplicates_equals_the_selection_over_the_rows(tmp_path):
     from gradfilter_ops.distributed import select_dataset
     from gradfilter_ops.selection import stat_selection_inputs
@@ -269,6 +285,7 @@ def test_ray_selection_by_clusters_and_near_duplicates_equals_the_selection_over
         select_dataset(ray.data.from_items(stats_rows(8)), stats_column=STATS, top_k=2, diversity="clusters")
 
 
+@on_ray_cluster
 def test_ray_scoring_writes_the_row_groups_of_the_datasets_api(tiny_config):
     from gradfilter_ops.distributed import score_dataset
 

@@ -28,7 +28,8 @@ from gradfilter_ops.selection import select
 
 from helpers import seed_tasks
 
-pytestmark = pytest.mark.integration
+# One worker runs the whole file (`--dist loadgroup`): its module fixtures (its Ray cluster) are built once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_ray_cluster")]
 
 ray = pytest.importorskip("ray")
 STATS = "__dj__stats__"

@@ -11,6 +11,9 @@ from gradfilter_ops.engine import Snapshots
 
 from helpers import seed_tasks
 
+# One worker runs the whole file (`--dist loadgroup`): its module fixtures (the trained scorer) are built once.
+pytestmark = pytest.mark.xdist_group("test_scorer")
+
 BAD_ROWS = [
     {"instruction": "Reply.", "input": None, "output": ""},
     {"instruction": None, "input": None, "output": "An answer without a question."},
@@ -23,9 +26,10 @@ def rows():
     return [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(20)] + BAD_ROWS
 
 
-@pytest.fixture()
-def scored(tiny_config, rows):
-    scorer = GSNRScorer(tiny_config())
+@pytest.fixture(scope="module")
+def scored(module_tiny_config, rows):
+    """One trained scorer and its scores, shared: the tests read them and score again, they never refit it."""
+    scorer = GSNRScorer(module_tiny_config())
     return scorer, scorer.score(Dataset.from_list(rows))
 
 

@@ -10,7 +10,7 @@ from gradfilter_ops.engine import EnsembleScorer, train_ensemble
 from gradfilter_ops.engine.grads import shuffled_length_batches
 from gradfilter_ops.prompts import PromptFormatter
 
-from helpers import seed_tasks
+from helpers import seed_tasks, write_tiny_gpt2
 
 
 def encoded(config, tokenizer, n):
@@ -99,21 +99,20 @@ def test_stack_members_must_be_positive_or_null(tiny_config):
             tiny_config(stack_members=bad)
 
 
-def test_scorer_with_stacked_members_gives_the_same_scores(tiny_config, tmp_path, gpt2_tokenizer_files):
+def test_scorer_with_stacked_members_gives_the_same_scores(tiny_config, tmp_path, tiny_gpt2_dir):
     """End to end through `GSNRScorer`, on a tiny GPT-2 saved without dropout."""
     import shutil
 
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2TokenizerFast
 
     from gradfilter_ops import GSNRScorer, fields
 
     path = tmp_path / "tiny-gpt2-no-dropout"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                               attn_pdrop=0.0)).save_pretrained(path)
-    for source, name in zip(gpt2_tokenizer_files, ("vocab.json", "merges.txt")):
-        shutil.copyfile(source, path / name)
+    write_tiny_gpt2(path, GPT2Config.from_pretrained(tiny_gpt2_dir).vocab_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0)
+    for name in ("vocab.json", "merges.txt"):  # conftest's tokenizer
+        shutil.copyfile(tiny_gpt2_dir / name, path / name)
     GPT2TokenizerFast.from_pretrained(path).save_pretrained(path)
     rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(10)]
     scores = {}

@@ -72,6 +72,7 @@ json.dump(list(scored["gsnr"]), open(out, "w"))
 """
 
 
+@pytest.mark.integration  # three scoring processes, one killed: the resume without a kill is tested below
 def test_sigkill_mid_scoring_resumes_to_identical_scores(tiny_config, tmp_path):
     rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(24)]
     data = tmp_path / "rows.jsonl"
@@ -161,13 +162,15 @@ def test_a_row_the_proxy_fails_on_gets_scoring_error(tiny_config, monkeypatch):
     real = scoring.per_example_grad_sq_norms
     longest = max(range(len(ROWS)), key=lambda i: len(ROWS[i]["output"]))
 
+    config = tiny_config(max_length=128)  # 3 of the rows fit: they do not fail
+
     def fails_on_longest(model, activations, batch, *args):
-        if batch["attention_mask"].sum(dim=1).max() == 96:  # the truncated rows
+        if batch["attention_mask"].sum(dim=1).max() == config.max_length:  # the truncated rows
             raise ValueError("simulated kernel failure")
         return real(model, activations, batch, *args)
 
     monkeypatch.setattr(scoring, "per_example_grad_sq_norms", fails_on_longest)
-    _, out = scored(tiny_config())
+    _, out = scored(config)
     failed = [i for i, s in enumerate(out[fields.STATUS]) if s == fields.SCORING_ERROR]
     assert longest in failed and len(failed) < len(ROWS)
     assert all(out[fields.GSNR][i] is None for i in failed)

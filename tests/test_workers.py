@@ -10,6 +10,7 @@ from gradfilter_ops.proxy import load_proxy
 from helpers import seed_tasks
 
 
+@pytest.mark.integration  # spawns worker processes, each importing torch and loading the proxy
 @pytest.mark.parametrize("score_mode", ["snapshot", "online"])
 def test_members_trained_in_workers_equal_members_trained_here(tiny_gpt2_dir, tiny_config, score_mode):
     model, tokenizer = load_proxy(str(tiny_gpt2_dir))
@@ -39,6 +40,7 @@ def test_member_workers_must_be_positive(tiny_config):
         tiny_config(member_workers=0)
 
 
+@pytest.mark.integration  # spawns worker processes, each importing torch and loading the proxy
 def test_snapshot_norms_computed_in_workers_equal_norms_computed_here(tiny_gpt2_dir, tiny_config):
     from gradfilter_ops.engine import ensemble_scorer
 
@@ -61,6 +63,7 @@ def test_snapshot_norms_computed_in_workers_equal_norms_computed_here(tiny_gpt2_
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
+@pytest.mark.integration  # spawns worker processes, each importing torch and loading the proxy
 def test_scorer_with_member_workers_gives_the_same_scores(tiny_config):
     from datasets import Dataset
 

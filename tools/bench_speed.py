@@ -610,6 +610,8 @@ def section_online(args: argparse.Namespace) -> dict[str, Any]:
         "reseeded_spearman_gsnr": spearman(snap.gsnr, reseeded.gsnr),
         "reseeded_top10_overlap": top_overlap(snap.gsnr, reseeded.gsnr),
         "negative_drop_share": {"snapshot": snap.negative_drop_share, "online": online.negative_drop_share},
+        # the scores the agreements are computed from, per row, so that they can be checked
+        "gsnr": {"snapshot": snap.gsnr.tolist(), "online": online.gsnr.tolist(), "reseeded": reseeded.gsnr.tolist()},
     }
     say("== online mode: norms read off the training steps vs snapshot passes, same members ==")
     say(f"rows: {len(examples)}, M={config.num_members}, T={config.num_epochs}, lora_init {config.lora_init}, "
