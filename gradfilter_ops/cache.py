@@ -202,7 +202,8 @@ class CacheEntry:
         """Persist the scores of one batch as one shard, then make them visible to this process."""
         if not records:
             return
-        lines = "".join(json.dumps({"key": key, **record}, ensure_ascii=False) + "\n" for key, record in records.items())
+        lines = "".join(json.dumps({"key": key, **record}, ensure_ascii=False) + "\n"
+                        for key, record in records.items())
         header = json.dumps({ENTRY: self.key, SHA256: sha256_text(shard_text(self.key, lines))}) + "\n"
         with room_for(self.root, "a score shard"):
             atomic_write_text(self.dir / "scores" / f"part-{digest(sorted(records))}.jsonl", header + lines)

@@ -44,7 +44,8 @@ NO_SCORE_CAUSES = {
     MISSING_FIELD: "the rows lack the fields the scorer reads: check `format`, `instruction_field`, `input_field`, "
                    "`output_field`, `messages_field` or `response_field` against the data's field names (a typo "
                    "gives every row missing_field), and that chat rows have an assistant turn",
-    INVALID_FIELD: "the fields the scorer reads hold no text (lists, booleans...): check the field options and `format`",
+    INVALID_FIELD: "the fields the scorer reads hold no text (lists, booleans...): "
+                   "check the field options and `format`",
     EMPTY_RESPONSE: "every response is empty: check `output_field` / `response_field`",
     NON_FINITE: "the proxy's gradients came out NaN or infinite: try `precision: fp32` or a lower `learning_rate`",
     SCORING_ERROR: "the proxy failed on every row: see the errors logged above",

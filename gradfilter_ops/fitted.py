@@ -36,7 +36,8 @@ class FittedEnsemble:
         from .engine import Snapshots
 
         if not self.matches(other):
-            raise ValueError("merge_members: the other scorer was fitted with other options, another proxy or other rows.")
+            raise ValueError("merge_members: the other scorer was fitted with other options, "
+                             "another proxy or other rows.")
         snapshots = self.snapshots
         if other.snapshots is not None:
             snapshots = other.snapshots if snapshots is None else Snapshots.merge([snapshots, other.snapshots])

@@ -21,7 +21,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise InputFileError(f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}).") from None
+                raise InputFileError(f"{path}:{number}: not valid UTF-8 "
+                                     f"({error.reason} at byte {error.start}).") from None
             if not line.strip():
                 continue
             try:

@@ -152,7 +152,8 @@ def check_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     vocab = len(tokenizer)
     if vocab > embeddings:
         raise ProxyLoadError(f"The tokenizer of proxy {name!r} has {vocab} tokens but the model only {embeddings} "
-                             "embeddings: they do not belong together. Put the model's own tokenizer files in the folder.")
+                             "embeddings: they do not belong together. "
+                             "Put the model's own tokenizer files in the folder.")
     ids = tokenizer(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
     decoded = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
     if len(ids) < 4 or " ".join(decoded.split()) != ROUND_TRIP_TEXT or max(ids) >= embeddings:

@@ -30,7 +30,8 @@ def finite_or_none(value: float) -> Optional[float]:
 def score_records(sq_norms, config, loss_tokens: Sequence[int]) -> list[dict[str, Any]]:
     """One record per row of `sq_norms` ([members, 2 (early, late), rows], of the mean-loss gradients):
     the G-SNR parts (None where not finite) and the status, `ok` or `non_finite`. With `example_loss:
-    sum` the norms are those of the summed loss, each row's times its `loss_tokens` (`Encoded.num_loss_tokens`) squared."""
+    sum` the norms are those of the summed loss, each row's times its `loss_tokens`
+    (`Encoded.num_loss_tokens`) squared."""
     from .engine.gsnr import gsnr_from_sq_norms, sum_loss_sq_norms
 
     if config.example_loss == "sum":

@@ -15,7 +15,8 @@ __all__ = ["NEGATIVE_DROP_WARN_SHARE", "log_summary", "summarize"]
 
 def summarize(statuses: Sequence[str], drops: Sequence[Optional[float]]) -> dict[str, Any]:
     """Counts per reason code and the share of scored rows whose gradient grew (negative drop)."""
-    return {"rows": len(statuses), "statuses": dict(Counter(statuses)), "negative_drop_share": negative_drop_share(drops)}
+    return {"rows": len(statuses), "statuses": dict(Counter(statuses)),
+            "negative_drop_share": negative_drop_share(drops)}
 
 
 def log_summary(summary: Mapping[str, Any]) -> None:

@@ -115,7 +115,8 @@ def test_installed_commands_run_from_the_wheel(venv, tiny_gpt2_dir, tmp_path):
     _run([venv / "gsnr-eval", "--data", DEMO_DATA, "--rows-per-file", "12", "--corrupt-fraction", "0.25",
           "--seed", "2", "--hf-model", tiny_gpt2_dir, "--set", "num_members=2", "--set", "num_epochs=2",
           "--set", "max_length=40", "--set", "train_batch_size=6", "--set", "score_batch_size=12",
-          "--set", "precision=fp32", "--skip-ifd", "--bootstrap", "0", "--quiet", "--out", out], cwd=tmp_path, timeout=300)
+          "--set", "precision=fp32", "--skip-ifd", "--bootstrap", "0", "--quiet", "--out", out],
+         cwd=tmp_path, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rows"], summary["corrupted"]) == (12, 3)
     assert "IFD (Superfiltering)" not in summary["signals"] and "G-SNR" in summary["signals"]

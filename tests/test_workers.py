@@ -54,7 +54,8 @@ def test_snapshot_norms_computed_in_workers_equal_norms_computed_here(tiny_gpt2_
     for workers in (1, 2):
         scorer = ensemble_scorer(model, snapshots, config, tokenizer.eos_token_id, workers=workers)
         try:
-            results[workers] = (scorer.sq_norms(examples, progress=False), scorer.sq_norms(examples[4:], progress=False))
+            results[workers] = (scorer.sq_norms(examples, progress=False),
+                                scorer.sq_norms(examples[4:], progress=False))
         finally:
             scorer.close()
     assert results[1][0].shape == (3, 2, 9) and (results[1][0] > 0).all()

@@ -173,8 +173,8 @@ def member_batches(lengths: Sequence[int], config: GSNRConfig) -> list[list[list
     out = []
     for member in range(config.num_members):
         rng = torch.Generator().manual_seed(config.seed + member)
-        out.append([b for _ in range(config.num_epochs) for b in shuffled_length_batches(lengths, config.train_batch_size,
-                                                                                          rng)])
+        out.append([b for _ in range(config.num_epochs)
+                    for b in shuffled_length_batches(lengths, config.train_batch_size, rng)])
     return out
 
 
@@ -437,7 +437,8 @@ def section_e2e(args: argparse.Namespace) -> dict[str, Any]:
         # run j of this mode sits between IFD runs j * len(modes) + k and the next one
         around = [(ifd_s[j * len(modes) + k] + ifd_s[j * len(modes) + k + 1]) / 2 for j in range(args.e2e_rounds)]
         config = configs[mode]
-        flops = {"gsnr": gsnr_flops(weights, examples, config), "gsnr_executed": executed_flops(weights, examples, config)}
+        flops = {"gsnr": gsnr_flops(weights, examples, config),
+                 "gsnr_executed": executed_flops(weights, examples, config)}
         per_mode[mode] = {
             "seconds": gsnr_s[mode], "scored": sum(s[fields.STATUS] == fields.OK for s in outputs[mode][Fields.stats]),
             "wall_ratio": statistics.median(g / i for g, i in zip(gsnr_s[mode], around)),
@@ -547,8 +548,10 @@ def head_child(args: argparse.Namespace) -> None:
     activations = LoraActivations(peft_model)
     batch = collate(examples, model.config.eos_token_id or 0, device)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    seconds, norms = timed(lambda: per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
-                                                             resolve_precision(config.precision, device).autocast_dtype), device)
+    seconds, norms = timed(
+        lambda: per_example_grad_sq_norms(peft_model, activations, batch, config.grad_params,
+                                          resolve_precision(config.precision, device).autocast_dtype),
+        device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"head": args.head_child, "targets": len(batch["targets"]), "seconds": seconds,
                       "loaded_mib": loaded / 1024, "peak_mib": peak / 1024, "norms": norms.tolist()}))
@@ -914,7 +917,8 @@ def section_prefix(args: argparse.Namespace) -> dict[str, Any]:
         say(f"round {r + 1}: " + "  ".join(f"{name} {s[r]:.2f} s" for name, s in seconds.items()))
     say("first round, train / score: " + ", ".join(f"{name} {p['train_s']:.2f} s / {p['score_s']:.2f} s"
                                                    for name, p in result["parts"].items()))
-    say(f"{fast} vs every layer: speed-up {result['speedup']:.2f}x; G-SNR Spearman {result['spearman_vs_every_layer']:.3f}"
+    say(f"{fast} vs every layer: speed-up {result['speedup']:.2f}x; "
+        f"G-SNR Spearman {result['spearman_vs_every_layer']:.3f}"
         f", top-10% overlap {result['top10_overlap_vs_every_layer']:.0%} (every layer with other seeds: "
         f"{result['spearman_other_seeds']:.3f}, {result['top10_overlap_other_seeds']:.0%})")
     return result

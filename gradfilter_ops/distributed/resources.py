@@ -21,7 +21,8 @@ def _node_cpus() -> int:
     return max(int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"])
 
 
-def task_resources(device: str, num_cpus: Optional[float], num_gpus: Optional[float], workers: int) -> tuple[float, float]:
+def task_resources(device: str, num_cpus: Optional[float], num_gpus: Optional[float],
+                   workers: int) -> tuple[float, float]:
     """(CPUs, GPUs) of each of `workers` tasks or actors: as given, else one GPU each when the cluster
     has GPUs (and `device` allows), else a node's CPUs shared out among them."""
     gpus = _gpus_per_worker(device) if num_gpus is None else num_gpus

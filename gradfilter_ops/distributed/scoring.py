@@ -93,7 +93,8 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
     with timed(fitted.timings, "score_s"):
         scored = dataset.map_batches(_ScoreBlocks,
-                                     fn_constructor_kwargs={"scorer": ray_worker_copy(fitted), "stats_column": stats_column},
+                                     fn_constructor_kwargs={"scorer": ray_worker_copy(fitted),
+                                                            "stats_column": stats_column},
                                      batch_size=batch_size, batch_format="pyarrow",
                                      compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
                                      num_gpus=gpus).materialize()

@@ -101,7 +101,8 @@ class EnsembleScorer:
             for group in groups:
                 if len(group) not in batches:
                     batches[len(group)] = collate(bucket * len(group), self.pad_id, self.device)
-                prefix_fed = self.frozen.feeding(hidden.repeat(len(group), 1, 1)) if hidden is not None else nullcontext()
+                prefix_fed = (self.frozen.feeding(hidden.repeat(len(group), 1, 1)) if hidden is not None
+                              else nullcontext())
                 if len(group) == 1:
                     (slot, name), = group
                     self.model.set_adapter(name)

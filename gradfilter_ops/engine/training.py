@@ -86,7 +86,8 @@ class EnsembleTrainer:
             snapshots.states.update(states)
             if online:
                 if np.isnan(norms).any():
-                    raise RuntimeError(f"Member {member} left rows without an online norm; every epoch must see every row.")
+                    raise RuntimeError(f"Member {member} left rows without an online norm; "
+                                       "every epoch must see every row.")
                 snapshots.online_norms[member] = norms
             if on_member is not None:
                 on_member(snapshots, member)
@@ -184,12 +185,14 @@ class EnsembleTrainer:
             for epoch in range(1, config.num_epochs + 1):
                 record = activations is not None and epoch in epochs
                 epoch_loss, steps = torch.zeros((), device=device), 0
-                for step in zip(*(shuffled_length_batches(lengths, config.train_batch_size, rng) for rng in order_rngs)):
+                for step in zip(*(shuffled_length_batches(lengths, config.train_batch_size, rng)
+                                  for rng in order_rngs)):
                     block = max(len(indices) for indices in step)
                     flat = [i for indices in step for i in [*indices, *[None] * (block - len(indices))]]
                     batch = collate([examples[i] if i is not None else pad_row for i in flat], self.pad_id, device)
-                    prefix_fed = (frozen.feeding(padded(store.rows(flat), batch["input_ids"].shape[1], store.width, device))
-                           if frozen is not None else nullcontext())
+                    prefix_fed = (frozen.feeding(padded(store.rows(flat), batch["input_ids"].shape[1], store.width,
+                                                        device))
+                                  if frozen is not None else nullcontext())
                     with prefix_fed, (activations.recording() if record else nullcontext()), \
                             autocast(device, autocast_dtype):
                         sums, counts = response_loss_sums(peft_model, batch, blocks=k)
@@ -202,7 +205,8 @@ class EnsembleTrainer:
                         loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    epoch_loss, steps = epoch_loss + loss.detach(), steps + 1  # read once per epoch: no host sync per step
+                    # read once per epoch: no host sync per step
+                    epoch_loss, steps = epoch_loss + loss.detach(), steps + 1
                     bar.update(k)
                 bar.set_postfix(members=list(members), epoch=epoch, loss=f"{epoch_loss.item() / steps / k:.3f}")
                 if epoch in epochs:

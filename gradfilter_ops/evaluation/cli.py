@@ -47,14 +47,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", type=str, action="append", help="Alpaca-style jsonl; repeat for several files")
     p.add_argument("--rows-per-file", type=Optional[int], help="at most this many rows of each file (seeded)")
     p.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of rows to corrupt")
-    p.add_argument("--kinds", type=Optional[str], help=f"comma-separated corruption kinds (null: all of {','.join(KINDS)})")
+    p.add_argument("--kinds", type=Optional[str],
+                   help=f"comma-separated corruption kinds (null: all of {','.join(KINDS)})")
     p.add_argument("--seed", type=int, default=0, help="seeds the sample, the corruptions, random and the bootstrap")
     p.add_argument("--hf-model", type=Optional[str], help="the proxy (null: the smollm2-135m preset)")
     p.add_argument("--set", type=str, action="append", metavar="KEY=VALUE",
                    help=f"a GSNRConfig override, the value read as JSON; repeat. Keys: {keys}")
     p.add_argument("--out", type=str, default="eval_out", help="output folder")
     p.add_argument("--skip-ifd", action="store_true", help="leave out the Data-Juicer IFD baseline")
-    p.add_argument("--reuse", action="store_true", help="reuse norms.npz of an earlier run with the same rows and config")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse norms.npz of an earlier run with the same rows and config")
     p.add_argument("--baselines-from", type=Optional[str], metavar="DIR",
                    help="take perplexity and IFD from an earlier run's folder (same rows and proxy setup)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the AUROC interval (0: none)")
@@ -64,8 +66,10 @@ def build_parser() -> ArgumentParser:
                         "e.g. params=W,early=1,late=2 (fields of NormReading)")
     p.add_argument("--merge", type=str, nargs=2, metavar="DIR",
                    help="join two runs whose seeds follow on (seed, seed + num_members) into one ensemble in --out")
-    p.add_argument("--compare", type=str, nargs="+", metavar="DIR", help="print chosen readings of earlier runs side by side")
-    p.add_argument("--reading", type=str, action="append", help="with --compare: a reading label as in readings.csv; repeat")
+    p.add_argument("--compare", type=str, nargs="+", metavar="DIR",
+                   help="print chosen readings of earlier runs side by side")
+    p.add_argument("--reading", type=str, action="append",
+                   help="with --compare: a reading label as in readings.csv; repeat")
     p.add_argument("--build-chatterbot", type=Optional[str], metavar="FOLDER", help=argparse.SUPPRESS)
     p.add_argument("--build-out", type=Optional[str], help=argparse.SUPPRESS)
     return p
@@ -104,7 +108,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     config = build_config(args.hf_model, overrides)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = read_instruction_rows(args.data, args.rows_per_file, args.seed, config.instruction_field, config.output_field)
+    rows = read_instruction_rows(args.data, args.rows_per_file, args.seed, config.instruction_field,
+                                 config.output_field)
     kinds_wanted = tuple(args.kinds.split(",")) if args.kinds else KINDS
     rows = corrupt_dataset(rows, args.corrupt_fraction, args.seed, kinds_wanted, config.instruction_field,
                            config.input_field, config.output_field)

@@ -43,23 +43,27 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--heldout", type=Optional[float],
                    help="held out of --data before any corruption: a share (< 1) or a count (>= 1); default 0.2")
     p.add_argument("--corrupt-fraction", type=float, default=0.3, help="share of the pool to corrupt")
-    p.add_argument("--kinds", type=Optional[str], help=f"comma-separated corruption kinds (null: all of {','.join(KINDS)})")
+    p.add_argument("--kinds", type=Optional[str],
+                   help=f"comma-separated corruption kinds (null: all of {','.join(KINDS)})")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the sample, the split, the corruptions and random; the fine-tunes use seed, seed + 1, ...")
+                   help="seeds the sample, the split, the corruptions and random; "
+                        "the fine-tunes use seed, seed + 1, ...")
     p.add_argument("--hf-model", type=Optional[str], help="the proxy that scores (null: the smollm2-135m preset)")
     p.add_argument("--set", type=str, action="append", metavar="KEY=VALUE",
                    help="a GSNRConfig override for the scoring (and the fields, max_length, device and precision "
                         "of the fine-tune), the value read as JSON; repeat")
     p.add_argument("--main-reading", type=Optional[str], metavar="K=V,...",
                    help="select with another reading of G-SNR, e.g. params=B (fields of NormReading)")
-    p.add_argument("--target", type=Optional[str], help="the fine-tuned model: preset, folder or Hub id (null: the proxy)")
+    p.add_argument("--target", type=Optional[str],
+                   help="the fine-tuned model: preset, folder or Hub id (null: the proxy)")
     p.add_argument("--budgets", type=list[float], default=[0.1, 0.3], help="shares of the pool to select")
     p.add_argument("--signals", type=list[str], default=list(DEFAULT_SIGNALS),
                    help="signals to select with (names as in gsnr-eval's tables)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tunes per selection (seed, seed + 1, ...)")
     add_recipe_arguments(p)
     p.add_argument("--skip-ifd", action="store_true", help="leave out the Data-Juicer IFD baseline")
-    p.add_argument("--reuse", action="store_true", help="reuse the scores in OUT/scores of an earlier run on the same pool")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the scores in OUT/scores of an earlier run on the same pool")
     p.add_argument("--baselines-from", type=Optional[str], metavar="DIR",
                    help="take perplexity and IFD from an earlier gsnr-eval folder (same rows and proxy setup)")
     p.add_argument("--bootstrap", type=int, default=1000,

@@ -48,8 +48,8 @@ def paired_summary(records: Sequence[dict[str, Any]], reference: str = "G-SNR") 
                "final": t_interval(final), "curve_mean": t_interval(area), "final_per_seed": final}
         ref = groups.get((budget, reference))
         if ref is not None and signal != reference and set(ref) >= set(seeds):
-            row["reference_minus"] = t_interval([ref[s]["result"].heldout_loss[-1] - by_seed[s]["result"].heldout_loss[-1]
-                                                 for s in seeds])
+            row["reference_minus"] = t_interval(
+                [ref[s]["result"].heldout_loss[-1] - by_seed[s]["result"].heldout_loss[-1] for s in seeds])
             row["reference_minus_curve"] = t_interval(
                 [float(np.mean(ref[s]["result"].heldout_loss)) - float(np.mean(by_seed[s]["result"].heldout_loss))
                  for s in seeds])

@@ -57,7 +57,8 @@ def sq_norms_for(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading
     return sq
 
 
-def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int], reading: NormReading) -> dict[str, np.ndarray]:
+def reading_scores(norms: Mapping[str, np.ndarray], epochs: Sequence[int],
+                   reading: NormReading) -> dict[str, np.ndarray]:
     """The reading's keep-score (higher = keep) and the G-SNR parts it came from."""
     from ..engine.gsnr import gsnr_from_sq_norms
 

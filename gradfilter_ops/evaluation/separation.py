@@ -48,8 +48,8 @@ def write_separation(rows: list[dict], result: Mapping[str, Any], config, signal
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
     plotted = plot_separation(out_dir / "roc.png", signals, kinds, result, base)
-    report = render_corruption_report(command, config, rows, kinds, signals, evals, result, base, grid_rows, dict(timings),
-                           corrupt_fraction, plotted)
+    report = render_corruption_report(command, config, rows, kinds, signals, evals, result, base, grid_rows,
+                                      dict(timings), corrupt_fraction, plotted)
     (out_dir / "report.md").write_text(report)
     if not quiet:
         print(main_table(signals, evals, corrupt_fraction))

@@ -74,7 +74,8 @@ def parts_table(result: Mapping[str, Any], reading: NormReading, kinds: Sequence
     for kind in [CLEAN] + sorted(set(kinds) - {CLEAN}):
         m = np.array([k == kind for k in kinds])
         med = lambda a: float(np.median(np.asarray(a)[m]))  # noqa: E731
-        lines.append(f"| {kind} | {int(m.sum())} | {med(g['early']):.3g} | {med(g['late']):.3g} | {med(g['drop']):.3f} | "
+        lines.append(f"| {kind} | {int(m.sum())} | {med(g['early']):.3g} | {med(g['late']):.3g} | "
+                     f"{med(g['drop']):.3f} | "
                      f"{med(g['noise']):.3g} | {med(g['gsnr']):.3g} | {med(ls):.3f} | {med(lt):.3f} | "
                      f"{med(result['proxy_loss']):.3f} | {fmt_share(negative_drop_share(g['drop'][m]))} |")
     return "\n".join(lines)

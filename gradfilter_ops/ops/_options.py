@@ -44,7 +44,8 @@ def recipe_type(kind: Any) -> Any:
 
 
 RANGE_OPTIONS = (
-    Option("min_gsnr", Optional[float], None, "Keep rows with gsnr >= min_gsnr (optional; by default every row is kept)."),
+    Option("min_gsnr", Optional[float], None,
+           "Keep rows with gsnr >= min_gsnr (optional; by default every row is kept)."),
     Option("max_gsnr", Optional[float], None, "Keep rows with gsnr <= max_gsnr (optional)."),
 )
 RAY_OPTIONS = (

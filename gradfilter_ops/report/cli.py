@@ -34,8 +34,10 @@ def build_parser() -> ArgumentParser:
         prog=PROG, description="Markdown report (with PNG plots) of a G-SNR selection.",
         epilog="Rows carry the G-SNR fields under __dj__stats__ or as top-level columns.")
     parser.add_argument("--kept", type=Optional[Path], help="jsonl of the kept rows (the output of gsnr_top_k_filter)")
-    parser.add_argument("--dropped", type=Optional[Path], help=f"jsonl of the dropped rows, with a `{DROP_REASON}` field")
-    parser.add_argument("--scored", type=Optional[Path], help="jsonl of all scored rows, no selection (instead of --kept)")
+    parser.add_argument("--dropped", type=Optional[Path],
+                        help=f"jsonl of the dropped rows, with a `{DROP_REASON}` field")
+    parser.add_argument("--scored", type=Optional[Path],
+                        help="jsonl of all scored rows, no selection (instead of --kept)")
     parser.add_argument("--top-ratio", type=Optional[float],
                         help=f"with --scored: the share counted as kept (null: {DEFAULT_TOP_RATIO})")
     parser.add_argument("--group-by", type=Optional[str],
@@ -83,8 +85,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             mode = "scored"
         else:
             records = report_rows(kept=read_jsonl(args.kept, allow_empty=True),
-                                dropped=read_jsonl(args.dropped, allow_empty=True) if args.dropped is not None else None,
-                                group_by=args.group_by, text_fields=text_fields)
+                                  dropped=(read_jsonl(args.dropped, allow_empty=True) if args.dropped is not None
+                                           else None),
+                                  group_by=args.group_by, text_fields=text_fields)
             mode = "selection" if args.dropped is not None else "kept_only"
     except ValueError as e:
         parser.error(str(e))

@@ -74,7 +74,8 @@ def render_markdown(summary: dict, inputs: dict[str, Any], plots: Optional[dict[
         ["dropped", dropped],
         [f"finite `{fields.GSNR}`", s["finite_gsnr"]],
         [f"no finite `{fields.GSNR}`", f"{s['non_finite_gsnr']} ({pct(s['non_finite_share'])})"],
-        [f"negative `{fields.DROP}`", f"{s['negative_drops']} of {s['finite_drops']} ({pct(s['negative_drop_share'])})"],
+        [f"negative `{fields.DROP}`",
+         f"{s['negative_drops']} of {s['finite_drops']} ({pct(s['negative_drop_share'])})"],
         ["late norm > early norm (gradient grew)", f"{s['grew']} of {s['early_late_pairs']} ({pct(s['grew_share'])})"],
         [f"`{fields.TRUNCATED}`", s["truncated"]],
         ["cut-off (lowest kept finite G-SNR)", fmt(s["cutoff"])],
@@ -133,6 +134,7 @@ def render_markdown(summary: dict, inputs: dict[str, Any], plots: Optional[dict[
             cells += [md_cell(e["prompt"], TEXT_CHARS), md_cell(e["response"], TEXT_CHARS)]
             body.append(cells)
         lines += table(header, body)
-    lines += ["", f"Row numbers count from 0 in the order read ({'kept rows, then dropped rows' if s['mode'] == 'selection' else 'file order'}); "
+    lines += ["", "Row numbers count from 0 in the order read ("
+                  f"{'kept rows, then dropped rows' if s['mode'] == 'selection' else 'file order'}); "
                   f"texts are cut to {TEXT_CHARS} characters, ⏎ marks a line break.", ""]
     return "\n".join(lines)

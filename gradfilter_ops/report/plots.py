@@ -146,7 +146,8 @@ def plot_early_late(records: Sequence[dict], path: Path, dpi: int = 80) -> None:
     fig = _figure(5.2, 4.6)
     ax = fig.add_subplot()
     points = [(r[fields.EARLY], r[fields.LATE], r["kept"]) for r in records
-              if is_finite(r[fields.EARLY]) and is_finite(r[fields.LATE]) and r[fields.EARLY] > 0 and r[fields.LATE] > 0]
+              if is_finite(r[fields.EARLY]) and is_finite(r[fields.LATE])
+              and r[fields.EARLY] > 0 and r[fields.LATE] > 0]
     if not points:
         _no_data(ax, "no positive early and late norms")
     else:
@@ -221,8 +222,8 @@ def plot_groups(summary: dict, path: Path, dpi: int = 80) -> None:
             ax.legend(fontsize="small", loc="lower right")
     ax.set_xlabel("kept share")
     more = len(summary["groups"]) - len(groups)
-    ax.set_title(f"kept share per {_plain(summary['group_by'])}" + (f" (largest {len(groups)}, {more} more in the table)"
-                                                              if more > 0 else ""), fontsize="medium")
+    ax.set_title(f"kept share per {_plain(summary['group_by'])}"
+                 + (f" (largest {len(groups)}, {more} more in the table)" if more > 0 else ""), fontsize="medium")
     _save(fig, path, dpi)
 
 

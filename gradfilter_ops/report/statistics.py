@@ -90,7 +90,8 @@ def describe_selection(records: Sequence[dict], *, mode: str = "selection", grou
         "gsnr": describe(scores),
         "gsnr_kept": describe(kept_scores),
         "gsnr_dropped": describe([r[fields.GSNR] for r in dropped if is_finite(r[fields.GSNR])]),
-        "response_tokens": describe([r[fields.RESPONSE_TOKENS] for r in records if is_finite(r[fields.RESPONSE_TOKENS])]),
+        "response_tokens": describe([r[fields.RESPONSE_TOKENS] for r in records
+                                     if is_finite(r[fields.RESPONSE_TOKENS])]),
         "group_by": group_by,
         "groups": None,
     }
@@ -128,7 +129,8 @@ def warnings_for(summary: dict, scores: Sequence[float]) -> list[dict[str, str]]
                           f"Statuses: {_counts(summary['statuses'])}.")
     elif summary["non_finite_share"] > NON_FINITE_WARN:
         warn("non_finite", f"{summary['non_finite_gsnr']} of {n} rows ({summary['non_finite_share']:.0%}) have no "
-                           f"finite `{fields.GSNR}` (more than {NON_FINITE_WARN:.0%}); statuses: {_counts(summary['statuses'])}.")
+                           f"finite `{fields.GSNR}` (more than {NON_FINITE_WARN:.0%}); "
+                           f"statuses: {_counts(summary['statuses'])}.")
     if is_degenerate(scores):
         warn("degenerate", f"All {len(scores)} finite `{fields.GSNR}` values are equal (within {DEGENERATE_REL:g} "
                            f"relative, value {scores[0]:.6g}): the ranking is by dataset order only. Check the "
