@@ -50,6 +50,19 @@ def test_the_protocol_file_is_checked_when_it_is_read(tmp_path):
         ProtocolSpec.load(tmp_path / "bad.yaml")
 
 
+def test_a_run_resumes_from_another_checkout_but_not_with_other_data(spec_file, tmp_path):
+    import shutil
+
+    from gradfilter_ops.evaluation.protocol_cli import spec_identity
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(spec_file.parent, moved)
+    assert spec_identity(ProtocolSpec.load(moved / spec_file.name)) == spec_identity(ProtocolSpec.load(spec_file))
+    good = ProtocolSpec.load(moved / spec_file.name).good
+    good.write_text(good.read_text() + good.read_text().splitlines()[0] + "\n")
+    assert spec_identity(ProtocolSpec.load(moved / spec_file.name)) != spec_identity(ProtocolSpec.load(spec_file))
+
+
 def test_no_heldout_row_is_in_any_pool_and_the_draw_is_seeded(spec_file):
     spec = ProtocolSpec.load(spec_file)
     pools = draw_pools(spec, seed=0)

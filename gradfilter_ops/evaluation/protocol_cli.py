@@ -61,6 +61,20 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def spec_identity(spec) -> dict[str, Any]:
+    """What the records depend on in the protocol file: its numbers and the content of its data files, not
+    where they lie, so that a folder of records moved to another checkout or machine resumes there."""
+    import hashlib
+
+    def content(path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+    out = {k: v for k, v in spec.to_dict().items() if k != "budgets"}
+    out["sources"] = {name: content(path) for name, path in spec.sources.items()}
+    out["good"] = content(spec.good)
+    return out
+
+
 def _check_resume(out_dir: Path, identity: dict[str, Any]) -> None:
     """OUT/protocol.json names what the folder's records were made with; a run with anything else stops
     instead of mixing records."""
@@ -170,7 +184,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # What the records depend on; the pools, budgets, seeds and selections run may grow from run to run.
     precision = resolve_precision(config.precision, resolve_device(config.device)).name
-    _check_resume(out_dir, {"spec": {k: v for k, v in spec.to_dict().items() if k != "budgets"},
+    _check_resume(out_dir, {"spec": spec_identity(spec),
                             "config": config.to_dict(), "recipe": dataclasses.asdict(recipe), "seed": args.seed,
                             "target": args.target, "skip_ifd": args.skip_ifd, "precision": precision})
     command = f"{PROG} " + " ".join(quote(a) for a in argv)
