@@ -37,7 +37,9 @@ def row_digests(dataset, stats_column: Optional[str] = None, labels: bool = Fals
     row is scored on (its stats left out); the label (its `id`, else the start of the row) when `labels`."""
     import ray
 
-    read = ray.remote(_block_digests)
+    # no CPU reserved: a digest is cheap, and the actors of a pool that has not yet been torn down may hold
+    # every CPU of the cluster (a task that waited for one would never start)
+    read = ray.remote(num_cpus=0)(_block_digests)
     parts = ray.get([read.remote(ref, stats_column, labels) for ref in dataset.to_arrow_refs()])
     return [pair for part in parts for pair in part]
 

@@ -54,7 +54,7 @@ def _local(indices: Sequence[int], offsets: Sequence[int]) -> list[list[int]]:
 def _offsets(refs) -> list[int]:
     import ray
 
-    count = ray.remote(_num_rows)
+    count = ray.remote(num_cpus=0)(_num_rows)  # cheap reads of blocks: no CPU reserved
     offsets = [0]
     for size in ray.get([count.remote(ref) for ref in refs]):
         offsets.append(offsets[-1] + size)
@@ -69,7 +69,7 @@ def split_rows(dataset, reasons: dict[int, str], sink: DropSink):
 
     refs = dataset.to_arrow_refs()
     offsets = _offsets(refs)
-    take = ray.remote(_take)
+    take = ray.remote(num_cpus=0)(_take)
 
     def dropped_rows(dropped: list[int]):  # one block in memory at a time
         for ref, indices in zip(refs, _local(dropped, offsets)):
