@@ -124,3 +124,14 @@ def dropout_free_proxy(tiny_gpt2_dir):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model, tokenizer
+
+
+@pytest.fixture()
+def warnings_logged():
+    """The text of every loguru message at WARNING or above logged while the test runs."""
+    from loguru import logger
+
+    messages = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    yield messages
+    logger.remove(sink)

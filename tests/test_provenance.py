@@ -1,19 +1,8 @@
 """The one provenance path (`provenance`) that both the Data-Juicer ops and the Ray blocks use."""
 
-import pytest
 
 from gradfilter_ops import fields
 from gradfilter_ops.provenance import claims_score, every_row_proven
-
-
-@pytest.fixture()
-def warnings_logged():
-    from loguru import logger
-
-    messages = []
-    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
-    yield messages
-    logger.remove(sink)
 
 
 def test_every_row_proven_asks_for_proofs_only_when_a_row_claims_a_score_and_warns_of_the_unproven(

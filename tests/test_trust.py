@@ -211,16 +211,6 @@ def test_unknown_op_options_are_rejected():
 
 # --- a damaged cache is never used (issue 14) ----------------------------------------------------
 
-@pytest.fixture()
-def warnings_logged():
-    from loguru import logger
-
-    messages = []
-    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
-    yield messages
-    logger.remove(sink)
-
-
 def test_damaged_score_shards_are_reported_and_scored_again(tiny_config, warnings_logged):
     config = tiny_config(use_cache=True)
     first, reference = scored(config, batch_size=4)
