@@ -3,7 +3,6 @@
 import pytest
 import torch
 from datasets import Dataset
-from loguru import logger
 
 from gradfilter_ops import GSNRScorer, precision
 
@@ -30,20 +29,12 @@ def cpu(monkeypatch):
     precision.reset_warnings()
 
 
-@pytest.fixture()
-def warnings():
-    seen = []
-    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
-    yield seen
-    logger.remove(handle)
-
-
-def test_auto_never_picks_bf16_on_a_cpu_without_bf16_units(cpu, warnings):
+def test_auto_never_picks_bf16_on_a_cpu_without_bf16_units(cpu, warnings_logged):
     cpu(units=False)
     resolved = precision.resolve("auto", CPU)
     assert (resolved.name, resolved.autocast_dtype) == ("fp32", None)
     assert "no bf16 units" in resolved.reason
-    assert warnings == []
+    assert warnings_logged == []
 
 
 def test_auto_picks_bf16_where_the_cpu_computes_it_natively(cpu):
@@ -89,19 +80,19 @@ def test_this_machine_gets_the_same_answer_every_time():
         assert answers.pop().name == "fp32"
 
 
-def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_the_fix(cpu, warnings):
+def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_the_fix(cpu, warnings_logged):
     cpu(units=False)
     for _ in range(3):
         assert precision.resolve("bf16", CPU).name == "bf16"
-    assert len(warnings) == 1
-    assert "60x slower" in warnings[0] and "precision: auto" in warnings[0]
+    assert len(warnings_logged) == 1
+    assert "60x slower" in warnings_logged[0] and "precision: auto" in warnings_logged[0]
 
 
-def test_explicit_choices_are_kept(cpu, warnings):
+def test_explicit_choices_are_kept(cpu, warnings_logged):
     cpu(units=True)
     assert precision.resolve("fp32", CPU).name == "fp32"
     assert precision.resolve("bf16", CPU).name == "bf16"
-    assert warnings == []
+    assert warnings_logged == []
 
 
 def test_the_manifest_records_what_auto_resolved_to_and_why(cpu, tiny_config):

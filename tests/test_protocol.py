@@ -63,6 +63,15 @@ def test_a_run_resumes_from_another_checkout_but_not_with_other_data(spec_file, 
     assert spec_identity(ProtocolSpec.load(moved / spec_file.name)) != spec_identity(ProtocolSpec.load(spec_file))
 
 
+def test_the_spec_names_its_files_relative_to_the_working_folder(spec_file, monkeypatch, tmp_path):
+    monkeypatch.chdir(spec_file.parent.parent)
+    shown = ProtocolSpec.load(spec_file).to_dict()
+    assert shown["good"] == f"{spec_file.parent.name}/good.jsonl"
+    assert shown["sources"]["a"] == f"{spec_file.parent.name}/a.jsonl"
+    monkeypatch.chdir(tmp_path)  # the files lie outside it: their whole paths
+    assert ProtocolSpec.load(spec_file).to_dict()["good"] == str(spec_file.parent / "good.jsonl")
+
+
 def test_no_heldout_row_is_in_any_pool_and_the_draw_is_seeded(spec_file):
     spec = ProtocolSpec.load(spec_file)
     pools = draw_pools(spec, seed=0)

@@ -135,18 +135,11 @@ def test_raised_minimum_takes_the_seat_of_the_worst_row():
     assert result.reasons[3] == fields.GROUP_QUOTA_FULL and result.reasons[4] == fields.BELOW_CUTOFF
 
 
-def test_token_budget_that_keeps_nothing_warns_with_the_smallest_row():
-    from loguru import logger
-
-    seen = []
-    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
-    try:
-        result = select([0.9, 0.8, 0.7], [OK] * 3, max_tokens=40, tokens=[120, 300, 64])
-    finally:
-        logger.remove(handle)
+def test_token_budget_that_keeps_nothing_warns_with_the_smallest_row(warnings_logged):
+    result = select([0.9, 0.8, 0.7], [OK] * 3, max_tokens=40, tokens=[120, 300, 64])
     assert result.keep == [] and set(result.reasons.values()) == {fields.OVER_TOKEN_BUDGET}
     assert any("max_tokens=40 keeps no row" in m and "best row has 120 tokens" in m and "smallest scored row 64" in m
-               for m in seen)
+               for m in warnings_logged)
 
 
 def test_budget_combinations_are_rejected():

@@ -85,7 +85,13 @@ class ProtocolSpec:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        """The spec as JSON, its files named relative to the working folder when they lie inside it (a report
+        written into a repository names no machine's paths)."""
+        def shown(value: Any) -> str:
+            path = Path(value)
+            return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+        return json.loads(json.dumps(dataclasses.asdict(self), default=shown))
 
 
 @dataclass
