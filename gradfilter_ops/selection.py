@@ -3,7 +3,9 @@
 The budget is `top_k` rows, a `top_ratio` of them, or `max_tokens` tokens. With `groups`, the
 row budget is split into per-group quotas (proportional to group size, or equal), with an optional
 minimum per group, so that a rare source is never wiped out. `diversity: clusters` takes the groups
-from the scorer's `gsnr_cluster` stat (the proxy's own view of the pool's mix). With `duplicate_groups`
+from the scorer's `gsnr_cluster` stat (the proxy's own view of the pool's mix); `diversity: length` from
+the response-length quintiles of the scored rows (`gsnr_response_tokens`), so that a selection cannot
+fill its budget with the longest answers. With `duplicate_groups`
 (`near_duplicates: drop`, from `gsnr_duplicate_group`), each group of near-duplicates keeps only its
 best-scored row before the budget is filled.
 
@@ -25,7 +27,8 @@ from . import fields
 from .config import check_option, require_positive_int
 
 QUOTAS = ("proportional", "equal")
-DIVERSITY = ("clusters",)  # `diversity`: where the groups of the quotas come from, besides `group_by`
+DIVERSITY = ("clusters", "length")  # `diversity`: where the groups of the quotas come from, besides `group_by`
+LENGTH_BINS = 5  # `diversity: length`: response-length quantile bins of the scored rows
 NEAR_DUPLICATES = ("keep", "drop")
 
 
@@ -130,11 +133,49 @@ def stat_groups(option: str, values: Sequence[Optional[Hashable]], statuses: Seq
     return list(values)
 
 
+def length_bins(lengths: Sequence[float], bins: int = LENGTH_BINS) -> list[int]:
+    """Each row's response-length quantile bin (0 = shortest), `bins` bins of about equal size; rows of
+    equal length share a bin (the bin of the first of them in length order)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    first: dict[float, int] = {}
+    for position, i in enumerate(order):
+        first.setdefault(lengths[i], position)
+    return [min(bins - 1, first[value] * bins // len(lengths)) for value in lengths]
+
+
+def length_groups(response_tokens: Sequence[Optional[int]], statuses: Sequence[str]) -> list[str]:
+    """The groups of `diversity: length`: each scored row's response-length quintile among the scored rows,
+    named by its bin and token range (e.g. `2/5: 14-31 tokens`); rows without a score are `no score`."""
+    scored = [i for i, status in enumerate(statuses) if status == fields.OK]
+    missing = [i for i in scored if not isinstance(response_tokens[i], int)]
+    if missing:
+        raise ValueError(f"`diversity: length` reads `{fields.RESPONSE_TOKENS}`, and {len(missing)} of the "
+                         f"{len(statuses)} rows have a score but no `{fields.RESPONSE_TOKENS}`: score them again "
+                         "with `gsnr_scorer`.")
+    bins = length_bins([response_tokens[i] for i in scored])
+    ranges: dict[int, list[int]] = defaultdict(list)
+    for i, b in zip(scored, bins):
+        ranges[b].append(response_tokens[i])
+    names = {b: f"{b + 1}/{LENGTH_BINS}: {min(v)}-{max(v)} tokens" for b, v in ranges.items()}
+    groups = ["no score"] * len(statuses)
+    for i, b in zip(scored, bins):
+        groups[i] = names[b]
+    return groups
+
+
 def stat_selection_inputs(diversity: Optional[str], near_duplicates: str, statuses: Sequence[str],
-                          clusters: Sequence[Optional[int]], duplicate_groups: Sequence[Optional[int]]):
-    """`(groups, duplicate_groups)` for `select` from the stats that `diversity: clusters` and
-    `near_duplicates: drop` read (each None where not asked for); see `stat_groups` for rows that lack them."""
-    groups = [str(g) for g in stat_groups("diversity", clusters, statuses)] if diversity == "clusters" else None
+                          clusters: Sequence[Optional[int]], duplicate_groups: Sequence[Optional[int]],
+                          response_tokens: Optional[Sequence[Optional[int]]] = None):
+    """`(groups, duplicate_groups)` for `select` from the stats that `diversity` (`clusters`: `gsnr_cluster`;
+    `length`: `gsnr_response_tokens`) and `near_duplicates: drop` read (each None where not asked for); see
+    `stat_groups` for rows that lack them."""
+    groups = None
+    if diversity == "clusters":
+        groups = [str(g) for g in stat_groups("diversity", clusters, statuses)]
+    elif diversity == "length":
+        if response_tokens is None:
+            raise ValueError(f"`diversity: length` needs each row's `{fields.RESPONSE_TOKENS}`.")
+        groups = length_groups(response_tokens, statuses)
     duplicates = stat_groups("near_duplicates", duplicate_groups, statuses) if near_duplicates == "drop" else None
     return groups, duplicates
 

@@ -11,8 +11,7 @@ import pytest
 
 from gradfilter_ops.evaluation.cli import main
 from gradfilter_ops.evaluation.downstream import FULL_POOL
-from gradfilter_ops.evaluation.protocol import (HELDOUT_KINDS, PoolSpec, ProtocolSpec, draw_pools, length_bins,
-                                                stratified_top)
+from gradfilter_ops.evaluation.protocol import HELDOUT_KINDS, PoolSpec, ProtocolSpec, draw_pools, stratified_top
 from gradfilter_ops.evaluation.protocol_report import outcome, verdict
 from helpers import seed_tasks
 
@@ -93,9 +92,6 @@ def test_no_heldout_row_is_in_any_pool_and_the_draw_is_seeded(spec_file):
     assert [r["output"] for r in draw_pools(spec, seed=1)[1].rows] != [r["output"] for r in pools[1].rows]
 
 
-def test_length_bins_are_quantiles_and_equal_lengths_share_a_bin():
-    assert length_bins([5, 1, 2, 3, 4, 6, 7, 8, 9, 10], 5).tolist() == [2, 0, 0, 1, 1, 2, 3, 3, 4, 4]
-    assert length_bins([3, 3, 3, 3, 9, 9], 3).tolist() == [0, 0, 0, 0, 2, 2]
 
 
 def test_stratified_top_fills_each_group_in_proportion_with_its_best_rows():

@@ -189,21 +189,15 @@ def test_ray_selection_never_keeps_an_unscored_row(tmp_path):
 
 
 @on_ray_cluster
-def test_ray_warns_of_unproven_stats_when_only_some_rows_carry_stats(tiny_config):
-    from loguru import logger
-
+def test_ray_warns_of_unproven_stats_when_only_some_rows_carry_stats(tiny_config, warnings_logged):
     from gradfilter_ops.distributed import score_dataset
 
     forged = {**seed_tasks(5)[4], STATS: {fields.GSNR: 1e12, fields.STATUS: fields.OK}}  # made up: no proof
     rows = [{**row, STATS: None} for row in seed_tasks(4)] + [forged]
-    seen = []
-    handle = logger.add(lambda message: seen.append(str(message)), level="WARNING")
-    try:
-        scored = score_dataset(GSNRScorer(tiny_config()), ray.data.from_items(rows, override_num_blocks=2),
-                               stats_column=STATS, batch_size=8)
-    finally:
-        logger.remove(handle)
-    assert any("1 row(s) arrived with G-SNR stats that this scorer did not write" in m for m in seen), seen
+    scored = score_dataset(GSNRScorer(tiny_config()), ray.data.from_items(rows, override_num_blocks=2),
+                           stats_column=STATS, batch_size=8)
+    assert any("1 row(s) arrived with G-SNR stats that this scorer did not write" in m for m in warnings_logged), \
+        warnings_logged
     got = {row["id"]: row[STATS] for row in scored.dataset.take_all()}
     assert sorted(got) == sorted(r["id"] for r in rows)
     assert got[forged["id"]][fields.GSNR] != 1e12 and got[forged["id"]][fields.PROOF]
@@ -334,3 +328,33 @@ def test_ray_and_default_top_k_ops_sink_the_same_rows_reasons_and_counts(tmp_pat
     for name in ("gsnr_top_k_filter", "ray_gsnr_top_k_filter"):
         lines = [m for m in seen if m.split(" - ", 1)[-1].startswith(f"{name}: kept {len(kept['default'])} of")]
         assert len(lines) == 1 and f"kept {len(kept['default'])} of 20 rows; dropped by reason: {counts}" in lines[0]
+
+
+@on_ray_cluster
+def test_length_quotas_select_the_same_rows_and_reasons_on_ray_and_in_the_op(tmp_path):
+    from data_juicer.core.data import NestedDataset
+
+    from gradfilter_ops.distributed import select_dataset
+    from gradfilter_ops.ops import GSNRTopKFilter
+    from gradfilter_ops.selection import stat_selection_inputs
+
+    rows = stats_rows(30)
+    for i, row in enumerate(rows):  # G-SNR grows with the response length, so plain top-k keeps the longest
+        row[STATS].update({fields.RESPONSE_TOKENS: 5 + i, fields.GSNR: float(i)}
+                          if row[STATS][fields.STATUS] == fields.OK else {fields.RESPONSE_TOKENS: 0})
+    stats = [r[STATS] for r in rows]
+    statuses = [s[fields.STATUS] for s in stats]
+    groups, _ = stat_selection_inputs("length", "keep", statuses, [None] * 30, [None] * 30,
+                                      [s[fields.RESPONSE_TOKENS] for s in stats])
+    expected = select([s[fields.GSNR] for s in stats], statuses, top_ratio=0.2, groups=groups)
+    assert len({groups[i] for i in expected.keep}) == 5  # one row of each response-length quintile
+    reasons = {rows[i]["id"]: why for i, why in expected.reasons.items()}
+    assert fields.GROUP_QUOTA_FULL in reasons.values()
+
+    on_ray = select_dataset(ray.data.from_items(rows, override_num_blocks=4), stats_column=STATS, top_ratio=0.2,
+                            diversity="length", dropped_path=tmp_path / "ray.jsonl")
+    op = GSNRTopKFilter(top_ratio=0.2, diversity="length", dropped_path=str(tmp_path / "op.jsonl"))
+    in_op = op.process(NestedDataset(Dataset.from_list(rows)))
+    for kept, dropped in (([r["id"] for r in on_ray.dataset.take_all()], "ray.jsonl"), (list(in_op["id"]), "op.jsonl")):
+        assert kept == [rows[i]["id"] for i in expected.keep]
+        assert {r["id"]: r["gsnr_drop_reason"] for r in map(json.loads, (tmp_path / dropped).open())} == reasons

@@ -216,7 +216,7 @@ def test_dropped_rows_are_written_alike_from_a_dataset_and_from_row_dicts(tmp_pa
 
 # --- the group stats of the scorer: clusters and near-duplicates ----------------------------------
 
-from gradfilter_ops.selection import stat_selection_inputs, validate_options  # noqa: E402
+from gradfilter_ops.selection import length_bins, stat_selection_inputs, validate_options  # noqa: E402
 
 DEDUP_SCORES = [0.9, 0.8, 0.7, 0.6, 0.5, None]
 DEDUP_STATUSES = [OK] * 5 + [fields.EMPTY_RESPONSE]
@@ -262,3 +262,25 @@ def test_a_scored_row_without_the_group_stat_names_the_scorer_option():
 def test_group_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         validate_options(**{"top_k": 3, **options})
+
+
+def test_length_bins_are_quantiles_and_equal_lengths_share_a_bin():
+    assert length_bins([5, 1, 2, 3, 4, 6, 7, 8, 9, 10], 5) == [2, 0, 0, 1, 1, 2, 3, 3, 4, 4]
+    assert length_bins([3, 3, 3, 3, 9, 9], 3) == [0, 0, 0, 0, 2, 2]
+
+
+def test_length_quotas_keep_every_response_length_and_rank_inside_each():
+    # ten scored rows whose G-SNR grows with their response length, and one row without a score
+    tokens = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, None]
+    statuses = [OK] * 10 + [fields.EMPTY_RESPONSE]
+    scores = [t / 10 if t else None for t in tokens]
+    groups, duplicates = stat_selection_inputs("length", "keep", statuses, [None] * 11, [None] * 11, tokens)
+    assert groups[:4] == ["1/5: 10-20 tokens"] * 2 + ["2/5: 30-40 tokens"] * 2
+    assert groups[10] == "no score" and duplicates is None
+    assert select(scores, statuses, top_k=5).keep == [5, 6, 7, 8, 9]  # G-SNR alone: the five longest
+    spread = select(scores, statuses, top_k=5, groups=groups)
+    assert spread.keep == [1, 3, 5, 7, 9]  # the best of each quintile
+    assert spread.reasons[6] == spread.reasons[8] == fields.GROUP_QUOTA_FULL
+    assert spread.reasons[10] == fields.EMPTY_RESPONSE
+    with pytest.raises(ValueError, match=r"1 of the 11 rows have a score but no `gsnr_response_tokens`"):
+        stat_selection_inputs("length", "keep", statuses, [None] * 11, [None] * 11, [None] + tokens[1:])

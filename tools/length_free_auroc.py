@@ -19,7 +19,8 @@ import numpy as np
 from gradfilter_ops.config import GSNRConfig
 from gradfilter_ops.evaluation.corrupt import CLEAN
 from gradfilter_ops.evaluation.metrics import auroc, spearman, stratified_auroc
-from gradfilter_ops.evaluation.protocol import length_bins, pool_signals
+from gradfilter_ops.evaluation.protocol import pool_signals
+from gradfilter_ops.selection import length_bins
 
 
 def main(folder: str) -> None:

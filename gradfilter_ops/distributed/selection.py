@@ -87,14 +87,15 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
                    dropped_path: Optional[str | Path] = None, step: str = "gsnr") -> Selected:
     """Keep the best rows by G-SNR under one budget (`selection.select`, ties by block order) and
     write the dropped ones, with their reasons, to `dropped_path` when given (a `DropSink` named `step`
-    in the log). `diversity: clusters` and `near_duplicates: drop` read the scorer's `gsnr_cluster` and
-    `gsnr_duplicate_group`."""
+    in the log). `diversity: clusters`, `diversity: length` and `near_duplicates: drop` read the scorer's
+    `gsnr_cluster`, `gsnr_response_tokens` and `gsnr_duplicate_group`."""
     validate_options(top_k=top_k, top_ratio=top_ratio, max_tokens=max_tokens, grouped=group_by is not None,
                      group_quota=group_quota, min_per_group=min_per_group, diversity=diversity,
                      near_duplicates=near_duplicates)
     dataset = dataset.materialize()
     sink = DropSink(step, dropped_path)  # times the selection, not the work before it that materialize runs
-    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS, fields.ENSEMBLE, *fields.GROUP_FIELDS]
+    names = [fields.GSNR, fields.STATUS, fields.TOTAL_TOKENS, fields.RESPONSE_TOKENS, fields.ENSEMBLE,
+             *fields.GROUP_FIELDS]
     parts = fields_by_block(dataset.to_arrow_refs(), stats_column, names, group_by)
     statuses = joined(parts, fields.STATUS)
     if not statuses:
@@ -107,7 +108,7 @@ def select_dataset(dataset, *, top_k: Optional[int] = None, top_ratio: Optional[
     groups = joined(parts, "group") if group_by else None
     cluster_groups, duplicate_groups = stat_selection_inputs(
         diversity, near_duplicates, statuses, joined(parts, fields.CLUSTER),
-        joined(parts, fields.DUPLICATE_GROUP))
+        joined(parts, fields.DUPLICATE_GROUP), joined(parts, fields.RESPONSE_TOKENS))
     groups = cluster_groups if cluster_groups is not None else groups
     selection = select(joined(parts, fields.GSNR), statuses,
                        tokens=[t or 0 for t in joined(parts, fields.TOTAL_TOKENS)], groups=groups,

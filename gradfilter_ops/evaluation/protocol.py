@@ -147,17 +147,6 @@ def draw_pools(spec: ProtocolSpec, seed: int, instruction_field: str = "instruct
     return pools
 
 
-def length_bins(lengths: Sequence[float], bins: int = 5) -> np.ndarray:
-    """Each row's response-length quantile bin (0 = shortest), `bins` bins of about equal size; rows of
-    equal length share a bin."""
-    x = np.asarray(lengths, dtype=np.float64)
-    ranks = np.argsort(np.argsort(x, kind="stable"), kind="stable")
-    first = {}
-    for r, v in zip(ranks, x):  # equal lengths take the bin of their first rank
-        first[v] = min(first.get(v, r), r)
-    return np.array([min(bins - 1, int(first[v] * bins // len(x))) for v in x], dtype=np.int64)
-
-
 def stratified_top(scores: np.ndarray, groups: Sequence[int], budget: int) -> np.ndarray:
     """The package's own group-quota selection (`selection.select` with `groups`): the budget split over
     the groups in proportion to their size, each filled with its best rows by `scores`."""

@@ -120,7 +120,8 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
     from ..clusters import row_groups
     from ..embeddings import pooled_hidden_states
     from ..precision import resolve as resolve_precision
-    from .protocol import length_bins, pool_signals
+    from ..selection import length_bins
+    from .protocol import pool_signals
     from .runs import compute
     from .signals import evaluate_signal
 

@@ -61,8 +61,9 @@ TOP_K_OPTIONS = (
     Option("group_quota", str, "proportional", "`proportional` (to group size) or `equal`."),
     Option("min_per_group", int, 0, "rows every group keeps at least (if it has them), even past the budget."),
     Option("diversity", Optional[str], None,
-           "`clusters`: quotas per `gsnr_cluster` (the scorer's `clusters: true`) instead of `group_by`, "
-           "ranked by G-SNR inside each cluster; null: none."),
+           "`clusters`: quotas per `gsnr_cluster` (the scorer's `clusters: true`) instead of `group_by`; "
+           "`length`: quotas per response-length quintile of the scored rows (`gsnr_response_tokens`); ranked "
+           "by G-SNR inside each group; null: none."),
     Option("near_duplicates", str, "keep",
            "`drop`: of each `gsnr_duplicate_group` (the scorer's `near_duplicate_threshold`) keep the row with the "
            "best G-SNR and drop the others as `near_duplicate`, before the budget; `keep`: no dedup."),

@@ -35,6 +35,11 @@ def log_groups(op_name: str, keep: list[int], groups: Optional[list[str]], group
                     f"{ {g: f'{kept[g]}/{n}' for g, n in sorted(Counter(groups).items())} }.")
 
 
+def group_name(group_by: Optional[str], diversity: Optional[str]) -> str:
+    """What the groups of a grouped selection are, for the log."""
+    return group_by or {"clusters": fields.CLUSTER, "length": "response-length bin"}.get(diversity, "group")
+
+
 def dropped_path_of(op) -> Optional[str]:
     """Where a top-k op writes its dropped rows: `dropped_path`, else `<work_dir>/gsnr_dropped.jsonl`
     (`gsnr_dropped_step<N>.jsonl` for step N of a recipe with several top-k steps)."""
@@ -61,7 +66,9 @@ class GSNRTopKFilter(Selector):
     seats left over after each group's whole share go to the groups whose next row scores best.
     `diversity: clusters` does the same over the clusters of the proxy's pooled hidden states
     (`gsnr_cluster`, written by `gsnr_scorer` with `clusters: true`), so the selection keeps the
-    pool's mix without a source field. `near_duplicates: drop` keeps, of each group of
+    pool's mix without a source field; `diversity: length` over the response-length quintiles of the
+    scored rows (`gsnr_response_tokens`), so it cannot fill the budget with the longest answers.
+    `near_duplicates: drop` keeps, of each group of
     near-duplicates (`gsnr_duplicate_group`, from the scorer's `near_duplicate_threshold`), the row
     with the best G-SNR, and drops the others as `near_duplicate` before the budget is filled.
 
@@ -79,7 +86,7 @@ class GSNRTopKFilter(Selector):
 
         - gsnr_top_k_filter:
             top_ratio: 0.1
-            group_by: source          # optional; or `diversity: clusters`
+            group_by: source          # optional; or `diversity: clusters` / `length`
             min_per_group: 5
             near_duplicates: drop     # optional
     """
@@ -118,7 +125,8 @@ class GSNRTopKFilter(Selector):
         statuses = [s[fields.STATUS] for s in stats]
         cluster_groups, duplicate_groups = stat_selection_inputs(
             self.stat_options["diversity"], self.stat_options["near_duplicates"], statuses,
-            [s.get(fields.CLUSTER) for s in stats], [s.get(fields.DUPLICATE_GROUP) for s in stats])
+            [s.get(fields.CLUSTER) for s in stats], [s.get(fields.DUPLICATE_GROUP) for s in stats],
+            [s.get(fields.RESPONSE_TOKENS) for s in stats])
         groups = cluster_groups if cluster_groups is not None else groups
         sink = DropSink(OP_NAME, dropped_path_of(self))
         selection = select([s[fields.GSNR] for s in stats], statuses,
@@ -126,6 +134,6 @@ class GSNRTopKFilter(Selector):
                            group_quota=self.group_quota, min_per_group=self.min_per_group,
                            duplicate_groups=duplicate_groups, **self.budget)
         kept = dataset.select(sink.take(verdicts(len(stats), selection.reasons), dataset.select))
-        log_groups(OP_NAME, selection.keep, groups, self.group_by or fields.CLUSTER)
+        log_groups(OP_NAME, selection.keep, groups, group_name(self.group_by, self.stat_options["diversity"]))
         # The loader's own field: an export that kept it would make the loader drop the rows added to it later.
         return kept.remove_columns([SUFFIX_FIELD]) if SUFFIX_FIELD in kept.column_names else kept

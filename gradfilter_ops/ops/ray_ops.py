@@ -29,7 +29,7 @@ from ._options import (RANGE_OPTIONS, RAY_OPTIONS, TOP_K_OPTIONS, bind_options, 
                        reject_unknown_options)
 from ._recipe import check_dropped_files, recipe, scorer_dropped_path
 from .gsnr_scorer import MANIFEST_FILE, RANGE_SCOPE
-from .gsnr_top_k_filter import check_selection_options, dropped_path_of, log_groups
+from .gsnr_top_k_filter import check_selection_options, dropped_path_of, group_name, log_groups
 
 SCORER_NAME = "ray_gsnr_scorer"
 TOP_K_NAME = "ray_gsnr_top_k_filter"
@@ -119,6 +119,7 @@ class RayGSNRTopKFilter(Pipeline):
         except MissingScores as error:
             raise ValueError(f"{TOP_K_NAME} needs the G-SNR stats of every row: put a `{SCORER_NAME}` step before it "
                              f"in the recipe ({error}).") from error
-        log_groups(TOP_K_NAME, selected.selection.keep, selected.groups, self.options["group_by"] or fields.CLUSTER)
+        log_groups(TOP_K_NAME, selected.selection.keep, selected.groups,
+                   group_name(self.options["group_by"], self.options["diversity"]))
         return selected.dataset
 
