@@ -1,4 +1,4 @@
-"""`GSNRConfig`: every knob of G-SNR scoring; defaults as in the method spec but `lora_init` and `score_mode`.
+"""`GSNRConfig`: every knob of G-SNR scoring; defaults as in the method spec but `lora_init`, `score_mode`, `noise`.
 
 One definition drives the Python API, the Data-Juicer op's parameters and their help text. Fields
 marked *(reading)* are choices the paper leaves open; see ``docs/method.md``.
@@ -108,9 +108,9 @@ class GSNRConfig:
                                       "tokens (reading) or their `sum` (that gradient times the response token "
                                       "count); training is the same either way.", default="mean")
     norm: Norm = _help("`l2sq` (squared L2 norm, reading) or `l2` (plain norm).", default="l2sq")
-    noise: Noise = _help("Noise term: `var` (population variance over members, reading), `std`, or `relvar` "
-                         "(variance / mean^2: scale-free, so the score no longer follows the gradient's size).",
-                         default="var")
+    noise: Noise = _help("Noise term: `relvar` (variance / mean^2 over members: scale-free, so the score does not "
+                         "follow the gradient's size; the protocol's pick, docs/evaluation.md), `var` (population "
+                         "variance, the method's reading) or `std`.", default="relvar")
     eps: NonNegativeFloat = _help("Added to both denominators of the G-SNR.", default=1e-8)
 
     # --- groups of rows by the proxy's pooled hidden states ------------------------------------
