@@ -292,10 +292,10 @@ def test_tool_runs_end_to_end_on_a_tiny_proxy(tiny_gpt2_dir, tmp_path):
     # M for 2 norms x 3 noises = 6
     assert len(readings) == 72 + 10 + 3 + 24 + 6
     assert sum(r["example_loss"] == "sum" for r in readings) == 6
-    online = next(r for r in readings if r["params"] == "online" and r["signal"] == "gsnr")
-    assert (online["early"], online["late"], online["members"], online["norm"], online["noise"]) == \
-        ("1", "2", "2", "l2sq", "var")
-    # score_mode: online is the package default, so the main table's G-SNR is the online reading
+    online = next(r for r in readings if r["params"] == "online" and r["signal"] == "gsnr" and r["noise"] == "relvar")
+    assert (online["early"], online["late"], online["members"], online["norm"], online["eps"]) == \
+        ("1", "2", "2", "l2sq", "1e-08")
+    # score_mode: online and noise: relvar are the package defaults, so the main table's G-SNR is this reading
     assert summary["signals"]["G-SNR"]["auroc"] == pytest.approx(float(online["auroc"]))
     assert "How the parts follow the response's length" in report and "online s1-t2 M2 l2sq relvar" in report
     if importlib.util.find_spec("matplotlib") is not None:
