@@ -92,8 +92,6 @@ def test_no_heldout_row_is_in_any_pool_and_the_draw_is_seeded(spec_file):
     assert [r["output"] for r in draw_pools(spec, seed=1)[1].rows] != [r["output"] for r in pools[1].rows]
 
 
-
-
 def test_stratified_top_fills_each_group_in_proportion_with_its_best_rows():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])
     groups = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]  # the best rows are all in group 0

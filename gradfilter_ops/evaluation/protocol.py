@@ -20,7 +20,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -147,15 +147,20 @@ def draw_pools(spec: ProtocolSpec, seed: int, instruction_field: str = "instruct
     return pools
 
 
-def stratified_top(scores: np.ndarray, groups: Sequence[int], budget: int) -> np.ndarray:
+def score_statuses(scores: np.ndarray) -> list[str]:
+    """`ok` where a score is finite (a row a selection may keep), as `selection.select` reads statuses."""
+    from .. import fields
+
+    return [fields.OK if np.isfinite(s) else "non_finite_score" for s in scores]
+
+
+def stratified_top(scores: np.ndarray, groups: Sequence[Hashable], budget: int) -> np.ndarray:
     """The package's own group-quota selection (`selection.select` with `groups`): the budget split over
     the groups in proportion to their size, each filled with its best rows by `scores`."""
-    from .. import fields
     from ..selection import select
 
-    statuses = [fields.OK if np.isfinite(s) else "non_finite_score" for s in scores]
-    kept = select([float(s) if np.isfinite(s) else None for s in scores], statuses, top_k=budget,
-                  groups=[int(g) for g in groups])
+    kept = select([float(s) if np.isfinite(s) else None for s in scores], score_statuses(scores), top_k=budget,
+                  groups=list(groups))
     return np.array(kept.keep, dtype=np.int64)
 
 

@@ -120,8 +120,8 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
     from ..clusters import row_groups
     from ..embeddings import pooled_hidden_states
     from ..precision import resolve as resolve_precision
-    from ..selection import length_bins
-    from .protocol import pool_signals
+    from ..selection import length_bins, length_groups
+    from .protocol import pool_signals, score_statuses
     from .runs import compute
     from .signals import evaluate_signal
 
@@ -154,7 +154,9 @@ def score_pool(pool, config, out_dir: Path, proxy, skip_ifd: bool, seed: int, bo
     separation = {name: evaluate_signal(s, kinds, rng, bootstrap, signals["G-SNR"].score, bins)
                   for name, s in signals.items()}
     (folder / "separation.json").write_text(json.dumps(separation, indent=1, default=float))
-    groups = {"length": bins,
+    # the selections' groups as the top-k ops make them: `diversity: length` and `diversity: clusters`
+    groups = {"length": length_groups([int(t) for t in result["response_tokens"]],
+                                      score_statuses(signals["G-SNR"].score)),
               "clusters": row_groups(embeddings, clusters=True, num_clusters=config.num_clusters, threshold=None,
                                      seed=config.seed)[fields.CLUSTER]}
     return {"signals": signals, "groups": groups, "timings": timings, "separation": separation}
