@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny GPT-2 with the GPT-2 tokenizer cut to 4096 tokens, the ``--runslow`` switch, the
-``integration`` marker, and one torch thread per pytest-xdist worker."""
+``integration`` marker, one torch thread per pytest-xdist worker, and Ray clusters that keep idle workers."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # imported, so that its OpenMP / MKL pools start with one thread; subprocesses inherit it.
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
+
+# Ray clusters the tests start (`ray.init`, `ray.cluster_utils.Cluster`, the Ray executor of `dj-process`) keep
+# their idle worker processes instead of ending them after 1 s, as a long-lived cluster would: a worker that has
+# imported torch and transformers (about 4 s of CPU) is used again by the next task or actor.
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

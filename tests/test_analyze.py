@@ -3,9 +3,6 @@
 import csv
 import json
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +10,7 @@ import yaml
 from gradfilter_ops import fields
 
 from helpers import seed_tasks
+from warm_commands import run_command
 
 # One worker runs the whole file (`--dist loadgroup`): its module fixtures (its dj-analyze run) are built once.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_analyze")]
@@ -38,9 +36,8 @@ def analysis(tiny_gpt2_dir, tmp_path_factory):
         "np": 1, "text_keys": "id",
         "process": [{"gsnr_scorer": scorer}, {"gsnr_top_k_filter": {"top_k": 2}}],
     }))
-    dj = Path(sys.executable).parent / "dj-analyze"
-    run = subprocess.run([str(dj), "--config", str(recipe)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_command("dj-analyze", ["--config", recipe])
+    assert run.returncode == 0, run.log[-6000:]
     stats = [json.loads(line)[STATS] for line in (tmp / "out" / "result_stats.jsonl").open()]
     overall_csv = next((tmp / "out").glob("*/analysis/overall.csv"))
     with overall_csv.open() as f:

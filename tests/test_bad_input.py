@@ -3,8 +3,6 @@ made-up score trusted (issue 14). The runs are shared by module-scoped fixtures.
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from datasets import load_dataset
 from gradfilter_ops import GSNRConfig, GSNRScorer, fields
 
 from helpers import seed_tasks
+from warm_commands import run_command
 
 # One worker runs the whole file (`--dist loadgroup`): its dj-process runs and their score cache are built once.
 pytestmark = pytest.mark.xdist_group("test_bad_input")
@@ -42,12 +41,11 @@ def run_dj(recipe: dict, tmp: Path) -> tuple[int, str, list[dict], list[dict]]:
     path = tmp / "recipe.yaml"
     recipe = {**recipe, "export_path": str(tmp / "out" / "result.jsonl"), "np": 1, "keep_stats_in_res_ds": True}
     path.write_text(yaml.safe_dump(recipe))
-    dj = Path(sys.executable).parent / "dj-process"
-    run = subprocess.run([str(dj), "--config", str(path)], capture_output=True, text=True, cwd=REPO)
+    run = run_command("dj-process", ["--config", path], cwd=REPO)
     export = tmp / "out" / "result.jsonl"
     rows = [json.loads(line) for line in export.open()] if export.exists() else []
     dropped = [json.loads(line) for f in (tmp / "out").glob("*/*dropped.jsonl") for line in f.open()]
-    return run.returncode, run.stdout + run.stderr, rows, dropped
+    return run.returncode, run.log, rows, dropped
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

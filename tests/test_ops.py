@@ -16,6 +16,7 @@ from datasets import Dataset
 from gradfilter_ops import GSNRConfig, fields
 
 from helpers import seed_tasks
+from warm_commands import run_command
 
 # One worker runs the whole file (`--dist loadgroup`): its dj-process runs and their score cache are built once.
 pytestmark = pytest.mark.xdist_group("test_ops")
@@ -106,13 +107,11 @@ def write_recipe(tmp_path: Path, name: str, dataset: Path, scorer_args: dict, np
 
 
 def dj_process(recipe: Path) -> tuple[list[dict], str]:
-    # The console script of the interpreter running the tests, whether or not its venv is on PATH.
-    dj = Path(sys.executable).parent / "dj-process"
-    run = subprocess.run([str(dj), "--config", str(recipe)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_command("dj-process", ["--config", recipe])
+    assert run.returncode == 0, run.log[-6000:]
     export = Path(yaml.safe_load(recipe.read_text())["export_path"])
     files = sorted(export.glob("*.json")) if export.is_dir() else [export]  # Ray's exporter writes a folder
-    return [json.loads(line) for f in files for line in f.open()], run.stdout + run.stderr
+    return [json.loads(line) for f in files for line in f.open()], run.log
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,14 @@ message that names the option; nothing is coerced."""
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gradfilter_ops import GSNRConfig, GSNRScorer
 from gradfilter_ops.config import check_option, require_positive_int
+
+from warm_commands import run_command
 
 # A value of the wrong type for every option (a new option without an entry fails this test).
 WRONG_TYPE = {
@@ -106,9 +106,8 @@ def test_a_recipe_with_a_bad_option_fails_before_any_work_and_names_it(tmp_path,
     recipe.write_text(f"dataset_path: {data}\nexport_path: {tmp_path / 'out.jsonl'}\ntext_keys: instruction\n"
                       "process:\n  - gsnr_scorer:\n      hf_model: /no/such/proxy\n      learning_rate: 2e-4\n"
                       f"      {option}\n")
-    run = subprocess.run([str(Path(sys.executable).parent / "dj-process"), "--config", str(recipe)],
-                         capture_output=True, text=True, cwd=tmp_path)
+    run = run_command("dj-process", ["--config", recipe], cwd=tmp_path)
     assert run.returncode != 0
-    assert message in run.stderr
-    assert "Parameter 'learning_rate'" not in run.stderr and "`learning_rate`" not in run.stderr  # 2e-4 is a number
+    assert message in run.log
+    assert "Parameter 'learning_rate'" not in run.log and "`learning_rate`" not in run.log  # 2e-4 is a number
     assert not (tmp_path / "out.jsonl").exists()

@@ -11,7 +11,8 @@ import pytest
 
 from gradfilter_ops.evaluation.cli import main
 from gradfilter_ops.evaluation.downstream import FULL_POOL
-from gradfilter_ops.evaluation.protocol import HELDOUT_KINDS, PoolSpec, ProtocolSpec, draw_pools, stratified_top
+from gradfilter_ops.evaluation.protocol import (HELDOUT_KINDS, NOISE_READINGS, PoolSpec, ProtocolSpec,
+                                                default_selections, draw_pools, stratified_top)
 from gradfilter_ops.evaluation.protocol_report import outcome, verdict
 from helpers import seed_tasks
 
@@ -99,6 +100,14 @@ def test_stratified_top_fills_each_group_in_proportion_with_its_best_rows():
     assert stratified_top(scores, [0] * 10, 3).tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("noise", ["var", "relvar", "std"])
+def test_the_default_selections_add_each_noise_reading_but_the_runs_own(noise):
+    chosen = default_selections(noise)
+    assert chosen[0] == "G-SNR" and len(chosen) == len(set(chosen))
+    assert {name for other, name in NOISE_READINGS.items() if other != noise} <= set(chosen)
+    assert NOISE_READINGS.get(noise) not in chosen
+
+
 def test_an_outcome_needs_the_whole_interval_on_one_side():
     assert outcome([-0.10, -0.11, -0.09]) == "win"
     assert outcome([0.10, 0.11, 0.09]) == "loss"
@@ -137,7 +146,8 @@ def test_the_rule_picks_the_most_net_wins_among_readings_not_below_perplexity_on
 @pytest.mark.integration
 def test_runs_end_to_end_and_resumes_without_training_again(spec_file, tiny_gpt2_dir, tmp_path):
     out = tmp_path / "protocol"
-    selections = ["G-SNR", "G-SNR in clusters", "G-SNR in length bins", "random", "response length"]
+    # `noise: relvar` is the default, so the method's reading is the one more noise reading: `G-SNR var`
+    selections = ["G-SNR", "G-SNR var", "G-SNR in clusters", "G-SNR in length bins", "random", "response length"]
     argv = ["protocol", "--spec", str(spec_file), "--hf-model", str(tiny_gpt2_dir), "--set", "num_members=2",
             "--set", "max_length=32", "--set", "train_batch_size=8", "--set", "precision=fp32", "--seeds", "2",
             "--steps", "2", "--batch-size", "2", "--eval-every", "1", "--learning-rate", "2e-2", "--skip-ifd",
@@ -156,7 +166,7 @@ def test_runs_end_to_end_and_resumes_without_training_again(spec_file, tiny_gpt2
         assert len(starts) == len(HELDOUT_KINDS)
     verdict_json = json.loads((out / "verdict.json").read_text())
     cells = 2 * len(HELDOUT_KINDS)  # pools x held-out sets x one budget
-    for reading in ("G-SNR", "G-SNR in clusters", "G-SNR in length bins"):
+    for reading in ("G-SNR", "G-SNR var", "G-SNR in clusters", "G-SNR in length bins"):
         for baseline in ("random", "response length", FULL_POOL):
             assert sum(verdict_json["counts"][reading][baseline]["final"].values()) == cells
     eligible = [c["reading"] for c in verdict_json["candidates"] if c["eligible"]]

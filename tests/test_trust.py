@@ -17,6 +17,7 @@ from gradfilter_ops.engine import EnsembleTrainer, Snapshots, scoring
 from gradfilter_ops import GSNRScorer, fields
 
 from helpers import seed_tasks
+from warm_commands import run_command
 
 ROWS = [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(16)]
 
@@ -435,9 +436,8 @@ def test_dj_process_refuses_an_unwritable_dropped_path_before_training(tmp_path,
                                            "num_members": 2, "max_length": 64}},
                           {"gsnr_top_k_filter": {"top_k": 2, "dropped_path": "/sys/gsnr/dropped.jsonl"}}]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    dj = os.path.join(os.path.dirname(sys.executable), "dj-process")
-    run = subprocess.run([dj, "--config", str(tmp_path / "recipe.yaml")], capture_output=True, text=True)
-    log = run.stdout + run.stderr
+    run = run_command("dj-process", ["--config", tmp_path / "recipe.yaml"])
+    log = run.log
     assert run.returncode != 0
     assert "`dropped_path` /sys/gsnr/dropped.jsonl cannot be written: /sys is not writable" in log
     assert "training LoRA ensemble" not in log and "gsnr: precision" not in log

@@ -91,12 +91,15 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         warn_other_ensembles("gsnr", ensembles, fitted_ensemble(fitted))
     rows = row_digests(dataset, stats_column, labels=True)
     cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
+    # One batch in flight per actor: a batch is seconds to minutes of work, so a batch queued behind a busy actor
+    # would wait while an idle one (a late-starting one on another node) has none.
+    pool = ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1)
     with timed(fitted.timings, "score_s"):
         scored = dataset.map_batches(_ScoreBlocks,
                                      fn_constructor_kwargs={"scorer": ray_worker_copy(fitted),
                                                             "stats_column": stats_column},
                                      batch_size=batch_size, batch_format="pyarrow",
-                                     compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus,
+                                     compute=pool, num_cpus=cpus,
                                      num_gpus=gpus).materialize()
     check_every_row_once(rows, scored, stats_column)
     values = read_fields(scored, [fields.STATUS, fields.DROP], stats_column)

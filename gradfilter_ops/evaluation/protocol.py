@@ -194,14 +194,21 @@ def heldout_index(pool: Pool) -> tuple[list[dict], dict[str, np.ndarray]]:
 
 
 # What a protocol compares: readings of G-SNR (with and without quotas), the baselines, and the full pool.
-GSNR_SELECTIONS = ("G-SNR", "G-SNR relvar", "G-SNR in length bins", "G-SNR in clusters", "G-SNR M2")
+# `G-SNR` is the run's own reading; each noise reading below that is not the run's `noise` is one more.
+NOISE_READINGS = {"var": "G-SNR var", "relvar": "G-SNR relvar"}
+GSNR_SELECTIONS = ("G-SNR", *NOISE_READINGS.values(), "G-SNR in length bins", "G-SNR in clusters", "G-SNR M2")
 BASELINES = ("random", "response length", "IFD (Superfiltering)", "proxy perplexity", "late gradient norm")
 STRATIFIED = {"G-SNR in length bins": "length", "G-SNR in clusters": "clusters"}
 
 
+def default_selections(noise: str) -> list[str]:
+    """Every G-SNR reading and baseline, less the noise reading that is the run's own `G-SNR`."""
+    return [name for name in GSNR_SELECTIONS + BASELINES if name != NOISE_READINGS.get(noise)]
+
+
 def pool_signals(result: Mapping[str, Any], config, seed: int) -> dict[str, Any]:
     """Every ranking signal of a scored pool by name: `signals_for`'s, and the G-SNR readings the
-    protocol adds (relvar noise, the first two members only)."""
+    protocol adds (the other noise readings, the first two members only)."""
     from .readings import config_reading, norms_of, reading_scores
     from .signals import Signal, signals_for
 
@@ -210,10 +217,11 @@ def pool_signals(result: Mapping[str, Any], config, seed: int) -> dict[str, Any]
     late = signals["ablation: gradient norm"]
     signals["late gradient norm"] = dataclasses.replace(late, name="late gradient norm")
     norms, epochs = norms_of(result), result["epochs"]
-    for name, change, note in (("G-SNR relvar", {"noise": "relvar"}, "noise: relvar"),
-                               ("G-SNR M2", {"members": 2}, "the first 2 members only")):
-        if name == "G-SNR M2" and reading.members < 2:
-            continue
+    added = [(name, {"noise": noise}, f"noise: {noise}") for noise, name in NOISE_READINGS.items()
+             if noise != reading.noise]
+    if reading.members >= 2:
+        added.append(("G-SNR M2", {"members": 2}, "the first 2 members only"))
+    for name, change, note in added:
         scores = reading_scores(norms, epochs, dataclasses.replace(reading, **change))["score"]
         signals[name] = Signal(name, scores, note)
     return signals

@@ -45,8 +45,10 @@ def build_parser() -> ArgumentParser:
                    help="a GSNRConfig override for the scoring (and the fields, max_length, device and precision "
                         "of the fine-tune), the value read as JSON; repeat")
     p.add_argument("--target", type=Optional[str], help="the fine-tuned model (null: the proxy)")
-    p.add_argument("--selections", type=list[str], default=list(GSNR_SELECTIONS + BASELINES),
-                   help="what to fine-tune on at each budget (the full pool is always added)")
+    p.add_argument("--selections", type=Optional[list[str]],
+                   help="what to fine-tune on at each budget (the full pool is always added; null: every G-SNR "
+                        f"reading and baseline: {', '.join(GSNR_SELECTIONS + BASELINES)}, less the noise reading "
+                        "that is the run's own `G-SNR`)")
     p.add_argument("--reading", type=str, action="append", metavar="NAME=JSON",
                    help="another scoring setting judged as a G-SNR reading, e.g. "
                         "'G-SNR 1/4 layers={\"lora_layer_fraction\": 0.25}': the pool is scored again with these "
@@ -237,7 +239,7 @@ def prepare_pool(pool, config, recipe, budgets: Sequence[float], args, out_dir: 
     from .corrupt import CLEAN
     from .downstream import encode_all
     from .finetune import heldout_losses
-    from .protocol import heldout_index, pool_selections
+    from .protocol import default_selections, heldout_index, pool_selections
 
     scored = score_pool(pool, config, out_dir, proxy, args.skip_ifd, args.seed, args.bootstrap, not args.quiet,
                         readings)
@@ -245,7 +247,8 @@ def prepare_pool(pool, config, recipe, budgets: Sequence[float], args, out_dir: 
     heldout, sets = heldout_index(pool)
     encoded_heldout = encode_all(formatter, heldout, "held-out")
     return {"selections": pool_selections(scored["signals"], scored["groups"], budgets, len(pool.rows),
-                                          [*args.selections, *(readings or {})]),
+                                          [*(args.selections or default_selections(config.noise)),
+                                           *(readings or {})]),
             "train": encode_all(formatter, pool.rows, "pool"), "heldout": encoded_heldout, "sets": sets,
             "start": heldout_losses(model, encoded_heldout, pad_id, recipe.eval_batch_size, config.precision),
             "timings": scored["timings"], "separation": scored["separation"],
