@@ -94,7 +94,7 @@ class GSNRConfig:
     learning_rate: PositiveFloat = _help("AdamW learning rate (reading).", default=2e-4)
     weight_decay: NonNegativeFloat = _help("AdamW weight decay.", default=0.0)
     train_batch_size: PositiveInt = _help("Examples per optimizer step (reading).", default=16)
-    member_workers: PositiveInt = _help("Members trained and scored at once, each in a spawned process of its own "
+    member_workers: PositiveInt = _help("Members trained and scored at once, each in a worker process of its own "
                                         "on the same device; the same scores.", default=1)
     stack_members: Optional[PositiveInt] = _help("Members run in one stacked forward pass (with `member_workers: "
                                                  "1`); default: all on CUDA, 1 on a CPU.", default=None)

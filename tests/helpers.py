@@ -41,3 +41,10 @@ def write_tiny_gpt2(folder: Path, vocab_size: int, **config) -> None:
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=vocab_size,
                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, **config)
     GPT2LMHeadModel(config).save_pretrained(folder)
+
+
+def imported(module: str) -> bool:
+    """Whether this process has imported `module` (run in a worker process)."""
+    import sys
+
+    return module in sys.modules

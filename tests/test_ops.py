@@ -259,24 +259,6 @@ def test_member_workers_through_dj_process_give_the_same_scores(tmp_path, first_
         assert b[STATS][fields.GSNR] == pytest.approx(a[STATS][fields.GSNR], rel=1e-3)
 
 
-@pytest.mark.integration
-def test_ray_executor_keeps_the_rows_the_default_one_keeps(tmp_path, first_run, data_file, scorer_args):
-    rows, _ = first_run
-    args = {**scorer_args, "train_tasks": 2, "use_cache": False}  # no cache: the Ray tasks must train
-    on_ray, log = dj_process(write_recipe(tmp_path, "ray", data_file, args, ray=True, top_ratio=0.25))
-    assert "training members [[0], [1]] in 2 Ray task(s)" in log
-    assert [r["id"] for r in on_ray] == [r["id"] for r in rows]
-    for a, b in zip(rows, on_ray):
-        assert b[STATS][fields.EARLY] == pytest.approx(a[STATS][fields.EARLY], rel=1e-4)
-        assert b[STATS][fields.LATE] == pytest.approx(a[STATS][fields.LATE], rel=1e-4)
-    job_dir = next((tmp_path / "ray").glob("*/gsnr_dropped.jsonl")).parent
-    dropped = [json.loads(line) for line in (job_dir / "gsnr_dropped.jsonl").open()]
-    inputs = [json.loads(line)["id"] for line in data_file.open()]
-    assert sorted([r["id"] for r in on_ray] + [r["id"] for r in dropped]) == sorted(inputs)
-    assert json.loads((job_dir / "gsnr_manifest.json").read_text())["rows"] == {"ok": 24, "empty_response": 1,
-                                                                                 "missing_field": 1}
-
-
 @pytest.fixture(scope="module")
 def grouped_run(tmp_path_factory, data_file, scorer_args):
     """dj-process with clusters and near-duplicates, on the data plus a copy of its row 1 and its row 6 with a null
@@ -322,15 +304,27 @@ def test_dj_process_keeps_the_mix_and_the_best_of_each_near_duplicate_group(grou
 
 
 @pytest.mark.integration
-def test_ray_executor_keeps_the_rows_and_reasons_of_the_grouped_run(tmp_path, grouped_run, scorer_args):
+def test_ray_executor_trains_in_ray_tasks_and_keeps_the_scores_rows_and_reasons_of_the_default_one(
+        tmp_path, grouped_run, scorer_args):
+    from collections import Counter
+
     rows, dropped, _, inputs = grouped_run
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in inputs))
-    args = {**scorer_args, "clusters": True, "num_clusters": 3, "near_duplicate_threshold": 0.999}
-    on_ray, _ = dj_process(write_recipe(tmp_path, "ray_grouped", data, args, ray=True, top_ratio=0.25,
-                                        diversity="clusters", near_duplicates="drop"))
+    args = {**scorer_args, "clusters": True, "num_clusters": 3, "near_duplicate_threshold": 0.999,
+            "train_tasks": 2, "use_cache": False}  # no cache: the Ray tasks must train
+    on_ray, log = dj_process(write_recipe(tmp_path, "ray", data, args, ray=True, top_ratio=0.25,
+                                          diversity="clusters", near_duplicates="drop"))
+    assert "training members [[0], [1]] in 2 Ray task(s)" in log
     assert [r["id"] for r in on_ray] == [r["id"] for r in rows]
-    assert [(r[STATS][fields.CLUSTER], r[STATS][fields.DUPLICATE_GROUP]) for r in on_ray] == \
-        [(r[STATS][fields.CLUSTER], r[STATS][fields.DUPLICATE_GROUP]) for r in rows]
-    ray_dropped = [json.loads(line) for line in next((tmp_path / "ray_grouped").glob("*/gsnr_dropped.jsonl")).open()]
+    for a, b in zip(rows, on_ray):
+        assert b[STATS][fields.EARLY] == pytest.approx(a[STATS][fields.EARLY], rel=1e-4)
+        assert b[STATS][fields.LATE] == pytest.approx(a[STATS][fields.LATE], rel=1e-4)
+        assert (b[STATS][fields.CLUSTER], b[STATS][fields.DUPLICATE_GROUP]) == \
+            (a[STATS][fields.CLUSTER], a[STATS][fields.DUPLICATE_GROUP])
+    job_dir = next((tmp_path / "ray").glob("*/gsnr_dropped.jsonl")).parent
+    ray_dropped = [json.loads(line) for line in (job_dir / "gsnr_dropped.jsonl").open()]
     assert {r["id"]: r["gsnr_drop_reason"] for r in ray_dropped} == {r["id"]: r["gsnr_drop_reason"] for r in dropped}
+    assert sorted(r["id"] for r in on_ray + ray_dropped) == sorted(r["id"] for r in inputs)
+    statuses = Counter(r[STATS][fields.STATUS] for r in rows + dropped)
+    assert json.loads((job_dir / "gsnr_manifest.json").read_text())["rows"] == dict(statuses)

@@ -1,4 +1,7 @@
-"""`member_workers`: members trained in spawned worker processes give the ensemble of one process."""
+"""`member_workers`: members trained in worker processes give the ensemble of one process; the workers fork from a
+server that imported the proxy's modules once."""
+
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ from gradfilter_ops.engine import train_ensemble
 from gradfilter_ops.prompts import PromptFormatter
 from gradfilter_ops.proxy import load_proxy
 
-from helpers import seed_tasks
+from helpers import imported, seed_tasks
 
 
 @pytest.mark.integration  # spawns worker processes, each importing torch and loading the proxy
@@ -33,6 +36,17 @@ def test_members_trained_in_workers_equal_members_trained_here(tiny_gpt2_dir, ti
         np.testing.assert_allclose(there.online_sq_norms(), here.online_sq_norms(), rtol=1e-4)
     # The proxy comes back as it went: no adapter, no hooks (the workers had copies of their own).
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.integration  # starts a forkserver, which imports torch, transformers and peft
+def test_workers_fork_from_a_server_that_imported_the_proxys_modules(tiny_gpt2_dir):
+    from gradfilter_ops.engine.workers import member_pool
+
+    model, _ = load_proxy(str(tiny_gpt2_dir))
+    with member_pool(1, model, int) as pool:  # `int()`: an initializer that imports nothing
+        assert pool.submit(imported, type(model).__module__).result()  # the proxy's class, preloaded
+        assert pool.submit(imported, "peft").result()
+        assert pool.submit(os.getppid).result() != os.getpid()  # forked from the server, not from this process
 
 
 def test_member_workers_must_be_positive(tiny_config):

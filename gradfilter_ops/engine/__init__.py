@@ -11,7 +11,7 @@ gradient norms (phase 2) and the formula (phase 3).
   every training row's squared gradient norm (`Snapshots.online_norms`), so no scoring pass is needed.
 - `scoring`: `EnsembleScorer` reads the snapshots and never trains; `PooledEnsembleScorer` runs it in
   worker processes; `ensemble_scorer` picks one.
-- `workers`: the spawned process pool both use, sharing the frozen proxy.
+- `workers`: the process pool both use, sharing the frozen proxy.
 - `grads`: exact per-example squared gradient norms of the LoRA parameters in one batched pass;
   `head`: the frozen LM head's fused loss; `prefix`: the frozen layers below the adapters, run once;
   `stacking`: several members in one forward; `peft_internals`: every access to peft beyond its

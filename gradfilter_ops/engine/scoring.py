@@ -142,13 +142,13 @@ class EnsembleScorer:
 
 
 class PooledEnsembleScorer:
-    """`EnsembleScorer.sq_norms` in `workers` spawned processes, each with the proxy and every adapter
+    """`EnsembleScorer.sq_norms` in `workers` worker processes, each with the proxy and every adapter
     (adapters are small), a member per job; the same norms."""
 
     def __init__(self, model: torch.nn.Module, snapshots: Snapshots, config: GSNRConfig, pad_id: int,
                  workers: int, precision: Optional[Precision] = None):
         self.snapshots = snapshots
-        self.pool = member_pool(workers, _hold_scorer, model, snapshots, config, pad_id, precision)
+        self.pool = member_pool(workers, model, _hold_scorer, model, snapshots, config, pad_id, precision)
 
     def sq_norms(self, examples: Sequence[Encoded], progress: bool = True,
                  members: Optional[Sequence[int]] = None) -> np.ndarray:

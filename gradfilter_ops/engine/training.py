@@ -1,7 +1,7 @@
 """Phase 1: `EnsembleTrainer` trains the LoRA members on one frozen proxy and keeps their snapshots.
 
 Members train `stack_size` at a time in stacked steps (one forward for all of them,
-`stacking.StackedLora`), one at a time, or `member_workers` at a time in spawned worker processes
+`stacking.StackedLora`), one at a time, or `member_workers` at a time in worker processes
 (`workers`); every way gives the same members.
 """
 
@@ -128,7 +128,7 @@ class EnsembleTrainer:
         from concurrent.futures import as_completed
 
         logger.info(f"gsnr: training {len(members)} members in {workers} worker processes")
-        with member_pool(workers, _hold_trainer, self, list(examples), store) as pool:
+        with member_pool(workers, self.model, _hold_trainer, self, list(examples), store) as pool:
             futures = [pool.submit(_worker_member, member) for member in members]
             for future in as_completed(futures):
                 yield future.result()
