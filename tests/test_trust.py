@@ -4,8 +4,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,10 +12,10 @@ import torch
 from datasets import Dataset
 
 from gradfilter_ops.engine import EnsembleTrainer, Snapshots, scoring
-from gradfilter_ops import GSNRScorer, fields
+from gradfilter_ops import GSNRConfig, GSNRScorer, fields
 
 from helpers import seed_tasks
-from warm_commands import run_command
+from warm_commands import run_command, start
 
 ROWS = [{k: r[k] for k in ("instruction", "input", "output")} for r in seed_tasks(16)]
 
@@ -63,14 +61,11 @@ def test_cache_key_changes_with_score_options(tiny_config):
     assert speed_only.cache.dir == base.cache.dir and speed_only.snapshots is None
 
 
-RUN = """
-import json, sys
-from datasets import Dataset
-from gradfilter_ops import GSNRConfig, GSNRScorer
-config, rows, out = json.loads(sys.argv[1]), [json.loads(l) for l in open(sys.argv[2])], sys.argv[3]
-scored = GSNRScorer(GSNRConfig(**config)).score(Dataset.from_list(rows), batch_size=2)
-json.dump(list(scored["gsnr"]), open(out, "w"))
-"""
+def score_rows_file(config: dict, data: str, out: str) -> None:
+    """In a process of its own: score the rows of `data` (JSON lines) with `config`, the scores to `out`."""
+    rows = [json.loads(line) for line in open(data)]
+    scored = GSNRScorer(GSNRConfig(**config)).score(Dataset.from_list(rows), batch_size=2)
+    json.dump(list(scored["gsnr"]), open(out, "w"))
 
 
 @pytest.mark.integration  # three scoring processes, one killed: the resume without a kill is tested below
@@ -79,28 +74,29 @@ def test_sigkill_mid_scoring_resumes_to_identical_scores(tiny_config, tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = tiny_config(use_cache=True, cache_dir=str(tmp_path / "killed")).to_dict()
-    command = [sys.executable, "-c", RUN, json.dumps(config), str(data), str(tmp_path / "out.json")]
+    out = str(tmp_path / "out.json")
 
-    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = start(score_rows_file, config, str(data), out)
     shards = lambda: sorted((tmp_path / "killed").glob("scores/*/scores/part-*.jsonl"))  # noqa: E731
     deadline = time.time() + 300
-    while len(shards()) < 3 and run.poll() is None and time.time() < deadline:
+    while len(shards()) < 3 and run.exitcode is None and time.time() < deadline:
         time.sleep(0.01)
     os.kill(run.pid, signal.SIGKILL)
-    run.wait()
+    run.join()
     before = {p.name: p.stat().st_mtime_ns for p in shards()}
     assert 3 <= len(before) < 12, "the kill did not land in the middle of scoring"
 
-    finish = subprocess.run(command, capture_output=True, text=True)
-    assert finish.returncode == 0, finish.stderr[-3000:]
+    finish = start(score_rows_file, config, str(data), out)
+    finish.join()
+    assert finish.exitcode == 0
     resumed = json.loads((tmp_path / "out.json").read_text())
     after = {p.name: p.stat().st_mtime_ns for p in shards()}
     assert len(after) == 12
     assert all(after[name] == mtime for name, mtime in before.items()), "finished batches were scored again"
 
-    clean = dict(config, cache_dir=str(tmp_path / "clean"))
-    subprocess.run(command[:3] + [json.dumps(clean)] + command[4:], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clean = start(score_rows_file, dict(config, cache_dir=str(tmp_path / "clean")), str(data), out)
+    clean.join()
+    assert clean.exitcode == 0
     assert resumed == json.loads((tmp_path / "out.json").read_text())
 
 

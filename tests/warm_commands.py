@@ -1,4 +1,5 @@
-"""Run an installed command (`dj-process`, `dj-analyze`) as a child process that starts with its imports done.
+"""Run an installed command (`dj-process`, `dj-analyze`) or a function as a child process that starts with its
+imports done.
 
 A `dj-process` run of the tiny proxy spends most of its time importing torch, transformers, Data-Juicer and the
 plugin (about 6 s of CPU on 2 cores). Here each run is forked from one server process per test worker that
@@ -15,7 +16,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 # console script -> its entry point, as in Data-Juicer's and our pyproject.toml
 ENTRY_POINTS = {"dj-process": "data_juicer.tools.process_data", "dj-analyze": "data_juicer.tools.analyze_data"}
@@ -50,6 +51,14 @@ def _run(module: str, argv: list[str], cwd: Optional[str], log_path: str) -> Non
         os.chdir(cwd)
     sys.argv = argv
     sys.exit(importlib.import_module(module).main())
+
+
+def start(target: Callable, *args) -> multiprocessing.process.BaseProcess:
+    """`target(*args)` in a started child of the warm server (a module-level function; its output is the test
+    worker's): a process of its own, to wait for (`join`, `exitcode`) or to kill."""
+    child = _server().Process(target=target, args=args)
+    child.start()
+    return child
 
 
 def run_command(command: str, args: Sequence[str], cwd: Optional[Path] = None, timeout: float = 600) -> Finished:

@@ -80,7 +80,9 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         return Scored(dataset, scorer)
     exclude = [stats_column] if stats_column else list(fields.SCORE_FIELDS + fields.GROUP_FIELDS)
     claims = [status is not None and bool(stats_column) for status in statuses]
-    if every_row_proven("gsnr", claims, lambda: _block_flags(scorer, dataset, stats_column), ensembles):
+    nothing_to_score = every_row_proven("gsnr", claims, lambda: _block_flags(scorer, dataset, stats_column),
+                                        ensembles)
+    if nothing_to_score:
         logger.info("gsnr: every row already has a G-SNR score; training nothing.")
         fitted = scorer
         if scorer.config.group_fields:
@@ -95,12 +97,16 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
     # would wait while an idle one (a late-starting one on another node) has none.
     pool = ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1)
     with timed(fitted.timings, "score_s"):
-        scored = dataset.map_batches(_ScoreBlocks,
-                                     fn_constructor_kwargs={"scorer": ray_worker_copy(fitted),
-                                                            "stats_column": stats_column},
-                                     batch_size=batch_size, batch_format="pyarrow",
-                                     compute=pool, num_cpus=cpus,
-                                     num_gpus=gpus).materialize()
+        if nothing_to_score:  # Ray tasks write the group fields; no actor loads the proxy
+            scored = dataset.map_batches(add_scores, fn_kwargs={"scorer": ray_worker_copy(fitted),
+                                                                "stats_column": stats_column},
+                                         batch_size=batch_size, batch_format="pyarrow").materialize()
+        else:
+            scored = dataset.map_batches(_ScoreBlocks,
+                                         fn_constructor_kwargs={"scorer": ray_worker_copy(fitted),
+                                                                "stats_column": stats_column},
+                                         batch_size=batch_size, batch_format="pyarrow",
+                                         compute=pool, num_cpus=cpus, num_gpus=gpus).materialize()
     check_every_row_once(rows, scored, stats_column)
     values = read_fields(scored, [fields.STATUS, fields.DROP], stats_column)
     fitted.summary = summarize(values[fields.STATUS], values[fields.DROP])
