@@ -174,8 +174,9 @@ def run_on_the_cluster(nodes: TwoNodes, model_dir, ledger, **options):
         shutil.rmtree(cache / "scores", ignore_errors=True)
     scorer = RecordedScorer(config(model_dir))
     scorer.ledger = ledger
+    options = {"concurrency": 2, "train_tasks": 2, **options}  # by default a scoring actor and a member per node
     return score_dataset(scorer, ray.data.from_items(ROWS, override_num_blocks=BLOCKS), stats_column=STATS,
-                         concurrency=2, train_tasks=2, batch_size=len(ROWS) // BLOCKS, **options)
+                         batch_size=len(ROWS) // BLOCKS, **options)
 
 
 def assert_every_row_once_with_the_scores_of(expected: dict, rows: list) -> None:
@@ -274,7 +275,7 @@ def test_rows_lost_past_rays_retries_fail_the_job_naming_them(two_nodes, tiny_gp
     ledger = Ledger.remote(fail_id=ROWS[7]["id"])
     try:
         with pytest.raises(LostRows) as lost:
-            run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
+            run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger, concurrency=1)  # where it runs is not the point
     finally:
         context.max_errored_blocks = saved
     _, batches = ray.get(ledger.records.remote())
