@@ -22,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # their idle worker processes instead of ending them after 1 s, as a long-lived cluster would: a worker that has
 # imported torch and transformers (about 4 s of CPU) is used again by the next task or actor.
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # and start no usage-stats process (nothing is sent from here)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

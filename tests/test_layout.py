@@ -1,9 +1,11 @@
 """The package's shape: no import cycle between its modules, and no module reaching into another one's
-private names or private modules."""
+private names or private modules; and the test runner's grouping of the tests, which the suite's speed needs."""
 
 import ast
 from pathlib import Path
 from typing import Optional
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gradfilter_ops"
@@ -245,3 +247,12 @@ def test_the_check_finds_what_it_looks_for(tmp_path):
     found = sorted((module, name) for module, name, _ in private_uses(probe))
     assert found == [("gradfilter_ops.engine", "_train_member"), ("gradfilter_ops.proxy", "_preset_folder"),
                      ("gradfilter_ops.records", "_hidden"), ("gradfilter_ops.scorer", "_rows")]
+
+
+@pytest.mark.xdist_group("layout")
+def test_xdist_groups_reach_the_scheduler(request):
+    """Under `--dist loadgroup` a grouped test's id carries its group, which is how the scheduler keeps a file's
+    tests (and its module fixtures: a Ray cluster, a `dj-process` run) on one worker; pytest 9.2 loses it."""
+    if not getattr(request.config.option, "loadgroup", False):  # set on the workers of `--dist loadgroup`
+        pytest.skip("runs under pytest-xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@layout")

@@ -12,11 +12,12 @@ runs it through `ray_gsnr_scorer` and `ray_gsnr_top_k_filter`; it works on any `
 - Training: the members are split over `train_tasks` Ray tasks (a GPU each when the cluster has
   GPUs). Each task reads every row, as the method needs, and trains its members as `GSNRScorer.fit`
   would (member m seeds with seed + m), so the ensemble does not depend on the split.
-- Scoring: a pool of `concurrency` Ray actors maps over the blocks; each loads the proxy once and
-  gets the trained adapters through Ray's object store, not through `cache_dir` (each node writes
-  its score shards to the cache folder it resolves itself). An actor or node that dies is restarted
-  and its batches retried by Ray Data; every row must come back exactly once, else `LostRows` names
-  the rows lost or doubled (`completeness`).
+- Scoring: a pool of `concurrency` Ray actors maps over the blocks, one batch in flight each; each
+  loads the proxy once and gets the trained adapters through Ray's object store, not through
+  `cache_dir` (each node writes its score shards to the cache folder it resolves itself). Where every
+  row already carries its score, Ray tasks write the group fields and no actor starts. An actor or
+  node that dies is restarted and its batches retried by Ray Data; every row must come back exactly
+  once, else `LostRows` names the rows lost or doubled (`completeness`).
 - Selection: a few numbers per row (score, status, tokens, group) come to the driver, the selection
   is `selection.select` over them in block order, and each block is cut where it lies. Dropped rows
   stream to one JSON-lines file, a block at a time.
