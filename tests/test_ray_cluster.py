@@ -1,7 +1,7 @@
 """`gradfilter_ops.distributed` on a Ray cluster of two nodes (`ray.cluster_utils.Cluster` on this machine: one
 CPU, one temp folder and one cache folder each, nothing shared): members, scoring actors and cache files on both
-nodes, a scoring actor killed in the middle of a batch, a worker node removed in the middle of a batch, and rows
-lost past Ray's retries.
+nodes, a scoring actor killed in the middle of a batch, and rows lost past Ray's retries (a worker node removed in
+the middle of a batch: `tests/test_ray_node_loss.py`, on a cluster of its own).
 
 The cluster starts once for the module (slow on 2 cores). The scorer is the real `GSNRScorer` with two hooks of
 the test's own (`RecordedScorer`): it tells a ledger actor on which node it trained and scored (node ids from
@@ -285,28 +285,3 @@ def test_rows_lost_past_rays_retries_fail_the_job_naming_them(two_nodes, tiny_gp
     positions = [i for i, row in enumerate(ROWS) if row["id"] in failed]
     assert all(f"row {i} (id={ROWS[i]['id']!r})" in message for i in positions), message
     assert "nothing is selected or exported" in message
-
-
-def test_a_worker_node_lost_in_a_batch_leaves_the_rest_to_finish_every_row_once(two_nodes, one_process, tiny_gpt2_dir):
-    """The worker node is removed (every process of it: raylet, object store, the scoring actor) while its actor
-    holds a batch; the head node scores that batch again. Runs last: the cluster keeps one node."""
-    lost = two_nodes.worker
-    ledger = Ledger.remote(hold=lost.node_id, spread=2)  # the head's actor waits until the worker holds a batch
-    removed = {}
-
-    def remove(held):
-        two_nodes.cluster.remove_node(lost, allow_graceful=False)
-        removed["ids"] = held[1]
-
-    remover = on_the_held_batch(ledger, remove)
-    try:
-        scored = run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
-    finally:
-        remover.join()
-        two_nodes.caches.pop(lost.node_id)
-    _, batches = ray.get(ledger.records.remote())
-
-    assert removed, "the worker node held no batch, so it was not removed"
-    held_at = batches.index((lost.node_id, removed["ids"]))
-    assert [node for node, ids in batches[held_at + 1:] if ids == removed["ids"]] == [next(iter(two_nodes.caches))]
-    assert_every_row_once_with_the_scores_of(one_process, scored.dataset.take_all())
