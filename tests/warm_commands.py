@@ -6,7 +6,8 @@ plugin (about 6 s of CPU on 2 cores). Here each run is forked from one server pr
 imported them once (`multiprocessing`'s forkserver with a preload list): a fresh process per run, with its own
 state, exit code and output, calling the same entry point as the console script with the same arguments. The
 server takes the environment of the test worker when it starts; a run that needs another environment is started
-with `subprocess` instead."""
+with `subprocess` instead. It is multiprocessing's one forkserver of the test worker, so the package's member-worker
+pools started in that worker (`engine.workers`) fork from it too."""
 
 from __future__ import annotations
 
@@ -65,9 +66,7 @@ def run_command(command: str, args: Sequence[str], cwd: Optional[Path] = None, t
     """`command args...` (a console script of `ENTRY_POINTS`) in a forked child of the warm server."""
     with tempfile.TemporaryDirectory() as tmp:
         log_path = os.path.join(tmp, "log")
-        child = _server().Process(target=_run, args=(ENTRY_POINTS[command], [command, *map(str, args)],
-                                                     str(cwd) if cwd else None, log_path))
-        child.start()
+        child = start(_run, ENTRY_POINTS[command], [command, *map(str, args)], str(cwd) if cwd else None, log_path)
         child.join(timeout)
         if child.exitcode is None:
             child.kill()

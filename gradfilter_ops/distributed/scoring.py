@@ -92,21 +92,18 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
                                           num_cpus=num_cpus, num_gpus=num_gpus))
         warn_other_ensembles("gsnr", ensembles, fitted_ensemble(fitted))
     rows = row_digests(dataset, stats_column, labels=True)
-    cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
-    # One batch in flight per actor: a batch is seconds to minutes of work, so a batch queued behind a busy actor
-    # would wait while an idle one (a late-starting one on another node) has none.
-    pool = ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1)
+    arguments = {"scorer": ray_worker_copy(fitted), "stats_column": stats_column}
+    if nothing_to_score:  # Ray tasks write the group fields; no actor loads the proxy
+        how = dict(fn_kwargs=arguments)
+    else:
+        cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
+        # One batch in flight per actor: a batch is seconds to minutes of work, so a batch queued behind a busy
+        # actor would wait while an idle one (a late-starting one on another node) has none.
+        how = dict(fn_constructor_kwargs=arguments, num_cpus=cpus, num_gpus=gpus,
+                   compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1))
     with timed(fitted.timings, "score_s"):
-        if nothing_to_score:  # Ray tasks write the group fields; no actor loads the proxy
-            scored = dataset.map_batches(add_scores, fn_kwargs={"scorer": ray_worker_copy(fitted),
-                                                                "stats_column": stats_column},
-                                         batch_size=batch_size, batch_format="pyarrow").materialize()
-        else:
-            scored = dataset.map_batches(_ScoreBlocks,
-                                         fn_constructor_kwargs={"scorer": ray_worker_copy(fitted),
-                                                                "stats_column": stats_column},
-                                         batch_size=batch_size, batch_format="pyarrow",
-                                         compute=pool, num_cpus=cpus, num_gpus=gpus).materialize()
+        scored = dataset.map_batches(add_scores if nothing_to_score else _ScoreBlocks, batch_size=batch_size,
+                                     batch_format="pyarrow", **how).materialize()
     check_every_row_once(rows, scored, stats_column)
     values = read_fields(scored, [fields.STATUS, fields.DROP], stats_column)
     fitted.summary = summarize(values[fields.STATUS], values[fields.DROP])

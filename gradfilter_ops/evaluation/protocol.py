@@ -151,7 +151,7 @@ def score_statuses(scores: np.ndarray) -> list[str]:
     """`ok` where a score is finite (a row a selection may keep), as `selection.select` reads statuses."""
     from .. import fields
 
-    return [fields.OK if np.isfinite(s) else "non_finite_score" for s in scores]
+    return [fields.OK if np.isfinite(s) else fields.NON_FINITE for s in scores]
 
 
 def stratified_top(scores: np.ndarray, groups: Sequence[Hashable], budget: int) -> np.ndarray:
