@@ -254,7 +254,7 @@ def test_a_scoring_actor_killed_in_a_batch_is_restarted_and_every_row_is_scored_
         ray.kill(actor, no_restart=False)  # a real kill of a live actor; Ray may restart it
 
     killer = on_the_held_batch(ledger, kill)
-    scored = run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger)
+    scored = run_on_the_cluster(two_nodes, tiny_gpt2_dir, ledger, concurrency=1)  # the one actor is killed
     killer.join()
     _, batches = ray.get(ledger.records.remote())
 

@@ -3,12 +3,15 @@
 import json
 import math
 import statistics
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import seed_tasks
+from warm_commands import call
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -16,11 +19,22 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 @pytest.fixture()
 def tools(monkeypatch):
     """The two tool scripts as modules, run on one thread (as --quick does: tiny ops on threads that
-    wait for a busy CPU are slow), then torch's thread count is restored."""
+    wait for a busy CPU are slow), then torch's thread count is restored. The benchmark's child processes
+    (the memory and head sections: a fresh interpreter each, to measure its own peak memory) fork from the
+    test worker's warm server instead (`warm_commands.call`: the same code and arguments in a process of its
+    own, without importing torch and transformers again), one at a time."""
     monkeypatch.syspath_prepend(str(TOOLS))
     import bench_speed
     import gpu_check
 
+    one_at_a_time = threading.Lock()
+
+    def warm_child(argv):
+        with one_at_a_time:
+            done = call(bench_speed.main, list(argv))
+        return subprocess.CompletedProcess(argv, done.returncode, done.stdout, done.stderr)
+
+    monkeypatch.setattr(bench_speed, "run_child", warm_child)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield bench_speed, gpu_check

@@ -1,5 +1,5 @@
 """Run an installed command (`dj-process`, `dj-analyze`) or a function as a child process that starts with its
-imports done.
+imports done (`run_command`, `call`, `start`).
 
 A `dj-process` run of the tiny proxy spends most of its time importing torch, transformers, Data-Juicer and the
 plugin (about 6 s of CPU on 2 cores). Here each run is forked from one server process per test worker that
@@ -41,17 +41,35 @@ def _server():
     return _context
 
 
+@dataclass
+class Called:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _redirect(out_path: str, err_path: str) -> None:
+    """In a forked child: send fds 1 and 2 to these files (the same file where the paths are equal)."""
+    sys.stdout.flush(), sys.stderr.flush()
+    out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    err = out if err_path == out_path else os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1), os.dup2(err, 2)
+
+
 def _run(module: str, argv: list[str], cwd: Optional[str], log_path: str) -> None:
     """In the forked child: send fds 1 and 2 to `log_path`, then run the entry point as its script does."""
     import importlib
 
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    sys.stdout.flush(), sys.stderr.flush()
-    os.dup2(log, 1), os.dup2(log, 2)
+    _redirect(log_path, log_path)
     if cwd:
         os.chdir(cwd)
     sys.argv = argv
     sys.exit(importlib.import_module(module).main())
+
+
+def _call(target: Callable, args: tuple, out_path: str, err_path: str) -> None:
+    _redirect(out_path, err_path)
+    target(*args)
 
 
 def start(target: Callable, *args) -> multiprocessing.process.BaseProcess:
@@ -73,3 +91,17 @@ def run_command(command: str, args: Sequence[str], cwd: Optional[Path] = None, t
             child.join()
             raise TimeoutError(f"{command} {' '.join(map(str, args))} ran over {timeout} s")
         return Finished(child.exitcode, Path(log_path).read_text(errors="replace"))
+
+
+def call(target: Callable, *args, timeout: float = 600) -> Called:
+    """`target(*args)` (a module-level function) in a forked child of the warm server, its stdout and stderr
+    captured apart, as `subprocess.run(..., capture_output=True)` gives them; an exception exits 1."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        child = start(_call, target, args, out, err)
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise TimeoutError(f"{target.__name__}{args} ran over {timeout} s")
+        return Called(child.exitcode, *(Path(p).read_text(errors="replace") for p in (out, err)))

@@ -498,9 +498,14 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"rows": len(scored), "loaded_mib": loaded / 1024, "peak_mib": peak / 1024}))
 
 
+def run_child(argv: Sequence[str]) -> subprocess.CompletedProcess:
+    """This script in a fresh process with `argv`, its output captured."""
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
+
+
 def child_json(what: str, argv: Sequence[str]) -> dict[str, Any]:
-    """Run this script in a fresh process with `argv`; its last stdout line is a JSON object."""
-    run = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
+    """Run this script in a fresh process with `argv` (`run_child`); its last stdout line is a JSON object."""
+    run = run_child(argv)
     if run.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
