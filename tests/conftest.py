@@ -21,8 +21,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Threads that wait for work sleep instead of spinning (libgomp spins for a while by default): torch in a Ray worker
 # or a member worker runs beside both pytest workers on 2 cores, where a spinning thread takes a core that another
-# process needs. Measured on the whole suite (2 cores, AMD EPYC): 681 CPU-s and 5 min 56 s without, 588 CPU-s and
-# 5 min 7 s with. Set before torch is imported; the processes the tests start inherit it.
+# process needs. Measured on the whole suite (`.venv/bin/python -m pytest`, 2 cores of an AMD EPYC with AVX2 only,
+# no bf16 units): 681 CPU-s and 5 min 56 s without, 588 CPU-s and 5 min 7 s with. Set before torch is imported;
+# the processes the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Ray clusters the tests start (`ray.init`, `ray.cluster_utils.Cluster`, the Ray executor of `dj-process`) keep

@@ -80,16 +80,21 @@ def start(target: Callable, *args) -> multiprocessing.process.BaseProcess:
     return child
 
 
+def _wait(child: multiprocessing.process.BaseProcess, timeout: float, what: str) -> None:
+    """Wait for `child`; one still running after `timeout` seconds is killed and raises."""
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        raise TimeoutError(f"{what} ran over {timeout} s")
+
+
 def run_command(command: str, args: Sequence[str], cwd: Optional[Path] = None, timeout: float = 600) -> Finished:
     """`command args...` (a console script of `ENTRY_POINTS`) in a forked child of the warm server."""
     with tempfile.TemporaryDirectory() as tmp:
         log_path = os.path.join(tmp, "log")
         child = start(_run, ENTRY_POINTS[command], [command, *map(str, args)], str(cwd) if cwd else None, log_path)
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            raise TimeoutError(f"{command} {' '.join(map(str, args))} ran over {timeout} s")
+        _wait(child, timeout, f"{command} {' '.join(map(str, args))}")
         return Finished(child.exitcode, Path(log_path).read_text(errors="replace"))
 
 
@@ -99,9 +104,5 @@ def call(target: Callable, *args, timeout: float = 600) -> Called:
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
         child = start(_call, target, args, out, err)
-        child.join(timeout)
-        if child.exitcode is None:
-            child.kill()
-            child.join()
-            raise TimeoutError(f"{target.__name__}{args} ran over {timeout} s")
+        _wait(child, timeout, f"{target.__name__}{args}")
         return Called(child.exitcode, *(Path(p).read_text(errors="replace") for p in (out, err)))
