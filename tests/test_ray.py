@@ -66,6 +66,38 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
         assert scored.scorer.summary["statuses"] == {"ok": 10, "empty_response": 1, "missing_field": 1}
 
 
+class WhereTrained(GSNRScorer):
+    """The real scorer, noting the process it trained in and that process's `MODEL_TASKS` variable."""
+
+    def fit(self, dataset, batch_size=1000, members=None):
+        import os
+
+        self.trained_in = (os.getpid(), os.environ.get("GRADFILTER_RAY_TASKS"))
+        return super().fit(dataset, batch_size, members)
+
+
+@on_ray_cluster
+def test_training_runs_again_in_the_worker_that_imported_torch_though_block_reads_ran_between(tiny_config):
+    """Training runs in the pool of tasks that load the proxy (`resources.MODEL_TASKS`): the block reads between
+    two trainings take other workers, and the second training finds the first one's process, torch imported."""
+    import sys
+
+    from gradfilter_ops.distributed import fit_dataset, read_fields
+
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import the tests folder
+    try:
+        dataset = ray.data.from_items(seed_tasks(6), override_num_blocks=3).materialize()
+        first = fit_dataset(WhereTrained(tiny_config()), dataset)
+        for _ in range(3):
+            read_fields(dataset, ["id"])
+        second = fit_dataset(WhereTrained(tiny_config(seed=1)), dataset)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(module)
+    assert first.trained_in[1] == "model"
+    assert second.trained_in == first.trained_in
+
+
 def stats_rows(n: int) -> list[dict]:
     """Rows as Data-Juicer's Ray executor holds them: stats of another op, and G-SNR stats with ties."""
     rows = []

@@ -17,7 +17,7 @@ from ..threads import use_ray_assigned_cpus
 from ..timing import timed
 from .blocks import add_scores, block_proven, read_fields
 from .completeness import check_every_row_once, row_digests
-from .resources import task_resources
+from .resources import MODEL_TASKS, task_resources
 from .training import fit_dataset, group_dataset, ray_worker_copy
 
 
@@ -93,8 +93,8 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         warn_other_ensembles("gsnr", ensembles, fitted_ensemble(fitted))
     rows = row_digests(dataset, stats_column, labels=True)
     arguments = {"scorer": ray_worker_copy(fitted), "stats_column": stats_column}
-    if nothing_to_score:  # Ray tasks write the group fields; no actor loads the proxy
-        how = dict(fn_kwargs=arguments)
+    if nothing_to_score:  # Ray tasks write the group fields, in the pool of tasks that loaded the proxy; no actor
+        how = dict(fn_kwargs=arguments, runtime_env=MODEL_TASKS)
     else:
         cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
         # One batch in flight per actor: a batch is seconds to minutes of work, so a batch queued behind a busy

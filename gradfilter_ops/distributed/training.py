@@ -11,7 +11,7 @@ from loguru import logger
 from ..scorer import GSNRScorer
 from ..threads import FORKED_MAP_WORKER, KEEP_THREADS, use_ray_assigned_cpus
 from ..timing import Stopwatch
-from .resources import task_resources
+from .resources import model_task_options
 
 
 def ray_worker_copy(scorer: GSNRScorer) -> GSNRScorer:
@@ -51,11 +51,12 @@ def fit_dataset(scorer: GSNRScorer, dataset, *, train_tasks: int = 1, exclude: S
     if config.member_workers > 1:
         raise ValueError("On Ray the members are split over `train_tasks` Ray tasks; leave member_workers at 1.")
     tasks = max(1, min(train_tasks, config.num_members))
-    cpus, gpus = task_resources(config.device, num_cpus, num_gpus, tasks)
+    options = model_task_options(config.device, num_cpus, num_gpus, tasks)
     shares = [[int(m) for m in share] for share in np.array_split(np.arange(config.num_members), tasks)]
     refs = dataset.to_arrow_refs()
-    logger.info(f"gsnr: training members {shares} in {tasks} Ray task(s), {cpus} CPU(s) and {gpus} GPU(s) each.")
-    fit = ray.remote(_fit_share).options(num_cpus=cpus, num_gpus=gpus)
+    logger.info(f"gsnr: training members {shares} in {tasks} Ray task(s), {options['num_cpus']} CPU(s) and "
+                f"{options['num_gpus']} GPU(s) each.")
+    fit = ray.remote(_fit_share).options(**options)
     started = Stopwatch()
     fitted = ray.get([fit.remote(ray_worker_copy(scorer), refs, list(exclude), share) for share in shares])
     for part in fitted:
@@ -79,8 +80,8 @@ def group_dataset(scorer: GSNRScorer, dataset, *, exclude: Sequence[str] = (), n
     proxy): for rows that carry their scores already. Returns the scorer with its `row_groups`."""
     import ray
 
-    cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, 1)
-    grouped = ray.get(ray.remote(_fit_groups).options(num_cpus=cpus, num_gpus=gpus).remote(
+    options = model_task_options(scorer.config.device, num_cpus, num_gpus, 1)
+    grouped = ray.get(ray.remote(_fit_groups).options(**options).remote(
         ray_worker_copy(scorer), dataset.to_arrow_refs(), list(exclude)))
     grouped.thread_policy = FORKED_MAP_WORKER  # back on the driver: a plain scorer again
     return grouped
