@@ -265,7 +265,16 @@ def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
                                stats_column=STATS, batch_size=4)
         return {row["id"]: row for row in scored.dataset.take_all()}
 
-    first = run(rows[:7])
+    def old_output(items):  # an earlier run's rows: each Ray actor's `add_scores` of an ensemble, fitted here
+        import pyarrow as pa
+
+        from gradfilter_ops.distributed import add_scores
+
+        scorer = GSNRScorer(config)
+        scorer.fit(items)
+        return {row["id"]: row for row in add_scores(pa.Table.from_pylist(items), scorer, STATS).to_pylist()}
+
+    first = old_output(rows[:7])
     again = run(list(first.values()) + rows[7:])
     scratch = run(rows)
     assert len({row[STATS][fields.ENSEMBLE] for row in again.values()}) == 1
