@@ -67,22 +67,25 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
 
 
 class WhereTrained(GSNRScorer):
-    """The real scorer, noting the process it trained in and that process's `MODEL_TASKS` variable."""
+    """The real scorer, noting the process it trained in and that process's `resources.MODEL_TASKS` variables."""
 
     def fit(self, dataset, batch_size=1000, members=None):
         import os
 
-        self.trained_in = (os.getpid(), os.environ.get("GRADFILTER_RAY_TASKS"))
+        from gradfilter_ops.distributed.resources import MODEL_TASKS
+
+        self.trained_in = (os.getpid(), {name: os.environ.get(name) for name in MODEL_TASKS["env_vars"]})
         return super().fit(dataset, batch_size, members)
 
 
 @on_ray_cluster
 def test_training_runs_again_in_the_worker_that_imported_torch_though_block_reads_ran_between(tiny_config):
-    """Training runs in the pool of tasks that load the proxy (`resources.MODEL_TASKS`): the block reads between
-    two trainings take other workers, and the second training finds the first one's process, torch imported."""
+    """Training runs in the pool of the tasks that need torch (`resources.MODEL_TASKS`), so the second training,
+    after block reads in the default pool, runs in the first one's process, where torch is imported already."""
     import sys
 
     from gradfilter_ops.distributed import fit_dataset, read_fields
+    from gradfilter_ops.distributed.resources import MODEL_TASKS
 
     module = sys.modules[__name__]
     ray.cloudpickle.register_pickle_by_value(module)  # the workers cannot import the tests folder
@@ -94,7 +97,7 @@ def test_training_runs_again_in_the_worker_that_imported_torch_though_block_read
         second = fit_dataset(WhereTrained(tiny_config(seed=1)), dataset)
     finally:
         ray.cloudpickle.unregister_pickle_by_value(module)
-    assert first.trained_in[1] == "model"
+    assert first.trained_in[1] == MODEL_TASKS["env_vars"]
     assert second.trained_in == first.trained_in
 
 

@@ -1,6 +1,6 @@
 """What each Ray task or actor asks for: a GPU each when the cluster has GPUs (and `device` allows),
-else a node's CPUs shared out among them; and the tasks that load the proxy, a pool of worker processes of
-their own (`MODEL_TASKS`)."""
+else a node's CPUs shared out among them; and the tasks that need torch, a pool of worker processes of their
+own (`MODEL_TASKS`)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,6 @@ def task_resources(device: str, num_cpus: Optional[float], num_gpus: Optional[fl
 
 
 def model_task_options(device: str, num_cpus: Optional[float], num_gpus: Optional[float], tasks: int) -> dict:
-    """The Ray options of each of `tasks` tasks that load the proxy: `task_resources` in the `MODEL_TASKS` pool."""
+    """The Ray options of each of `tasks` tasks that need torch: `task_resources`, in the `MODEL_TASKS` pool."""
     cpus, gpus = task_resources(device, num_cpus, num_gpus, tasks)
     return {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": MODEL_TASKS}

@@ -93,7 +93,7 @@ def score_dataset(scorer: GSNRScorer, dataset, *, stats_column: Optional[str] = 
         warn_other_ensembles("gsnr", ensembles, fitted_ensemble(fitted))
     rows = row_digests(dataset, stats_column, labels=True)
     arguments = {"scorer": ray_worker_copy(fitted), "stats_column": stats_column}
-    if nothing_to_score:  # Ray tasks write the group fields, in the pool of tasks that loaded the proxy; no actor
+    if nothing_to_score:  # Ray tasks write the group fields, in the pool of the tasks that need torch; no actor
         how = dict(fn_kwargs=arguments, runtime_env=MODEL_TASKS)
     else:
         cpus, gpus = task_resources(scorer.config.device, num_cpus, num_gpus, concurrency)
