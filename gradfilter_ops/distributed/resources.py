@@ -10,8 +10,9 @@ from typing import Optional
 # Ray gives a task an idle worker process of the task's runtime env, whichever task that process ran before. The
 # tasks that need torch, transformers and peft (training, and the group fields written from a fitted scorer) name a
 # runtime env of their own (an environment variable, merged into the job's runtime env), so they run in the
-# processes where an earlier such task imported them (about 7 s of CPU a process on 2 cores), not in the processes
-# that only read a few fields of a block, which stay cheap. On `tests/test_ray.py`, 12 -> 9 processes import torch.
+# processes where an earlier such task imported them, not in the processes that only read a few fields of a block,
+# which stay cheap. What a process's imports cost and what this saves, with machine and command: `docs/speed.md`,
+# "Worker processes".
 MODEL_TASKS = {"env_vars": {"GRADFILTER_RAY_TASKS": "model"}}
 
 
