@@ -40,18 +40,14 @@ def bad_rows() -> list[dict]:
 
 @on_ray_cluster
 def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_config):
-    from gradfilter_ops.distributed import score_dataset
+    import pyarrow as pa
+
+    from gradfilter_ops.distributed import add_scores, fit_dataset, score_dataset
 
     rows = seed_tasks(10) + bad_rows()
     expected = GSNRScorer(tiny_config(num_members=3)).score(Dataset.from_list(rows))
-    on_ray = tiny_config(num_members=3, use_cache=True)
-    # The second run finds every member in the cache; each task must keep only its own.
-    for run in ("trained", "cached"):
-        mine = GSNRScorer(on_ray)
-        scored = score_dataset(mine, ray.data.from_items(rows, override_num_blocks=3), train_tasks=2, batch_size=8)
-        # Only the copies sent to Ray workers keep every thread; these stay safe for `datasets`' forked maps.
-        assert mine.thread_policy == scored.scorer.thread_policy == FORKED_MAP_WORKER
-        got = {row["id"]: row for row in scored.dataset.take_all()}
+
+    def assert_scores_of_the_datasets_api(got: dict, run: str) -> None:
         assert len(got) == len(rows), run
         for row in expected:
             twin = got[row["id"]]
@@ -62,8 +58,22 @@ def test_ray_scores_equal_the_datasets_api_with_members_split_over_tasks(tiny_co
                 assert twin[fields.LATE] == pytest.approx(row[fields.LATE], rel=1e-4), run
             else:
                 assert twin[fields.GSNR] is None
-        assert scored.scorer.snapshots.members == [0, 1, 2]  # three members, trained in two tasks
-        assert scored.scorer.summary["statuses"] == {"ok": 10, "empty_response": 1, "missing_field": 1}
+
+    on_ray = tiny_config(num_members=3, use_cache=True)
+    mine = GSNRScorer(on_ray)
+    dataset = ray.data.from_items(rows, override_num_blocks=3).materialize()
+    scored = score_dataset(mine, dataset, train_tasks=2, batch_size=8)
+    # Only the copies sent to Ray workers keep every thread; these stay safe for `datasets`' forked maps.
+    assert mine.thread_policy == scored.scorer.thread_policy == FORKED_MAP_WORKER
+    assert_scores_of_the_datasets_api({row["id"]: row for row in scored.dataset.take_all()}, "trained")
+    assert scored.scorer.snapshots.members == [0, 1, 2]  # three members, trained in two tasks
+    assert scored.scorer.summary["statuses"] == {"ok": 10, "empty_response": 1, "missing_field": 1}
+    # The second fit finds every member in the cache; each task must keep only its own. Its rows are scored
+    # here by the scoring actors' block function (the actors ran above).
+    cached = fit_dataset(GSNRScorer(on_ray), dataset, train_tasks=2)
+    assert cached.snapshots.members == [0, 1, 2]
+    table = add_scores(pa.Table.from_pylist(rows), cached)
+    assert_scores_of_the_datasets_api({row["id"]: row for row in table.to_pylist()}, "cached")
 
 
 class WhereTrained(GSNRScorer):
@@ -268,7 +278,7 @@ def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
                                stats_column=STATS, batch_size=4)
         return {row["id"]: row for row in scored.dataset.take_all()}
 
-    def old_output(items):  # an earlier run's rows: each Ray actor's `add_scores` of an ensemble, fitted here
+    def fitted_here(items):  # rows as the Ray actors' `add_scores` writes them, of an ensemble fitted here
         import pyarrow as pa
 
         from gradfilter_ops.distributed import add_scores
@@ -277,9 +287,9 @@ def test_ray_scores_old_output_plus_new_rows_with_one_ensemble(tiny_config):
         scorer.fit(items)
         return {row["id"]: row for row in add_scores(pa.Table.from_pylist(items), scorer, STATS).to_pylist()}
 
-    first = old_output(rows[:7])
+    first = fitted_here(rows[:7])  # an earlier run's output
     again = run(list(first.values()) + rows[7:])
-    scratch = run(rows)
+    scratch = fitted_here(rows)  # every row, one ensemble trained on all of them
     assert len({row[STATS][fields.ENSEMBLE] for row in again.values()}) == 1
     for row in rows:
         assert again[row["id"]][STATS][fields.GSNR] == pytest.approx(scratch[row["id"]][STATS][fields.GSNR], rel=1e-5)
